@@ -1,0 +1,1 @@
+"""dmoe-train: router fine-tuning of MoE diffusion LMs for block-level routing."""

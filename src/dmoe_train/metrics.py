@@ -1,0 +1,19 @@
+"""Expert-usage metrics computed from routing results."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from dmoe_train.routing import to_blocks
+
+
+def unique_experts_per_block(ids: Tensor, block_size: int, valid: Tensor | None = None) -> Tensor:
+    """Distinct experts per block of valid positions: `ids` `[B, L, k]` -> `[B, n_blocks]`.
+
+    Ids of -1 (empty slots) and padded positions (`valid` False) are not counted.
+    """
+    if valid is not None:
+        ids = ids.masked_fill(~valid.bool()[..., None], -1)
+    blocks = to_blocks(ids, block_size, -1).flatten(-2).sort(dim=-1).values
+    changes = (blocks[..., 1:] != blocks[..., :-1]).sum(-1) + 1
+    return changes - (blocks[..., 0] == -1).long()

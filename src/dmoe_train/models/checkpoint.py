@@ -1,0 +1,176 @@
+"""Model directories: `config.json` + safetensors (one file or shards with an index).
+
+Routed experts live stacked in memory (`...mlp.experts.gate_proj` `[E, I, H]`, the merged
+layout); the published split layout (`...mlp.experts.7.gate_proj.weight`) is what we write, and
+both are read. Loading builds the model on the meta device and assigns each tensor as it is read
+(already on `device`, in `dtype`), so no second full copy of the weights is made.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+SPLIT_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointMismatchError(ValueError):
+    """The tensors of a checkpoint do not match the model its config describes."""
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    if (path / INDEX).is_file():
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    if (path / SINGLE).is_file():
+        return [path / SINGLE]
+    raise FileNotFoundError(f"model path {path}: no {INDEX} or {SINGLE}")
+
+
+def iter_tensors(path: Path, device: str) -> Iterator[tuple[str, Tensor]]:
+    for file in checkpoint_files(path):
+        with safe_open(file, framework="pt", device=device) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, f.get_tensor(name)
+
+
+def _expected_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    return {k: v.shape for k, v in model.state_dict().items() if k not in tied}
+
+
+def read_state_dict(
+    model: nn.Module, path: Path, dtype: torch.dtype | None, device: str
+) -> dict[str, Tensor]:
+    """Read every tensor of `path` into the model's (merged) names, checking names and shapes."""
+    expected = _expected_shapes(model)
+    state: dict[str, Tensor] = {}
+    split_parts: dict[str, dict[int, Tensor]] = defaultdict(dict)
+    unexpected, bad_shapes = [], []
+    for name, tensor in iter_tensors(path, device):
+        split = SPLIT_EXPERT.match(name)
+        key = f"{split[1]}.{split[3]}" if split else name
+        if key not in expected or (split and int(split[2]) >= expected[key][0]):
+            unexpected.append(name)
+            continue
+        want = expected[key][1:] if split else expected[key]
+        if tensor.shape != want:
+            bad_shapes.append(f"{name}: {tuple(tensor.shape)} != expected {tuple(want)}")
+            continue
+        tensor = tensor if dtype is None else tensor.to(dtype)
+        if not split:
+            state[key] = tensor
+            continue
+        parts = split_parts[key]
+        parts[int(split[2])] = tensor
+        if len(parts) == expected[key][0]:  # all experts read: stack, free the parts
+            state[key] = torch.stack([parts[e] for e in range(len(parts))])
+            del split_parts[key]
+    missing = [k for k in expected if k not in state and k not in split_parts]
+    for key, parts in split_parts.items():
+        prefix, proj = key.rsplit(".", 1)
+        missing += [
+            f"{prefix}.{e}.{proj}.weight" for e in range(expected[key][0]) if e not in parts
+        ]
+    if missing or unexpected or bad_shapes:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not match its config: "
+            + "; ".join(
+                f"{what} ({len(names)}): {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}"
+                for what, names in (
+                    ("missing", missing),
+                    ("unexpected", unexpected),
+                    ("wrong shape", bad_shapes),
+                )
+                if names
+            )
+        )
+    return state
+
+
+def load_pretrained(
+    model_cls: type[nn.Module],
+    config_cls: Any,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    routing: Any = None,
+) -> Any:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model path {path}: no config.json (not a model directory)")
+    config = config_cls.from_json(path / "config.json")
+    with torch.device("meta"):
+        model = model_cls(config)
+    if routing is not None:
+        model.set_routing(routing)
+    state = read_state_dict(model, path, dtype, str(device or "cpu"))
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.word_embeddings.weight
+    return model.eval()
+
+
+def split_layout(state: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """The published names: stacked experts become one tensor per expert."""
+    for name, tensor in state.items():
+        prefix, _, proj = name.rpartition(".")
+        if prefix.endswith(".mlp.experts") and proj in ("gate_proj", "up_proj", "down_proj"):
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}.{e}.{proj}.weight", tensor[e]
+        else:
+            yield name, tensor
+
+
+def save_pretrained(model: nn.Module, path: str | Path, max_shard_bytes: int) -> None:
+    """Write `config.json` and the published split layout, sharded at `max_shard_bytes`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in split_layout(state):
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    names = (
+        [SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for file, shard in zip(names, shards, strict=True):
+        # clone: safetensors refuses views that share storage (the slices of one expert stack)
+        save_file(
+            {k: v.detach().to("cpu").clone() for k, v in shard.items()},
+            path / file,
+            metadata={"format": "pt"},
+        )
+    if len(shards) > 1:
+        weight_map = {k: f for f, shard in zip(names, shards, strict=True) for k in shard}
+        index = {"metadata": {"total_size": sum(_nbytes(s) for s in shards)}}
+        (path / INDEX).write_text(json.dumps({**index, "weight_map": weight_map}, indent=2))
+    else:
+        (path / INDEX).unlink(missing_ok=True)
+    config = model.config.to_dict()
+    config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _nbytes(tensors: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
