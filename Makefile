@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test lint
+.PHONY: venv test lint train
 
 venv: $(VENV)/.installed
 
@@ -21,3 +21,7 @@ lint: venv
 
 test: lint
 	$(BIN)/pytest
+
+# the main job on the embedded default (tiny base, synthetic arithmetic); ARGS="..." adds overrides
+train: venv
+	$(BIN)/dmoe-train $(ARGS)

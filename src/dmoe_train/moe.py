@@ -2,7 +2,10 @@
 
 Weights are stacked per expert as in the merged checkpoint layout: `gate_proj`/`up_proj`
 `[E, I, H]`, `down_proj` `[E, H, I]`. Only experts that received tokens are touched:
-`grouped_mm` skips empty groups, and the fallback loops over non-empty experts only.
+`grouped_mm` skips empty groups, and the loop over non-empty experts replaces it where it is
+missing or where deterministic algorithms are on (its deterministic CPU path does a full matmul
+per group, ~60x slower). Outputs are combined without atomic accumulation, so the result is
+bit-reproducible.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from torch import Tensor
 
 def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
     """`x` `[N, K]` sorted by group, `weight` `[E, out, K]`, `counts` `[E]` rows per group."""
-    if hasattr(F, "grouped_mm"):
+    if hasattr(F, "grouped_mm") and not torch.are_deterministic_algorithms_enabled():
         offs = counts.cumsum(0).to(torch.int32)
         return F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
     out = x.new_empty(x.shape[0], weight.shape[1])
@@ -33,13 +36,14 @@ def expert_mlp(
 
     `x` `[N, H]`; `ids`/`weights` `[N, k]`, id -1 = empty slot (contributes nothing).
     """
-    num_experts = gate_proj.shape[0]
+    n, k = ids.shape
     flat_ids = ids.reshape(-1)
     order = flat_ids.argsort(stable=True)
     order = order[flat_ids[order] >= 0]  # empty slots sort first; drop them
-    token = order // ids.shape[1]
-    counts = torch.bincount(flat_ids[order], minlength=num_experts)
-    xs = x[token]
+    counts = torch.bincount(flat_ids[order], minlength=gate_proj.shape[0])
+    # one row per (token, slot), sorted by expert; every index is unique, so the gradients of
+    # these gathers and of index_copy below need no accumulation
+    xs = x.repeat_interleave(k, dim=0).index_select(0, order)
     hidden = F.silu(grouped_linear(xs, gate_proj, counts)) * grouped_linear(xs, up_proj, counts)
     ys = grouped_linear(hidden, down_proj, counts) * weights.reshape(-1)[order, None].to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token, ys)
+    return x.new_zeros(n * k, x.shape[1]).index_copy(0, order, ys).view(n, k, -1).sum(1)

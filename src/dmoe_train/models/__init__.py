@@ -26,11 +26,13 @@ __all__ = [
 
 def load_model(
     path: str | Path,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     routing: RoutingPolicy | None = None,
 ) -> LLaDA2MoeModelLM:
     """Load a model directory (published layout); `routing` overrides its config's policy."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
     return LLaDA2MoeModelLM.from_pretrained(path, dtype=dtype, device=device, routing=routing)
 
 

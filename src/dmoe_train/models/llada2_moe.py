@@ -112,7 +112,7 @@ class LLaDA2MoeConfig:
 PRESETS: dict[str, dict] = {
     "llada2_mini": {},
     "tiny": dict(
-        vocab_size=64,
+        vocab_size=128,
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=4,

@@ -1,0 +1,1 @@
+"""Data: the synthetic arithmetic task, local/hub datasets, tokenization and the DataModule."""

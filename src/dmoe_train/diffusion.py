@@ -1,0 +1,121 @@
+"""Masked diffusion: noising, the block-diffusion attention mask and the loss.
+
+Block diffusion (how LLaDA2 is trained): the model sees [x_t ; x_0] with position ids repeated.
+x_t attends its own block of x_t and strictly earlier blocks of x_0; x_0 attends its own and
+earlier blocks of x_0 and never x_t. Logits are read from the x_t half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dmoe_train.routing import Routing
+
+AttentionMode = Literal["block_diffusion", "full"]
+
+
+def mask_tokens(
+    x0: Tensor,
+    response: Tensor,
+    mask_id: int,
+    t_low: float,
+    t_high: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One ratio t ~ U[t_low, t_high] per sequence; each response token is masked with prob. t.
+
+    Returns (x_t, masked `[B, L]` bool, t `[B]`). Prompt tokens (`response` False) never change.
+    """
+    b, n = x0.shape
+    t = t_low + (t_high - t_low) * torch.rand(b, generator=generator, device=x0.device)
+    masked = (torch.rand(b, n, generator=generator, device=x0.device) < t[:, None]) & response
+    return x0.masked_fill(masked, mask_id), masked, t
+
+
+def block_diffusion_mask(n: int, block_size: int, device: torch.device | None = None) -> Tensor:
+    """Boolean `[2n, 2n]` (True = attend) over [x_t ; x_0], blocks counted within each half."""
+    block = torch.arange(n, device=device) // block_size
+    same = block[:, None] == block[None, :]
+    earlier = block[:, None] > block[None, :]
+    top = torch.cat([same, earlier], dim=1)  # x_t rows: own block of x_t, earlier blocks of x_0
+    bottom = torch.cat([torch.zeros_like(same), same | earlier], dim=1)  # x_0 rows
+    return torch.cat([top, bottom], dim=0)
+
+
+def as_additive(allowed: Tensor) -> Tensor:
+    """Boolean keep-mask `[q, kv]` or `[B, q, kv]` -> additive float `[B or 1, 1, q, kv]`."""
+    mask = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))
+    return mask.unsqueeze(-3) if mask.dim() == 3 else mask[None, None]
+
+
+def diffusion_inputs(
+    xt: Tensor, x0: Tensor, mode: AttentionMode, block_size: int
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Model inputs (input_ids, additive attention mask, position ids) for one attention mode."""
+    if mode == "full":
+        return xt, None, None
+    if mode != "block_diffusion":
+        raise ValueError(f"attention={mode!r}: must be 'block_diffusion' or 'full'")
+    b, n = xt.shape
+    positions = torch.arange(n, device=xt.device).repeat(2).expand(b, 2 * n)
+    mask = as_additive(block_diffusion_mask(n, block_size, xt.device))
+    return torch.cat([xt, x0], dim=1), mask, positions
+
+
+def masked_diffusion_loss(
+    logits: Tensor, x0: Tensor, masked: Tensor, t: Tensor, weighting: Literal["none", "inv_t"]
+) -> Tensor:
+    """Cross-entropy on masked positions (no shift), normalised by their count; `inv_t`
+    weights each sequence's tokens by 1/t (LLaDA's ELBO weighting)."""
+    ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")
+    weight = masked.float()
+    if weighting == "inv_t":
+        weight = weight / t[:, None]
+    elif weighting != "none":
+        raise ValueError(f"loss weighting={weighting!r}: must be 'none' or 'inv_t'")
+    return (ce * weight).sum() / masked.sum().clamp_min(1)
+
+
+@dataclass
+class Denoised:
+    """One noised forward: x_t-half logits and routing, the masked positions and their ratio."""
+
+    logits: Tensor
+    routing: list[Routing]
+    masked: Tensor
+    t: Tensor
+
+
+def denoise(
+    model: torch.nn.Module,
+    x0: Tensor,
+    response_mask: Tensor,
+    mask_id: int,
+    t_low: float,
+    t_high: float,
+    mode: AttentionMode,
+    block_size: int,
+    generator: torch.Generator | None = None,
+) -> Denoised:
+    """Noise `x0`, run the model in `mode` and keep the x_t half of its outputs (in
+    `block_diffusion` mode the routing block size must divide the sequence length)."""
+    xt, masked, t = mask_tokens(x0, response_mask, mask_id, t_low, t_high, generator)
+    input_ids, mask, positions = diffusion_inputs(xt, x0, mode, block_size)
+    out = model(input_ids, attention_mask=mask, position_ids=positions)
+    n = x0.shape[1]
+    routing = [
+        replace(
+            r,
+            ids=r.ids[:, :n],
+            weights=r.weights[:, :n],
+            scores=r.scores[:, :n],
+            coreset=None if r.coreset is None else r.coreset[:, : r.coreset.shape[1] // 2],
+        )
+        for r in out.routing
+    ]
+    return Denoised(out.logits[:, :n], routing, masked, t)

@@ -1,0 +1,155 @@
+"""Router fine-tuning as a LightningModule: the masked-diffusion loss plus a coreset-size
+regularizer, under the model's routing policy. Only the router trains; Lightning's checkpoints
+hold only the trainable tensors and their optimizer state, never the frozen base."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from dmoe_train.diffusion import AttentionMode, denoise, masked_diffusion_loss
+from dmoe_train.metrics import unique_experts_per_block
+from dmoe_train.models import is_router_param
+from dmoe_train.regularizers import CoresetRegularizer
+from dmoe_train.routing import Routing
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def routing_stats(routing: list[Routing], block_size: int) -> dict[str, Tensor]:
+    """Unique experts per block and coreset size, means over MoE layers, samples and blocks."""
+    unique = torch.stack(
+        [unique_experts_per_block(r.ids, block_size).float().mean() for r in routing]
+    ).mean()
+    coresets = [r.coreset.sum(-1).float().mean() for r in routing if r.coreset is not None]
+    return {
+        "unique_experts": unique,
+        "coreset_size": torch.stack(coresets).mean() if coresets else unique,
+    }
+
+
+class RouterFineTuner(L.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        regularizer: CoresetRegularizer | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        min_lr_ratio: float = 0.1,
+        t_low: float = 0.3,
+        t_high: float = 0.8,
+        loss_weighting: str = "none",
+        attention: AttentionMode = "block_diffusion",
+        train_expert_bias: bool = False,
+        activation_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= t_low <= t_high <= 1.0:
+            raise ValueError(
+                f"module.t_low={t_low}, t_high={t_high}: need 0 <= t_low <= t_high <= 1"
+            )
+        self.model = model
+        self.regularizer = regularizer or CoresetRegularizer("none", 0.0)
+        self.lr, self.weight_decay = lr, weight_decay
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.t_low, self.t_high, self.loss_weighting = t_low, t_high, loss_weighting
+        self.attention = attention
+        self.train_expert_bias = train_expert_bias
+        self.seed = seed
+        model.activation_checkpointing = activation_checkpointing
+        model.train()  # loaded models come in eval mode; ours has no dropout, but be explicit
+        # the frozen base is reloaded from its directory on resume, not from our checkpoints
+        self.strict_loading = False
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self.is_trainable(name))
+
+    def is_trainable(self, name: str) -> bool:
+        """The one predicate for what trains and what every checkpoint of ours saves."""
+        name = name.removeprefix("model.")
+        return is_router_param(name) and (
+            self.train_expert_bias or not name.endswith("expert_bias")
+        )
+
+    @property
+    def block_size(self) -> int:
+        return self.model.config.routing.block_size
+
+    def parameter_counts(self) -> tuple[int, int]:
+        params = list(self.model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def on_fit_start(self) -> None:
+        trainable, total = self.parameter_counts()
+        self.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.4%})")
+
+    def _step(self, batch: dict, generator: torch.Generator) -> dict[str, Tensor]:
+        cfg = self.model.config
+        x0 = batch["input_ids"]
+        out = denoise(
+            self.model,
+            x0,
+            batch["response_mask"],
+            cfg.mask_token_id,
+            self.t_low,
+            self.t_high,
+            self.attention,
+            self.block_size,
+            generator,
+        )
+        lm = masked_diffusion_loss(out.logits, x0, out.masked, out.t, self.loss_weighting)
+        reg = self.regularizer.size(out.routing, self.block_size, cfg.num_experts_per_tok)
+        loss = lm + self.regularizer.weight * reg / cfg.num_experts
+        return {
+            "loss": loss,
+            "lm_loss": lm,
+            "regularizer": reg,
+            **routing_stats(out.routing, self.block_size),
+        }
+
+    def _generator(self, *key: int) -> torch.Generator:
+        # noise is a pure function of (seed, position in the run): a resumed run draws the same
+        return torch.Generator(device=self.device).manual_seed(hash((self.seed, *key)) % 2**63)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        accumulate = self.trainer.accumulate_grad_batches
+        gen = self._generator(self.global_step, batch_idx % accumulate, self.global_rank)
+        stats = self._step(batch, gen)
+        shown = ("loss", "unique_experts")
+        for k, v in stats.items():
+            self.log(f"train/{k}", v, prog_bar=k in shown, batch_size=len(batch["input_ids"]))
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return stats["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        stats = self._step(batch, self._generator(-1, batch_idx))
+        self.log_dict(
+            {f"val/{k}": stats[k] for k in ("lm_loss", "unique_experts", "coreset_size")},
+            sync_dist=True,
+            prog_bar=True,
+            batch_size=len(batch["input_ids"]),
+        )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, self.trainer.max_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cosine_with_warmup(s, self.warmup_steps, total, self.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if self.is_trainable(k)
+        }

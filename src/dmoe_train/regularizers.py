@@ -1,0 +1,66 @@
+"""Differentiable coreset-size regularizers on a block's soft routing.
+
+A token's soft activation probability of expert e is p_te = 1 - (1 - pi_te)^k, the chance that k
+draws from its soft routing distribution pi_t = softmax(router logits) hit e: it relaxes the hard
+top-k (about k experts per token), stays below 1 and has a gradient everywhere (a clamp at 1 would
+not). Both regularizers return a size in experts (mean over MoE layers, samples and blocks); the
+training loss adds weight * size / E.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from dmoe_train.routing import Routing, to_blocks
+
+RegularizerKind = Literal["none", "union", "entropy"]
+EPS = 1e-6
+
+
+def log_miss(scores: Tensor, top_k: int) -> Tensor:
+    """log(1 - p_te) `[..., E]` from sigmoid scores (via their logits). Kept in log space: p_te
+    itself rounds to 1 in fp32 for confident tokens, and log(1 - 1) has no gradient."""
+    pi = torch.logit(scores.float(), eps=EPS).softmax(-1).clamp(max=1.0 - EPS)
+    return top_k * torch.log1p(-pi)
+
+
+def expected_union(log_miss_blocks: Tensor) -> Tensor:
+    """Expected experts a block activates, sum_e 1 - prod_t (1 - p_te), from log(1 - p_te)
+    `[..., T, E]` -> `[...]`."""
+    return -torch.expm1(log_miss_blocks.sum(-2)).sum(-1)
+
+
+def perplexity(p_blocks: Tensor) -> Tensor:
+    """exp(entropy) of the block's aggregated expert distribution; `[..., T, E]` -> `[...]`."""
+    agg = p_blocks.sum(-2)
+    dist = agg / agg.sum(-1, keepdim=True).clamp_min(EPS)
+    return torch.exp(-(dist * dist.clamp_min(EPS).log()).sum(-1))
+
+
+@dataclass(frozen=True)
+class CoresetRegularizer:
+    kind: RegularizerKind = "union"
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "union", "entropy"):
+            raise ValueError(f"regularizer.kind={self.kind!r}: must be none, union or entropy")
+        if self.weight < 0:
+            raise ValueError(f"regularizer.weight={self.weight}: must be >= 0")
+
+    def size(self, routing: list[Routing], block_size: int, top_k: int) -> Tensor:
+        """The soft coreset size, in experts (0 for `none`)."""
+        if self.kind == "none":
+            return routing[0].scores.new_zeros(())
+        sizes = []
+        for r in routing:
+            blocks = to_blocks(log_miss(r.scores, top_k), block_size, 0.0)  # padding: p = 0
+            size = (
+                expected_union(blocks) if self.kind == "union" else perplexity(-torch.expm1(blocks))
+            )
+            sizes.append(size.mean())
+        return torch.stack(sizes).mean()

@@ -1,0 +1,98 @@
+"""Router checkpoints: `router.safetensors` (router tensors only) + `router.json` (manifest).
+
+A router only makes sense on the base it was trained from: the manifest keeps the base path and a
+fingerprint of its config and of a few base tensors, and loading refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dmoe_train.routing import RoutingPolicy
+
+ROUTER_FILE = "router.safetensors"
+MANIFEST_FILE = "router.json"
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Hash of the architecture config (not the routing) and of two frozen base tensors."""
+    arch = {k: v for k, v in model.config.to_dict().items() if k not in ("routing", "torch_dtype")}
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    for tensor in (model.model.norm.weight, model.model.word_embeddings.weight[:2]):
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_router(
+    model: nn.Module, directory: str | Path, keep: Callable[[str], bool], manifest: dict
+) -> Path:
+    """Write the tensors whose names satisfy `keep`, and the manifest, into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if keep(n)
+    }
+    full = {
+        **manifest,
+        "base_fingerprint": base_fingerprint(model),
+        "routing": model.config.routing.to_dict(),
+        "tensors": sorted(tensors),
+    }
+    atomic_write(directory / ROUTER_FILE, lambda p: save_file(tensors, p))
+    atomic_write(directory / MANIFEST_FILE, lambda p: p.write_text(json.dumps(full, indent=2)))
+    return directory / ROUTER_FILE
+
+
+def read_manifest(router_file: str | Path) -> dict:
+    path = Path(router_file).with_name(MANIFEST_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"router checkpoint {router_file}: no {MANIFEST_FILE} beside it")
+    return json.loads(path.read_text())
+
+
+def load_router(model: nn.Module, router_file: str | Path, apply_routing: bool = True) -> dict:
+    """Copy a router checkpoint into `model` (and its routing policy); returns the manifest."""
+    router_file = Path(router_file)
+    if not router_file.is_file():
+        raise FileNotFoundError(f"router checkpoint {router_file}: no such file")
+    manifest = read_manifest(router_file)
+    fingerprint = base_fingerprint(model)
+    if manifest.get("base_fingerprint") != fingerprint:
+        raise ValueError(
+            f"router checkpoint {router_file} was trained on base "
+            f"{manifest.get('base_path')} (fingerprint {manifest.get('base_fingerprint')}), "
+            f"not on this model (fingerprint {fingerprint})"
+        )
+    tensors = load_file(router_file)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    wrong = [
+        f"{n}: {tuple(t.shape)} != {tuple(params[n].shape)}"
+        for n, t in tensors.items()
+        if n in params and t.shape != params[n].shape
+    ]
+    if unknown or wrong:
+        raise ValueError(f"router checkpoint {router_file}: unknown {unknown}, wrong shape {wrong}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    if apply_routing:
+        model.set_routing(RoutingPolicy(**manifest["routing"]))
+    return manifest

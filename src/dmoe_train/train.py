@@ -1,0 +1,117 @@
+"""`dmoe-train`: compose the Hydra config, fine-tune the router, write `summary.json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dmoe_train.callbacks import export_router
+from dmoe_train.lit_module import RouterFineTuner
+from dmoe_train.router_io import load_router
+from dmoe_train.routing import RoutingPolicy
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
+    """`ckpt_path=` if given, else the run directory's own `last.ckpt` if it has one."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    resuming = cfg.ckpt_path or (str(last) if last.is_file() else None)
+    if resuming and cfg.init_router:
+        raise ValueError(
+            f"init_router={cfg.init_router} starts a new run, but this run resumes from "
+            f"{resuming}: give one of ckpt_path / init_router (or a fresh hydra.run.dir)"
+        )
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such file")
+    return resuming
+
+
+@torch.no_grad()
+def evaluate(module: RouterFineTuner, loader, policy: RoutingPolicy) -> dict[str, float]:
+    """Validation loss and unique experts per block under `policy` (validation's own noise)."""
+    model = module.model
+    previous, was_training = model.config.routing, model.training
+    model.set_routing(policy)
+    model.eval()
+    totals: dict[str, float] = {}
+    for i, batch in enumerate(loader):
+        batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        stats = module._step(batch, module._generator(-1, i))
+        for k in ("lm_loss", "unique_experts", "coreset_size"):
+            totals[k] = totals.get(k, 0.0) + float(stats[k])
+    model.set_routing(previous)
+    model.train(was_training)
+    n = max(i + 1, 1)
+    return {"val_loss": totals["lm_loss"] / n, "unique_experts": totals["unique_experts"] / n}
+
+
+def train(cfg: DictConfig) -> dict:
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resume_checkpoint(cfg, output_dir)
+    policy: RoutingPolicy = instantiate(cfg.router)
+    # objects go through partials: Hydra would turn a dataclass argument into a config node
+    model = instantiate(cfg.model, _partial_=True)(routing=policy)
+    if cfg.init_router:
+        load_router(model, cfg.init_router, apply_routing=False)
+    data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
+    regularizer = instantiate(cfg.regularizer)
+    module = instantiate(cfg.module, _partial_=True)(model=model, regularizer=regularizer)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+    data.setup()
+    token = RoutingPolicy("token", block_size=policy.block_size)
+    before_token = evaluate(module, data.val_dataloader(), token)
+    before = evaluate(module, data.val_dataloader(), policy)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    after = evaluate(module, data.val_dataloader(), policy)
+
+    summary = {
+        "policy": policy.to_dict(),
+        "regularizer": OmegaConf.to_container(cfg.regularizer),
+        "steps": trainer.global_step,
+        "unique_experts_token": before_token["unique_experts"],
+        "val_loss_token": before_token["val_loss"],
+        "unique_experts_before": before["unique_experts"],
+        "val_loss_before": before["val_loss"],
+        "unique_experts_after": after["unique_experts"],
+        "val_loss_after": after["val_loss"],
+    }
+    if trainer.is_global_zero:
+        router = export_router(
+            trainer, module, output_dir / "checkpoints", cfg.model.path, summary=summary
+        )
+        summary["router_checkpoint"] = str(router)
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print_summary(summary, output_dir)
+    return summary
+
+
+def print_summary(s: dict, output_dir: Path) -> None:
+    print(
+        f"\nunique experts per block: token routing {s['unique_experts_token']:.2f} | "
+        f"{s['policy']['name']} before {s['unique_experts_before']:.2f} -> "
+        f"after {s['unique_experts_after']:.2f}\n"
+        f"validation loss:          token routing {s['val_loss_token']:.4f} | "
+        f"before {s['val_loss_before']:.4f} -> after {s['val_loss_after']:.4f}\n"
+        f"router checkpoint: {s['router_checkpoint']}\nsummary: {output_dir / 'summary.json'}"
+    )
+
+
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "configs"), config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Test-only pieces that configs can name by `_target_` (tests/ is on sys.path under pytest)."""
+
+from pathlib import Path
+
+import lightning as L
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import dmoe_train.train  # noqa: F401  (registers the ${project_root:} resolver)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FAST = [
+    "data.train_size=512",
+    "data.val_size=64",
+    "data.eval_batch_size=64",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "model.path=/tmp/tb2",  # TEMP
+]
+
+
+def compose_train(output_dir: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", *FAST, *overrides])
+
+
+class StopAtStep(L.Callback):
+    """Simulates an interrupted run: stop once `step` optimizer steps are done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

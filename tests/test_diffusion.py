@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from dmoe_train.diffusion import block_diffusion_mask, mask_tokens, masked_diffusion_loss
+
+
+def test_block_diffusion_mask_by_hand():
+    # n = 4 positions in blocks of 2; rows/cols: xt0 xt1 xt2 xt3 | x00 x01 x02 x03
+    expected = torch.tensor(
+        [
+            [1, 1, 0, 0, 0, 0, 0, 0],  # xt block 0: own block of xt, no earlier x0 block
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [0, 0, 1, 1, 1, 1, 0, 0],  # xt block 1: own block of xt + x0 block 0
+            [0, 0, 1, 1, 1, 1, 0, 0],
+            [0, 0, 0, 0, 1, 1, 0, 0],  # x0 block 0: itself only, never xt
+            [0, 0, 0, 0, 1, 1, 0, 0],
+            [0, 0, 0, 0, 1, 1, 1, 1],  # x0 block 1: x0 blocks 0 and 1
+            [0, 0, 0, 0, 1, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(block_diffusion_mask(4, 2), expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_prompt_tokens_are_never_masked(seed):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(3, 50, (16, 24), generator=g)
+    prompt_len = torch.randint(1, 20, (16, 1), generator=g)
+    response = torch.arange(24)[None] >= prompt_len
+    xt, masked, t = mask_tokens(x0, response, 1, 0.99, 1.0, g)
+    assert torch.equal(xt[~response], x0[~response])
+    assert not masked[~response].any()
+    assert masked[response].float().mean() > 0.95  # t near 1 masks (almost) every response token
+    assert ((t >= 0.99) & (t <= 1.0)).all()
+
+
+def test_loss_normalised_by_masked_count_and_inv_t():
+    logits = torch.zeros(2, 3, 4)
+    logits[0, 0, 1] = 10.0  # confident and right at (0, 0)
+    x0 = torch.tensor([[1, 2, 3], [0, 0, 0]])
+    masked = torch.tensor([[True, True, False], [True, False, False]])
+    t = torch.tensor([0.5, 0.25])
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
+    expected = (ce[0, 0] + ce[0, 1] + ce[1, 0]) / 3
+    torch.testing.assert_close(masked_diffusion_loss(logits, x0, masked, t, "none"), expected)
+    weighted = (ce[0, 0] / 0.5 + ce[0, 1] / 0.5 + ce[1, 0] / 0.25) / 3
+    torch.testing.assert_close(masked_diffusion_loss(logits, x0, masked, t, "inv_t"), weighted)

@@ -1,0 +1,104 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import compose_train
+from hydra.utils import instantiate
+from safetensors.torch import load_file
+
+from dmoe_train.train import train
+
+MOE_LAYERS = (1, 2, 3)
+GATES = {f"model.model.layers.{i}.mlp.gate.weight" for i in MOE_LAYERS}
+
+
+@pytest.mark.parametrize(
+    ("router", "regularizer"),
+    [
+        ("token", "none"),
+        ("topk_cap", "none"),
+        ("des_vote", "union"),
+        ("capacity_max", "union"),
+        ("topp", "union"),
+        ("topp", "entropy"),
+        ("topp", "none"),
+    ],
+)
+def test_fast_dev_run(tmp_path, router, regularizer):
+    cfg = compose_train(
+        tmp_path, f"router={router}", f"regularizer={regularizer}", "+trainer.fast_dev_run=true"
+    )
+    summary = train(cfg)
+    assert summary["steps"] == 1
+    for key in (
+        "unique_experts_token",
+        "unique_experts_before",
+        "unique_experts_after",
+        "val_loss_token",
+        "val_loss_before",
+        "val_loss_after",
+    ):
+        assert math.isfinite(summary[key]), key
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["router_checkpoint"].endswith("router.safetensors")
+    assert set(load_file(written["router_checkpoint"])) == {k.removeprefix("model.") for k in GATES}
+
+
+def _router(path):
+    return load_file(path / "checkpoints" / "router.safetensors")
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    common = [
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=6",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+    ]
+    full = train(compose_train(tmp_path / "full", *common))
+    stopped = compose_train(
+        tmp_path / "resumed",
+        *common,
+        "+callbacks.stop._target_=helpers.StopAtStep",
+        "+callbacks.stop.step=6",
+    )
+    assert train(stopped)["steps"] == 6
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert set(ckpt["state_dict"]) == GATES  # only the router: never the frozen base
+    resumed = train(compose_train(tmp_path / "resumed", *common))
+    assert resumed["steps"] == 12
+    a, b = _router(tmp_path / "full"), _router(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert resumed["val_loss_after"] == full["val_loss_after"]
+
+
+def test_init_router_and_resume_are_exclusive(tmp_path):
+    cfg = compose_train(
+        tmp_path, "ckpt_path=/nowhere/last.ckpt", "init_router=/nowhere/router.safetensors"
+    )
+    with pytest.raises(ValueError, match="init_router"):
+        train(cfg)
+
+
+def test_cli_prints_composed_config():
+    out = subprocess.run(
+        [sys.executable, "-m", "dmoe_train.train", "--cfg", "job", "router=des_vote"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "name: des_vote" in out and "_target_: dmoe_train.lit_module.RouterFineTuner" in out
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb"])
+def test_logger_configs_write_offline(tmp_path, logger, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_train(tmp_path, f"logger={logger}")
+    (log,) = [instantiate(c) for c in cfg.logger.values()]
+    log.log_metrics({"train/loss": 1.0}, step=1)
+    log.finalize("success")
+    assert any(p.is_file() for p in tmp_path.rglob("*")), f"{logger} wrote nothing"
