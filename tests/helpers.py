@@ -15,7 +15,6 @@ FAST = [
     "data.eval_batch_size=64",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
-    "model.path=/tmp/tb2",  # TEMP
 ]
 
 

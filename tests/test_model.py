@@ -164,3 +164,15 @@ def test_topp_at_one_reproduces_token_routing():
     for r in out.routing:
         core = r.coreset.repeat_interleave(4, dim=1)[:, : IDS.shape[1]]
         assert core.gather(-1, r.ids.clamp_min(0))[r.ids >= 0].all()
+
+
+def test_activation_checkpointing_keeps_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = build_model("tiny")
+        model.set_routing(RoutingPolicy("topp", block_size=4, min_experts=4))
+        model.activation_checkpointing = ckpt
+        model.train()
+        model(IDS).logits.square().mean().backward()
+        grads.append(model.model.layers[1].mlp.gate.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)

@@ -102,3 +102,11 @@ def test_logger_configs_write_offline(tmp_path, logger, monkeypatch):
     log.log_metrics({"train/loss": 1.0}, step=1)
     log.finalize("success")
     assert any(p.is_file() for p in tmp_path.rglob("*")), f"{logger} wrote nothing"
+
+
+def test_regularizer_lowers_unique_experts(tmp_path):
+    common = ["trainer.max_steps=40", "trainer.val_check_interval=40", "module.lr=1e-3"]
+    plain = train(compose_train(tmp_path / "none", *common, "regularizer=none"))
+    union = train(compose_train(tmp_path / "union", *common, "regularizer.weight=0.3"))
+    assert union["unique_experts_before"] == plain["unique_experts_before"]  # same start
+    assert union["unique_experts_after"] < plain["unique_experts_after"] - 0.5

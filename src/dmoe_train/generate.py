@@ -1,11 +1,13 @@
 """Block-diffusion decoding as LLaDA2 decodes.
 
-The prompt (left-padded to a common length) is followed by `gen_length` mask tokens in blocks of
-`block_length`. Blocks are decoded left to right, each in `steps` forwards: every forward
-predicts all masked positions of the current block and commits the most confident ones
-(low-confidence remasking), `block_length / steps` per step, or, with `threshold`, every position
-above it (at least one). Attention is block-causal: a position sees its own block and earlier
-ones, never later ones. Temperature 0: predictions are the argmax.
+The prompt is followed by `gen_length` mask tokens. Blocks of `block_length` are counted from
+each sample's first real token, as in training, so the block holding the end of the prompt is the
+first one decoded (its prompt tokens stay as they are). Each block is decoded in at most `steps`
+forwards: every forward predicts the block's masked positions and commits the most confident ones
+(low-confidence remasking), evenly spread over the steps, or, with `threshold`, every position
+above it (at least one per step). Attention is block-causal: a position sees its own block and
+earlier ones. Temperature 0: predictions are the argmax. Prompts are left-padded; padding is
+never attended and never votes in routing.
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, valid
 
 
-def commit_schedule(n_masked: int, steps: int) -> list[int]:
-    """How many positions each step commits: as even as possible, summing to `n_masked`."""
-    base, extra = divmod(n_masked, steps)
-    return [base + (i < extra) for i in range(steps)]
+def commit_mask(
+    confidence: Tensor, masked: Tensor, steps_left: int, threshold: float | None
+) -> Tensor:
+    """Which masked positions `[B, L]` to commit this step.
+
+    Low-confidence remasking commits the ceil(masked / steps_left) most confident positions of
+    each sample; with `threshold`, every position above it, and at least the most confident one.
+    """
+    confidence = confidence.masked_fill(~masked, -1.0)
+    rank = confidence.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    if threshold is None:
+        quota = -(-masked.sum(1, keepdim=True) // steps_left)
+        return masked & (rank < quota)
+    return masked & ((confidence > threshold) | (rank == 0))
 
 
 @torch.no_grad()
@@ -50,39 +62,22 @@ def generate(
     x = torch.cat([prompt_ids, torch.full((b, gen_length), mask_id)], dim=1).to(device)
     valid = torch.cat([prompt_valid, torch.ones(b, gen_length, dtype=torch.bool)], 1).to(device)
     positions = (valid.long().cumsum(1) - 1).clamp_min(0)
-    block = torch.cat(
-        [torch.zeros(p, dtype=torch.long), 1 + torch.arange(gen_length) // block_length]
-    ).to(device)
-    causal = block[:, None] >= block[None, :]
-    for start in range(p, p + gen_length, block_length):
-        end = min(start + block_length, p + gen_length)
-        attend = causal[:end, :end][None] & valid[:, None, :end]
-        mask = as_additive(attend)
-        for n_commit in commit_schedule(end - start, steps):
-            masked = x[:, start:end] == mask_id
+    block = positions // block_length
+    attention = as_additive((block[:, None, :] <= block[:, :, None]) & valid[:, None, :])
+    generated = torch.zeros_like(valid)
+    generated[:, p:] = True
+    for current in range(int(block[:, p].min()), int(block[:, -1].max()) + 1):
+        in_block = generated & (block == current)
+        for step in range(steps):
+            masked = in_block & (x == mask_id)
             if not masked.any():
                 break
-            out = model(
-                x[:, :end],
-                attention_mask=mask,
-                position_ids=positions[:, :end],
-                valid=valid[:, :end],
-            )
-            probs = out.logits[:, start:end].float().softmax(-1)
-            confidence, tokens = probs.max(-1)
-            confidence = confidence.masked_fill(~masked, -1.0)
-            if threshold is None:
-                take = max(n_commit, 1)
-                chosen = torch.zeros_like(masked).scatter(
-                    1, confidence.topk(take, dim=1).indices, True
-                )
-            else:
-                best = torch.zeros_like(masked).scatter(1, confidence.argmax(1, keepdim=True), True)
-                chosen = (confidence > threshold) | best
-            chosen &= masked
-            x[:, start:end] = torch.where(chosen, tokens, x[:, start:end])
-        if ((x[:, p:end] == eos_id).any(1)).all():
-            x[:, end:] = eos_id
+            logits = model(x, attention_mask=attention, position_ids=positions, valid=valid).logits
+            confidence, tokens = logits.float().softmax(-1).max(-1)
+            chosen = commit_mask(confidence, masked, steps - step, threshold)
+            x = torch.where(chosen, tokens, x)
+        done = generated & (block <= current) & (x == eos_id)
+        if done.any(1).all():
             break
     out = x[:, p:]
     after_eos = (out == eos_id).long().cumsum(1) > 0

@@ -70,6 +70,7 @@ def train(cfg: DictConfig) -> dict:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
     data.setup()
+    module.to(trainer.strategy.root_device)  # the before/after measurements run outside fit
     token = RoutingPolicy("token", block_size=policy.block_size)
     before_token = evaluate(module, data.val_dataloader(), token)
     before = evaluate(module, data.val_dataloader(), policy)
