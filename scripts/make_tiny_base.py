@@ -65,8 +65,7 @@ def main() -> None:
         ),
     )
     gen = torch.Generator().manual_seed(args.seed)
-    loader = data.train_dataloader()
-    loader.sampler.total = args.steps * args.batch_size
+    loader = data.stream_loader(args.steps)
     start = time.time()
     model.train()
     for step, batch in enumerate(loader):

@@ -93,7 +93,7 @@ class RouterFineTuner(L.LightningModule):
         trainable, total = self.parameter_counts()
         self.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.4%})")
 
-    def _step(self, batch: dict, generator: torch.Generator) -> dict[str, Tensor]:
+    def step_stats(self, batch: dict, generator: torch.Generator) -> dict[str, Tensor]:
         cfg = self.model.config
         x0 = batch["input_ids"]
         out = denoise(
@@ -117,22 +117,26 @@ class RouterFineTuner(L.LightningModule):
             **routing_stats(out.routing, self.block_size),
         }
 
-    def _generator(self, *key: int) -> torch.Generator:
+    def noise_generator(self, *key: int) -> torch.Generator:
         # noise is a pure function of (seed, position in the run): a resumed run draws the same
         return torch.Generator(device=self.device).manual_seed(hash((self.seed, *key)) % 2**63)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         accumulate = self.trainer.accumulate_grad_batches
-        gen = self._generator(self.global_step, batch_idx % accumulate, self.global_rank)
-        stats = self._step(batch, gen)
+        gen = self.noise_generator(self.global_step, batch_idx % accumulate, self.global_rank)
+        stats = self.step_stats(batch, gen)
         shown = ("loss", "unique_experts")
         for k, v in stats.items():
             self.log(f"train/{k}", v, prog_bar=k in shown, batch_size=len(batch["input_ids"]))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return stats["loss"]
 
+    def validation_stats(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        """Stats with validation's fixed noise: every evaluation of a batch draws the same."""
+        return self.step_stats(batch, self.noise_generator(-1, batch_idx))
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        stats = self._step(batch, self._generator(-1, batch_idx))
+        stats = self.validation_stats(batch, batch_idx)
         self.log_dict(
             {f"val/{k}": stats[k] for k in ("lm_loss", "unique_experts", "coreset_size")},
             sync_dist=True,

@@ -41,16 +41,17 @@ def evaluate(module: RouterFineTuner, loader, policy: RoutingPolicy) -> dict[str
     previous, was_training = model.config.routing, model.training
     model.set_routing(policy)
     model.eval()
-    totals: dict[str, float] = {}
+    loss = unique = count = 0.0
     for i, batch in enumerate(loader):
         batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        stats = module._step(batch, module._generator(-1, i))
-        for k in ("lm_loss", "unique_experts", "coreset_size"):
-            totals[k] = totals.get(k, 0.0) + float(stats[k])
+        stats = module.validation_stats(batch, i)
+        n = len(batch["input_ids"])
+        loss += n * float(stats["lm_loss"])
+        unique += n * float(stats["unique_experts"])
+        count += n
     model.set_routing(previous)
     model.train(was_training)
-    n = max(i + 1, 1)
-    return {"val_loss": totals["lm_loss"] / n, "unique_experts": totals["unique_experts"] / n}
+    return {"val_loss": loss / count, "unique_experts": unique / count}
 
 
 def train(cfg: DictConfig) -> dict:

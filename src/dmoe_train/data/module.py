@@ -150,14 +150,24 @@ class DiffusionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        world = trainer.world_size if trainer else 1
-        rank = trainer.global_rank if trainer else 0
-        accumulate = trainer.accumulate_grad_batches if trainer else 1
-        steps = trainer.max_steps if trainer and trainer.max_steps > 0 else 1
-        per_step = self.batch_size * accumulate
-        done = trainer.global_step * per_step if trainer else 0
+        return self.stream_loader(
+            steps=max(trainer.max_steps, 1) * trainer.accumulate_grad_batches,
+            start_step=trainer.global_step * trainer.accumulate_grad_batches,
+            rank=trainer.global_rank,
+            world=trainer.world_size,
+        )
+
+    def stream_loader(
+        self, steps: int, start_step: int = 0, rank: int = 0, world: int = 1
+    ) -> DataLoader:
+        """Batches `start_step`..`steps` of this rank's share of the seeded training stream."""
         sampler = StreamSampler(
-            len(self.splits["train"]), steps * per_step, self.seed, done, rank, world
+            len(self.splits["train"]),
+            steps * self.batch_size,
+            self.seed,
+            start_step * self.batch_size,
+            rank,
+            world,
         )
         return self._loader("train", self.batch_size, sampler)
 
