@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test lint train
+.PHONY: venv test lint train compare sweep
 
 venv: $(VENV)/.installed
 
@@ -25,3 +25,16 @@ test: lint
 # the main job on the embedded default (tiny base, synthetic arithmetic); ARGS="..." adds overrides
 train: venv
 	$(BIN)/dmoe-train $(ARGS)
+
+# every routing policy and the router of the newest `make train` run on the same test prompts
+compare: venv
+	ls outputs/*/checkpoints/router.safetensors >/dev/null 2>&1 || $(MAKE) train
+	$(BIN)/python scripts/compare.py
+
+# Hydra multirun over top_p and the regularizer weight; each run trains, then decodes the test
+# split; the summary table and plot land in the sweep directory
+SWEEP_DIR ?= multirun/sweep
+sweep: venv
+	$(BIN)/dmoe-train -m router.top_p=0.3,0.5,0.7,0.9 regularizer.weight=0.01,0.1 \
+		evaluate_after=true trainer.enable_progress_bar=false hydra.sweep.dir=$(SWEEP_DIR)
+	$(BIN)/python scripts/summarize_sweep.py $(SWEEP_DIR)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import time
+from dataclasses import asdict, dataclass
+
 import torch
 
 from dmoe_train.data.module import DiffusionDataModule
@@ -57,8 +61,110 @@ def exact_match_accuracy(
         gen_length = data.max_seq_len - max(len(p) for p in prompts)
         tokens = generate(
             model, prompts, gen_length, block_size, block_size, cfg.mask_token_id, cfg.eos_token_id
-        )
+        ).tokens
         texts = data.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         correct += sum(t.strip() == a.strip() for t, a in zip(texts, batch["answer"], strict=True))
         total += len(texts)
     return correct / max(total, 1)
+
+
+def answer_correct(generated: str, reference: str) -> bool:
+    """GSM8K style (reference has `#### n`): the last number generated equals n; else exact."""
+    if "####" in reference:
+        want = reference.split("####")[-1].strip().replace(",", "")
+        numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", generated)
+        return bool(numbers) and numbers[-1].replace(",", "").rstrip(".") == want
+    return generated.strip() == reference.strip()
+
+
+@dataclass
+class GenerationSettings:
+    block_length: int = 8
+    steps: int = 8
+    gen_length: int | None = None  # default: up to the data's max_seq_len
+    threshold: float | None = None
+    cache: bool = True
+    max_samples: int = 256
+
+
+class MoeTimer:
+    """Wall time spent inside MoE layers (forward hooks; synchronises CUDA around them)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.seconds, self.calls, self._start = 0.0, 0, 0.0
+        self.handles = []
+        for module in model.modules():
+            if type(module).__name__ == "SparseMoe":
+                self.handles.append(module.register_forward_pre_hook(self._begin))
+                self.handles.append(module.register_forward_hook(self._end))
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _begin(self, *_: object) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _end(self, *_: object) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self._start
+        self.calls += 1
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def evaluate_generation(
+    model: torch.nn.Module, data: DiffusionDataModule, settings: GenerationSettings, split: str
+) -> dict:
+    """Decode a split and measure experts per block, accuracy, expert bytes and latency."""
+    cfg = model.config
+    loader = data.test_dataloader() if split == "test" else data.val_dataloader()
+    unique, unique_masked, correct, total, tokens_out, seconds = [], [], 0, 0, 0, 0.0
+    timer = MoeTimer(model)
+    for batch in loader:
+        prompts = [
+            ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_len"], strict=True)
+        ][: settings.max_samples - total]
+        if not prompts:
+            break
+        gen_length = settings.gen_length or data.max_seq_len - min(len(p) for p in prompts)
+        out = generate(
+            model,
+            prompts,
+            gen_length,
+            settings.block_length,
+            settings.steps,
+            cfg.mask_token_id,
+            cfg.eos_token_id,
+            settings.threshold,
+            settings.cache,
+        )
+        texts = data.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        correct += sum(answer_correct(t, a) for t, a in zip(texts, batch["answer"], strict=False))
+        total += len(prompts)
+        unique.append(out.unique_experts.mean(0))  # [B, layers], mean over forwards
+        unique_masked.append(out.unique_experts_masked.mean(0))
+        tokens_out += len(prompts) * gen_length
+        seconds += out.seconds
+    timer.remove()
+    per_layer = torch.cat(unique).mean(0)
+    param = next(model.parameters())
+    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * param.element_size()
+    return {
+        "policy": cfg.routing.to_dict(),
+        "samples": total,
+        "accuracy": correct / max(total, 1),
+        "unique_experts_per_block": float(per_layer.mean()),
+        "unique_experts_per_block_per_layer": per_layer.tolist(),
+        "unique_experts_per_block_masked": float(torch.cat(unique_masked).mean()),
+        "expert_bytes_per_block": float(per_layer.mean()) * expert_bytes,
+        "seconds_per_token": seconds / max(tokens_out, 1),
+        "seconds_per_moe_layer": timer.seconds / max(timer.calls, 1),
+        "device": str(param.device),
+        "dtype": str(param.dtype).removeprefix("torch."),
+        "settings": asdict(settings),
+    }

@@ -1,31 +1,70 @@
 """Block-diffusion decoding as LLaDA2 decodes.
 
-The prompt is followed by `gen_length` mask tokens. Blocks of `block_length` are counted from
-each sample's first real token, as in training, so the block holding the end of the prompt is the
-first one decoded (its prompt tokens stay as they are). Each block is decoded in at most `steps`
-forwards: every forward predicts the block's masked positions and commits the most confident ones
-(low-confidence remasking), evenly spread over the steps, or, with `threshold`, every position
+Each prompt is followed by `gen_length` mask tokens. Blocks of `block_length` are counted from a
+sample's first real token, as in training; prompts are left-padded by whole blocks, so decoding
+blocks, routing blocks and index blocks coincide for every sample of a batch. The block holding
+the end of a prompt is the first one decoded (its prompt tokens stay). Each block takes at most
+`steps` forwards: a forward predicts the block's masked positions and commits the most confident
+ones (low-confidence remasking), spread evenly over the steps, or, with `threshold`, every one
 above it (at least one per step). Attention is block-causal: a position sees its own block and
-earlier ones. Temperature 0: predictions are the argmax. Prompts are left-padded; padding is
-never attended and never votes in routing.
+earlier ones, so a finished block's keys and values never change and `cache=True` keeps them
+(after one forward of the finished block with its final tokens): the tokens are those of
+`cache=False`. Temperature 0: the argmax is committed.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from dmoe_train.diffusion import as_additive
+from dmoe_train.metrics import unique_experts_per_block
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        valid[i, width - len(p) :] = True
-    return ids, valid
+@dataclass
+class Generation:
+    tokens: Tensor  # [B, gen_length]; positions after an eos are eos
+    unique_experts: Tensor  # [forwards, B, moe_layers]: distinct experts of the decoded block
+    unique_experts_masked: Tensor  # the same, counting only its still-masked positions
+    seconds: float
+
+
+@dataclass
+class Layout:
+    x: Tensor  # [B, W] prompt, masks to generate, padding
+    valid: Tensor  # [B, W] real (prompt or generated) positions
+    generated: Tensor  # [B, W] positions to generate
+    positions: Tensor  # [B, W] position ids, 0 at each sample's first token
+    attention: Tensor  # [B, 1, W, W] additive block-causal mask
+
+
+def block_layout(
+    prompts: list[list[int]], gen_length: int, block_length: int, pad_id: int, mask_id: int
+) -> Layout:
+    """Left-pad every prompt by whole blocks (to the longest prompt's block count)."""
+    prompt_blocks = [-(-len(p) // block_length) for p in prompts]
+    starts = [block_length * (max(prompt_blocks) - n) for n in prompt_blocks]
+    width = max(s + len(p) for s, p in zip(starts, prompts, strict=True)) + gen_length
+    b = len(prompts)
+    x = torch.full((b, width), pad_id, dtype=torch.long)
+    valid = torch.zeros(b, width, dtype=torch.bool)
+    generated = torch.zeros_like(valid)
+    positions = torch.zeros(b, width, dtype=torch.long)
+    for i, (start, prompt) in enumerate(zip(starts, prompts, strict=True)):
+        end = start + len(prompt)
+        x[i, start:end] = torch.tensor(prompt, dtype=torch.long)
+        x[i, end : end + gen_length] = mask_id
+        valid[i, start : end + gen_length] = True
+        generated[i, end : end + gen_length] = True
+        positions[i, start:] = torch.arange(width - start)
+    block = torch.arange(width) // block_length
+    allowed = (block[None, :, None] >= block[None, None, :]) & valid[:, None, :]
+    # a padding position attends itself: no all-masked row, so no NaN that could leak
+    allowed |= torch.eye(width, dtype=torch.bool)
+    return Layout(x, valid, generated, positions, as_additive(allowed))
 
 
 def commit_mask(
@@ -54,31 +93,70 @@ def generate(
     mask_id: int,
     eos_id: int,
     threshold: float | None = None,
-) -> Tensor:
-    """Generated token ids `[B, gen_length]` (positions after an eos are eos)."""
+    cache: bool = False,
+) -> Generation:
     device = next(model.parameters()).device
-    prompt_ids, prompt_valid = left_pad(prompts, eos_id)
-    b, p = prompt_ids.shape
-    x = torch.cat([prompt_ids, torch.full((b, gen_length), mask_id)], dim=1).to(device)
-    valid = torch.cat([prompt_valid, torch.ones(b, gen_length, dtype=torch.bool)], 1).to(device)
-    positions = (valid.long().cumsum(1) - 1).clamp_min(0)
-    block = positions // block_length
-    attention = as_additive((block[:, None, :] <= block[:, :, None]) & valid[:, None, :])
-    generated = torch.zeros_like(valid)
-    generated[:, p:] = True
-    for current in range(int(block[:, p].min()), int(block[:, -1].max()) + 1):
-        in_block = generated & (block == current)
+    lay = block_layout(prompts, gen_length, block_length, eos_id, mask_id)
+    x, valid, gen, pos, attn = (
+        t.to(device) for t in (lay.x, lay.valid, lay.generated, lay.positions, lay.attention)
+    )
+    width = x.shape[1]
+    first = int(gen.float().argmax(1).min()) // block_length
+    past = None
+
+    def forward(lo: int, hi: int):
+        """Logits and routing of positions lo..hi (all of 0..hi without a cache)."""
+        start = lo if cache else 0
+        out = model(
+            x[:, start:hi],
+            attention_mask=attn[:, :, start:hi, :hi],
+            position_ids=pos[:, start:hi],
+            valid=valid[:, start:hi],
+            past_key_values=past if cache else None,
+        )
+        return out, lo - start
+
+    if cache and first > 0:  # prefill the prompt's full blocks
+        past = forward(0, first * block_length)[0].key_values
+    unique, unique_masked = [], []
+    began = time.perf_counter()
+    for lo in range(first * block_length, width, block_length):
+        hi = min(lo + block_length, width)
+        in_block = gen[:, lo:hi]
         for step in range(steps):
-            masked = in_block & (x == mask_id)
+            masked = in_block & (x[:, lo:hi] == mask_id)
             if not masked.any():
                 break
-            logits = model(x, attention_mask=attention, position_ids=positions, valid=valid).logits
-            confidence, tokens = logits.float().softmax(-1).max(-1)
+            out, offset = forward(lo, hi)
+            block_ids = [r.ids[:, offset : offset + hi - lo] for r in out.routing]
+            unique.append(_count(block_ids, valid[:, lo:hi]))
+            unique_masked.append(_count(block_ids, masked))
+            probs = out.logits[:, offset : offset + hi - lo].float().softmax(-1)
+            confidence, tokens = probs.max(-1)
             chosen = commit_mask(confidence, masked, steps - step, threshold)
-            x = torch.where(chosen, tokens, x)
-        done = generated & (block <= current) & (x == eos_id)
-        if done.any(1).all():
+            x[:, lo:hi] = torch.where(chosen, tokens, x[:, lo:hi])
+        if ((x[:, :hi] == eos_id) & gen[:, :hi]).any(1).all():
             break
-    out = x[:, p:]
-    after_eos = (out == eos_id).long().cumsum(1) > 0
-    return out.masked_fill(after_eos, eos_id)
+        if cache:  # the finished block's exact keys and values, computed with its final tokens
+            new = forward(lo, hi)[0].key_values
+            past = (
+                new
+                if past is None
+                else [
+                    (torch.cat([pk, k], 2), torch.cat([pv, v], 2))
+                    for (pk, pv), (k, v) in zip(past, new, strict=True)
+                ]
+            )
+    seconds = time.perf_counter() - began
+    tokens = x[gen].view(len(prompts), gen_length).clone()
+    tokens[tokens == mask_id] = eos_id  # an early stop leaves later blocks undecoded
+    tokens = tokens.masked_fill((tokens == eos_id).long().cumsum(1) > 0, eos_id)
+    return Generation(tokens, torch.stack(unique), torch.stack(unique_masked), seconds)
+
+
+def _count(block_ids: list[Tensor], counted: Tensor) -> Tensor:
+    """Distinct experts per sample and MoE layer `[B, layers]` among the `counted` positions."""
+    size = counted.shape[1]
+    return torch.stack(
+        [unique_experts_per_block(ids, size, counted)[:, 0] for ids in block_ids], dim=1
+    ).float()

@@ -8,10 +8,12 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dmoe_train.callbacks import export_router
+from dmoe_train.evaluate import GenerationSettings, evaluate_generation
 from dmoe_train.lit_module import RouterFineTuner
 from dmoe_train.router_io import load_router
 from dmoe_train.routing import RoutingPolicy
@@ -96,7 +98,17 @@ def train(cfg: DictConfig) -> dict:
         summary["router_checkpoint"] = str(router)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_summary(summary, output_dir)
+        if cfg.evaluate_after:
+            settings = GenerationSettings(**cfg.generation)
+            metrics = evaluate_generation(module.model.eval(), data, settings, "test")
+            metrics |= {"summary": summary, "overrides": _overrides()}
+            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return summary
+
+
+def _overrides() -> list[str]:
+    """The command-line overrides of this (multi)run job, to label sweep rows."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def print_summary(s: dict, output_dir: Path) -> None:

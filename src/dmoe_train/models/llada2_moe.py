@@ -21,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from dmoe_train.moe import expert_mlp
 from dmoe_train.routing import Routing, RoutingPolicy, route
 
+KV = tuple[Tensor, Tensor]  # keys, values `[B, kv_heads, L, head_dim]` after RoPE
+
 
 @dataclass
 class LLaDA2MoeConfig:
@@ -174,7 +176,11 @@ class Attention(nn.Module):
             self.query_layernorm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.key_layernorm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, past: KV | None = None
+    ) -> tuple[Tensor, KV]:
+        """Attention of `x` over `past` (a prefix's keys and values) and itself; returns the
+        output and the keys and values of `x` alone."""
         cfg = self.cfg
         b, n, _ = x.shape
         qkv = self.query_key_value(x).view(b, n, -1, cfg.head_dim)
@@ -185,10 +191,13 @@ class Attention(nn.Module):
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if mask is None else mask.to(q.dtype), enable_gqa=True
+        keys, values = (
+            (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         )
-        return self.dense(out.transpose(1, 2).reshape(b, n, -1))
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=None if mask is None else mask.to(q.dtype), enable_gqa=True
+        )
+        return self.dense(out.transpose(1, 2).reshape(b, n, -1)), (k, v)
 
 
 class SwiGLU(nn.Module):
@@ -281,14 +290,21 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, valid: Tensor | None
-    ) -> tuple[Tensor, Routing | None]:
-        x = x + self.attention(self.input_layernorm(x), cos, sin, mask)
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        valid: Tensor | None,
+        past: KV | None = None,
+    ) -> tuple[Tensor, Routing | None, KV]:
+        attended, kv = self.attention(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + attended
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, SparseMoe):
             out, routing = self.mlp(h, valid)
-            return x + out, routing
-        return x + self.mlp(h), None
+            return x + out, routing, kv
+        return x + self.mlp(h), None, kv
 
 
 class LLaDA2MoeModel(nn.Module):
@@ -303,6 +319,7 @@ class LLaDA2MoeModel(nn.Module):
 class LMOutput:
     logits: Tensor  # [B, L, vocab]
     routing: list[Routing]  # one per MoE layer, in layer order
+    key_values: list[KV]  # per layer, the keys and values of the input positions (a cache entry)
 
 
 def additive_mask(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -333,9 +350,12 @@ class LLaDA2MoeModelLM(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         valid: Tensor | None = None,
+        past_key_values: list[KV] | None = None,
     ) -> LMOutput:
         """`attention_mask`: `[B, L]` padding mask (also the routing `valid` mask) or additive
-        `[B, 1, q, kv]` (0 attend, -inf block). `valid` `[B, L]`: positions that vote in routing."""
+        `[B, 1, q, kv]` (0 attend, -inf block; kv covers the past too). `valid` `[B, L]`:
+        positions that vote in routing. `past_key_values`: a prefix's `key_values`, attended
+        before the input (the input's routing blocks start at its first position)."""
         b, n = input_ids.shape
         if attention_mask is not None and attention_mask.dim() == 2:
             valid = attention_mask.bool() if valid is None else valid
@@ -344,15 +364,19 @@ class LLaDA2MoeModelLM(nn.Module):
             position_ids = torch.arange(n, device=input_ids.device).expand(b, n)
         cos, sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)
         x = self.model.word_embeddings(input_ids)
-        routing = []
-        for layer in self.model.layers:
+        routing, key_values = [], []
+        for i, layer in enumerate(self.model.layers):
+            past = None if past_key_values is None else past_key_values[i]
             if self.activation_checkpointing and self.training:
-                x, r = checkpoint(layer, x, cos, sin, attention_mask, valid, use_reentrant=False)
+                x, r, kv = checkpoint(
+                    layer, x, cos, sin, attention_mask, valid, past, use_reentrant=False
+                )
             else:
-                x, r = layer(x, cos, sin, attention_mask, valid)
+                x, r, kv = layer(x, cos, sin, attention_mask, valid, past)
+            key_values.append(kv)
             if r is not None:
                 routing.append(r)
-        return LMOutput(self.lm_head(self.model.norm(x)), routing)
+        return LMOutput(self.lm_head(self.model.norm(x)), routing, key_values)
 
     def router_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if is_router_param(n)}

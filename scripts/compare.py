@@ -1,0 +1,107 @@
+"""`make compare`: the same test prompts under every routing policy and the trained router.
+
+Writes `results/compare.md`, `results/compare.csv` and the Pareto plot `results/pareto.png`
+(unique experts per block against accuracy retained relative to token routing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from dmoe_train.eval import format_table, run_eval  # noqa: E402
+from dmoe_train.train import PROJECT_ROOT  # noqa: E402
+
+ROWS = {
+    "token": ["router=token"],
+    "topk_cap (k/2)": ["router=topk_cap"],
+    "des_vote (8)": ["router=des_vote"],
+    "capacity_max (8)": ["router=capacity_max"],
+    "topp 0.6 training-free": ["router=topp"],
+    "topp 0.99 training-free": ["router=topp", "router.top_p=0.99"],
+}
+
+
+def newest_router(outputs: Path) -> Path:
+    found = sorted(
+        outputs.glob("*/checkpoints/router.safetensors"), key=lambda p: p.stat().st_mtime
+    )
+    if not found:
+        raise SystemExit(f"no router checkpoint under {outputs}/: run `make train` first")
+    return found[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--router", type=Path, help="trained router (default: newest in outputs/)")
+    ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "results")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every row")
+    args = ap.parse_args()
+    router = args.router or newest_router(PROJECT_ROOT / "outputs")
+    rows = {**ROWS, "topp trained router": [f"router_checkpoint={router}"]}
+    results = {}
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base="1.3"):
+        for i, (name, extra) in enumerate(rows.items()):
+            out = args.out / "compare" / str(i)
+            cfg = compose(
+                "eval",
+                [f"paths.output_dir={out}", "reference_token=false", *extra, *args.overrides],
+            )
+            results[name] = run_eval(cfg)
+    shown = router.resolve()
+    shown = shown.relative_to(PROJECT_ROOT) if shown.is_relative_to(PROJECT_ROOT) else shown
+    token = results["token"]
+    for m in results.values():
+        m["accuracy_retained"] = m["accuracy"] / max(token["accuracy"], 1e-9)
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = list(results)
+    table = format_table(list(results.values()), names)
+    (args.out / "compare.md").write_text(
+        f"# Routing policies on the embedded default\n\ntrained router: `{shown}`\n\n{table}\n"
+    )
+    with open(args.out / "compare.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "run",
+                "unique_experts_per_block",
+                "unique_experts_masked",
+                "accuracy",
+                "accuracy_retained",
+                "expert_bytes_per_block",
+                "seconds_per_token",
+            ]
+        )
+        for name, m in results.items():
+            w.writerow(
+                [
+                    name,
+                    m["unique_experts_per_block"],
+                    m["unique_experts_per_block_masked"],
+                    m["accuracy"],
+                    m["accuracy_retained"],
+                    m["expert_bytes_per_block"],
+                    m["seconds_per_token"],
+                ]
+            )
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in results.items():
+        ax.scatter(m["unique_experts_per_block"], m["accuracy_retained"])
+        ax.annotate(name, (m["unique_experts_per_block"], m["accuracy_retained"]), fontsize=7)
+    ax.set_xlabel("unique experts per block (mean over MoE layers)")
+    ax.set_ylabel("accuracy retained vs token routing")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out / "pareto.png", dpi=120)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Gather every run's `metrics.json` of a sweep directory into one table and a plot.
+
+Usage: python scripts/summarize_sweep.py multirun/<sweep dir>  ->  sweep.md, sweep.csv, sweep.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+FIELDS = (
+    "overrides",
+    "unique_experts_per_block",
+    "accuracy",
+    "val_loss_after",
+    "unique_experts_token",
+)
+
+
+def collect(sweep: Path) -> list[dict]:
+    rows = []
+    for path in sorted(sweep.rglob("metrics.json")):
+        m = json.loads(path.read_text())
+        rows.append(
+            {
+                "overrides": " ".join(m.get("overrides", [])) or path.parent.name,
+                "unique_experts_per_block": m["unique_experts_per_block"],
+                "accuracy": m["accuracy"],
+                "val_loss_after": m["summary"]["val_loss_after"],
+                "unique_experts_token": m["summary"]["unique_experts_token"],
+            }
+        )
+    if not rows:
+        raise SystemExit(
+            f"no metrics.json under {sweep}: was the sweep run with evaluate_after=true?"
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("sweep", type=Path)
+    args = ap.parse_args()
+    rows = collect(args.sweep)
+    lines = ["| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
+    lines += [
+        "| "
+        + " | ".join(str(r[f]) if isinstance(r[f], str) else f"{r[f]:.4g}" for f in FIELDS)
+        + " |"
+        for r in rows
+    ]
+    (args.sweep / "sweep.md").write_text("\n".join(lines) + "\n")
+    with open(args.sweep / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["unique_experts_per_block"], r["accuracy"])
+        ax.annotate(r["overrides"], (r["unique_experts_per_block"], r["accuracy"]), fontsize=6)
+    ax.set_xlabel("unique experts per block (decoding)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.sweep / "sweep.png", dpi=120)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

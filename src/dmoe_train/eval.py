@@ -1,0 +1,80 @@
+"""`dmoe-eval`: decode a split under a routing policy; write `metrics.json` and a short table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from dmoe_train.evaluate import GenerationSettings, evaluate_generation
+from dmoe_train.router_io import load_router
+from dmoe_train.routing import RoutingPolicy
+from dmoe_train.train import PROJECT_ROOT
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    model = instantiate(cfg.model)
+    if cfg.router_checkpoint:
+        load_router(model, cfg.router_checkpoint)
+    if cfg.get("router"):
+        model.set_routing(instantiate(cfg.router))
+    settings = GenerationSettings(**cfg.generation)
+    policy = model.config.routing
+    if policy.uses_blocks and policy.block_size != settings.block_length:
+        raise ValueError(
+            f"router.block_size={policy.block_size} != generation.block_length="
+            f"{settings.block_length}: routing blocks must be the decoding blocks"
+        )
+    data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
+    data.setup()
+    metrics = evaluate_generation(model, data, settings, cfg.split)
+    metrics["router_checkpoint"] = cfg.router_checkpoint
+    if cfg.reference_token:
+        model.set_routing(RoutingPolicy("token", block_size=settings.block_length))
+        token = evaluate_generation(model, data, settings, cfg.split)
+        model.set_routing(policy)
+        metrics |= {
+            "accuracy_token": token["accuracy"],
+            "accuracy_retained": metrics["accuracy"] / max(token["accuracy"], 1e-9),
+            "unique_experts_token": token["unique_experts_per_block"],
+            "expert_bytes_fraction": metrics["unique_experts_per_block"]
+            / token["unique_experts_per_block"],
+        }
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(format_table([metrics]))
+    return metrics
+
+
+COLUMNS = (
+    ("policy", lambda m: m["policy"]["name"]),
+    ("unique experts/block", lambda m: f"{m['unique_experts_per_block']:.2f}"),
+    ("masked only", lambda m: f"{m['unique_experts_per_block_masked']:.2f}"),
+    ("accuracy", lambda m: f"{m['accuracy']:.3f}"),
+    ("retained", lambda m: f"{m.get('accuracy_retained', float('nan')):.3f}"),
+    ("expert MB/block", lambda m: f"{m['expert_bytes_per_block'] / 2**20:.2f}"),
+    ("ms/token", lambda m: f"{m['seconds_per_token'] * 1e3:.3f}"),
+)
+
+
+def format_table(rows: list[dict], names: list[str] | None = None) -> str:
+    """A markdown table of metrics rows (`names` label them, default: the policy)."""
+    head = ["run", *(c for c, _ in COLUMNS)] if names else [c for c, _ in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, m in enumerate(rows):
+        cells = [fmt(m) for _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(([names[i]] if names else []) + cells) + " |")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "configs"), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run_eval(cfg)
+
+
+if __name__ == "__main__":
+    main()

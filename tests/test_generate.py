@@ -1,0 +1,149 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import CONFIGS, FAST
+from hydra import compose, initialize_config_dir
+
+from dmoe_train.eval import run_eval
+from dmoe_train.evaluate import answer_correct
+from dmoe_train.generate import block_layout, generate
+from dmoe_train.models import build_model
+from dmoe_train.models.llada2_moe import LMOutput
+from dmoe_train.routing import Routing, RoutingPolicy
+
+MASK, EOS, VOCAB = 1, 0, 8
+
+
+class FixedLogits(torch.nn.Module):
+    """Predicts token 2 + (position % 5) at every position with probability fixed by the test;
+    routes position p to experts {p, p + 1} so that expert counts are known."""
+
+    def __init__(self, confidence: list[float]) -> None:
+        super().__init__()
+        self.confidence = torch.tensor(confidence)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.calls: list[torch.Tensor] = []
+
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, valid=None, past_key_values=None
+    ):
+        self.calls.append(input_ids.clone())
+        b, n = input_ids.shape
+        pos = position_ids
+        logits = torch.full((b, n, VOCAB), -20.0)
+        target = 2 + pos % 5
+        c = self.confidence[pos.clamp(max=len(self.confidence) - 1)]
+        logits.scatter_(-1, target[..., None], torch.log(c / (1 - c))[..., None])
+        logits[..., VOCAB - 1] = 0.0  # one other token takes the rest: softmax(target) = c
+        ids = torch.stack([pos, pos + 1], -1)
+        routing = Routing(ids, torch.ones(b, n, 2) / 2, torch.zeros(b, n, 16))
+        return LMOutput(logits, [routing], [(torch.zeros(b, 1, n, 1), torch.zeros(b, 1, n, 1))])
+
+
+def test_low_confidence_remasking_commits_most_confident_first():
+    # prompt of 4 fills block 0; block 1 = positions 4..7 with confidences .6 .9 .7 .8
+    model = FixedLogits([0.5] * 4 + [0.6, 0.9, 0.7, 0.8])
+    out = generate(model, [[5] * 4], 4, 4, 4, MASK, EOS)
+    assert out.tokens.tolist() == [[2 + 4 % 5, 2 + 5 % 5, 2 + 6 % 5, 2 + 7 % 5]]
+    masks = [int((c[0, 4:] == MASK).sum()) for c in model.calls]
+    assert masks == [4, 3, 2, 1]  # one commit per step
+    committed = [
+        torch.nonzero((a[0, 4:] == MASK) & (b[0, 4:] != MASK)).flatten().tolist()
+        for a, b in zip(model.calls, model.calls[1:], strict=False)
+    ]
+    assert committed == [[1], [3], [2]]  # .9, then .8, then .7; .6 is last
+
+
+def test_threshold_commits_all_above_it_and_at_least_one():
+    model = FixedLogits([0.5] * 4 + [0.96, 0.99, 0.3, 0.97])
+    generate(model, [[5] * 4], 4, 4, 4, MASK, EOS, threshold=0.95)
+    masks = [int((c[0, 4:] == MASK).sum()) for c in model.calls]
+    assert masks == [4, 1]  # three above .95 in one step, then the last one alone
+
+
+def test_unique_experts_of_a_known_routing():
+    model = FixedLogits([0.9] * 16)
+    out = generate(model, [[5, 5]], 6, 4, 2, MASK, EOS)
+    # first forward of block 0: positions 0..3 route to {p, p+1}: experts 0..4 = 5 distinct;
+    # masked positions 2, 3 alone: {2, 3, 4} = 3
+    assert out.unique_experts[0, 0, 0] == 5 and out.unique_experts_masked[0, 0, 0] == 3
+
+
+def test_block_layout_aligns_prompts_to_blocks():
+    lay = block_layout([[7] * 3, [7] * 6], gen_length=4, block_length=4, pad_id=0, mask_id=1)
+    assert lay.positions[0, 4].item() == 0 and lay.valid[0, :4].sum() == 0  # padded by a block
+    assert lay.positions[1, 0].item() == 0
+    assert lay.generated.sum(1).tolist() == [4, 4]
+
+
+@pytest.mark.parametrize("policy", ["token", "topp"])
+def test_cache_gives_identical_tokens(policy):
+    model = build_model("tiny", seed=3)
+    model.set_routing(RoutingPolicy(policy, block_size=4, top_p=0.5, min_experts=4))
+    prompts = [[5, 9, 11], [7, 8, 9, 10, 11, 12, 13], [20]]
+    plain = generate(model, prompts, 9, 4, 4, 1, 0)
+    cached = generate(model, prompts, 9, 4, 4, 1, 0, cache=True)
+    assert torch.equal(plain.tokens, cached.tokens)
+    assert torch.equal(plain.unique_experts, cached.unique_experts)
+
+
+def test_gsm8k_answers_use_the_last_number():
+    assert answer_correct("so 3 + 4 = 7. The answer is 1,234.", "... #### 1234")
+    assert not answer_correct("The answer is 12", "#### 1234")
+    assert answer_correct(" 47", "47") and not answer_correct("47", "-47")
+
+
+def _eval_cfg(out: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(
+            "eval",
+            [
+                f"paths.output_dir={out}",
+                "generation.max_samples=16",
+                "data.train_size=16",
+                "data.val_size=16",
+                *overrides,
+            ],
+        )
+
+
+def test_dmoe_eval_writes_metrics(tmp_path):
+    metrics = run_eval(_eval_cfg(tmp_path, "router=des_vote"))
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["samples"] == 16 and written["policy"]["name"] == "des_vote"
+    assert written["unique_experts_per_block"] <= 8 + 1e-6  # capacity 8 bounds it
+    assert 0 < metrics["expert_bytes_fraction"] < 1
+    assert len(written["unique_experts_per_block_per_layer"]) == 3
+
+
+def test_block_size_must_match_decoding_blocks(tmp_path):
+    with pytest.raises(ValueError, match="router.block_size=4"):
+        run_eval(_eval_cfg(tmp_path, "router=topp", "router.block_size=4"))
+
+
+def test_two_point_sweep_end_to_end(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dmoe_train.train",
+        "-m",
+        "router.top_p=0.5,0.9",
+        "trainer.max_steps=3",
+        "evaluate_after=true",
+        "generation.max_samples=8",
+        f"hydra.sweep.dir={sweep}",
+        *FAST,
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "summarize_sweep.py"
+    subprocess.run([sys.executable, str(script), str(sweep)], check=True, capture_output=True)
+    table = (sweep / "sweep.md").read_text()
+    assert "router.top_p=0.5" in table and "router.top_p=0.9" in table
+    assert (sweep / "sweep.png").is_file() and len(
+        (sweep / "sweep.csv").read_text().splitlines()
+    ) == 3
