@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test lint train compare sweep
+.PHONY: venv test lint train compare sweep bench
 
 venv: $(VENV)/.installed
 
@@ -38,3 +38,7 @@ sweep: venv
 	$(BIN)/dmoe-train -m router.top_p=0.3,0.5,0.7,0.9 regularizer.weight=0.01,0.1 \
 		evaluate_after=true trainer.enable_progress_bar=false hydra.sweep.dir=$(SWEEP_DIR)
 	$(BIN)/python scripts/summarize_sweep.py $(SWEEP_DIR)
+
+# the cost of an expert at LLaDA2.0-mini shapes, measured side by side -> bench/results.{md,json}
+bench: venv
+	$(BIN)/python scripts/bench.py --out bench

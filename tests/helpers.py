@@ -1,5 +1,9 @@
 """Test-only pieces that configs can name by `_target_` (tests/ is on sys.path under pytest)."""
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +22,20 @@ FAST = [
 ]
 
 
+def cli_train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m dmoe_train.train` in a subprocess, with tests/ importable for its callbacks."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "dmoe_train.train",
+        f"hydra.run.dir={output_dir}",
+        *FAST,
+        *overrides,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
 def compose_train(output_dir: Path, *overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=[f"paths.output_dir={output_dir}", *FAST, *overrides])
@@ -32,3 +50,27 @@ class StopAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class PoisonRouter(L.Callback):
+    """Sets every router weight to NaN before the batch of step `step` (after its checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            for name, p in pl_module.model.named_parameters():
+                if name.endswith("gate.weight"):
+                    p.data.fill_(float("nan"))
+
+
+class KillAtStep(L.Callback):
+    """Sends this process `signal` (SIGTERM or SIGKILL) once `step` optimizer steps are done."""
+
+    def __init__(self, step: int, signal: str) -> None:
+        self.step, self.signal = step, signal
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signal))

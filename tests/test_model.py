@@ -156,7 +156,7 @@ def test_load_with_dtype(tmp_path, tiny_cfg):
 def test_topp_at_one_reproduces_token_routing():
     model = build_model("tiny")
     token = model(IDS).logits
-    model.set_routing(RoutingPolicy("topp", block_size=4, top_p=1.0, min_experts=0))
+    model.set_routing(RoutingPolicy("topp", block_size=4, top_p=1.0, min_experts=4))
     torch.testing.assert_close(model(IDS).logits, token, rtol=0, atol=0)
     model.set_routing(RoutingPolicy("topp", block_size=4, top_p=0.3, min_experts=4))
     out = model(IDS)

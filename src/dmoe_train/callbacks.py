@@ -1,4 +1,4 @@
-"""Lightning callbacks of ours."""
+"""Lightning callbacks and plugins of ours."""
 
 from __future__ import annotations
 
@@ -6,8 +6,34 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dmoe_train.router_io import save_router
+from dmoe_train.router_io import atomic_write, save_router
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file, fsynced, then renamed: a kill during a
+    save leaves the previous checkpoint whole."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+class SaveOnSigterm(L.Callback):
+    """SIGTERM (what SLURM sends before preemption): Lightning ends the current batch and raises;
+    this saves `last.ckpt` (and so the router) before the run exits."""
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.checkpoint_callback is not None:
+            trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
 
 
 class RouterCheckpoint(L.Callback):

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from dmoe_train.evaluate import GenerationSettings, evaluate_generation
 from dmoe_train.router_io import load_router
 from dmoe_train.routing import RoutingPolicy
-from dmoe_train.train import PROJECT_ROOT
+from dmoe_train.train import PROJECT_ROOT, exit_on_error
 
 
 def run_eval(cfg: DictConfig) -> dict:
@@ -73,7 +73,7 @@ def format_table(rows: list[dict], names: list[str] | None = None) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "configs"), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run_eval(cfg)
+    exit_on_error(run_eval, cfg)
 
 
 if __name__ == "__main__":

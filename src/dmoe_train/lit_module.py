@@ -125,11 +125,26 @@ class RouterFineTuner(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches
         gen = self.noise_generator(self.global_step, batch_idx % accumulate, self.global_rank)
         stats = self.step_stats(batch, gen)
+        if not torch.isfinite(stats["loss"]):
+            # stop before the optimizer applies it: the last checkpoint stays the last good one
+            raise FloatingPointError(
+                f"non-finite loss {stats['loss'].item()} at step {self.global_step} "
+                f"(lm_loss {stats['lm_loss'].item()}, regularizer {stats['regularizer'].item()})"
+            )
         shown = ("loss", "unique_experts")
         for k, v in stats.items():
             self.log(f"train/{k}", v, prog_bar=k in shown, batch_size=len(batch["input_ids"]))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return stats["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        bad = [
+            n
+            for n, p in self.model.named_parameters()
+            if p.grad is not None and not torch.isfinite(p.grad).all()
+        ]
+        if bad:
+            raise FloatingPointError(f"non-finite gradient at step {self.global_step}: {bad[:5]}")
 
     def validation_stats(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         """Stats with validation's fixed noise: every evaluation of a batch draws the same."""

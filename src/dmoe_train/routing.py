@@ -35,18 +35,22 @@ class RoutingPolicy:
     top_k: int | None = None
 
     def __post_init__(self) -> None:
+        for key in ("block_size", "min_experts", "capacity", "top_p"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"router.{key}={value!r}: must be a number")
         if self.name not in POLICIES:
-            raise ValueError(f"routing policy name={self.name!r}: must be one of {POLICIES}")
+            raise ValueError(f"router.name={self.name!r}: must be one of {POLICIES}")
         if self.block_size < 1:
-            raise ValueError(f"routing block_size={self.block_size}: must be >= 1")
+            raise ValueError(f"router.block_size={self.block_size}: must be >= 1")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"routing top_p={self.top_p}: must be in (0, 1]")
+            raise ValueError(f"router.top_p={self.top_p}: must be in (0, 1]")
         if self.min_experts < 0:
-            raise ValueError(f"routing min_experts={self.min_experts}: must be >= 0")
+            raise ValueError(f"router.min_experts={self.min_experts}: must be >= 0")
         if self.capacity < 1:
-            raise ValueError(f"routing capacity={self.capacity}: must be >= 1")
+            raise ValueError(f"router.capacity={self.capacity}: must be >= 1")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"routing top_k={self.top_k}: must be >= 1")
+            raise ValueError(f"router.top_k={self.top_k}: must be >= 1")
 
     @property
     def uses_blocks(self) -> bool:
@@ -54,17 +58,18 @@ class RoutingPolicy:
 
     def check_against(self, num_experts: int, top_k: int) -> None:
         """Validate the settings that depend on the model's expert count and k."""
-        if self.name == "topp" and self.min_experts > num_experts:
+        if self.name == "topp" and not top_k <= self.min_experts <= num_experts:
             raise ValueError(
-                f"routing min_experts={self.min_experts}: must be <= num_experts={num_experts}"
+                f"router.min_experts={self.min_experts}: must be in "
+                f"[top_k={top_k}, num_experts={num_experts}]"
             )
         if self.name in ("des_vote", "capacity_max") and not top_k <= self.capacity <= num_experts:
             raise ValueError(
-                f"routing capacity={self.capacity}: must be in "
+                f"router.capacity={self.capacity}: must be in "
                 f"[top_k={top_k}, num_experts={num_experts}]"
             )
         if self.name == "topk_cap" and self.top_k is not None and self.top_k > top_k:
-            raise ValueError(f"routing top_k={self.top_k}: topk_cap must not exceed k={top_k}")
+            raise ValueError(f"router.top_k={self.top_k}: topk_cap must not exceed k={top_k}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from dmoe_train.callbacks import export_router
@@ -56,10 +62,44 @@ def evaluate(module: RouterFineTuner, loader, policy: RoutingPolicy) -> dict[str
     return {"val_loss": loss / count, "unique_experts": unique / count}
 
 
+def check_run(cfg: DictConfig, model, data) -> None:
+    """Settings that only make sense together, checked before any training step."""
+    block = model.config.routing.block_size
+    if cfg.module.attention == "block_diffusion" and data.max_seq_len % block:
+        raise ValueError(
+            f"data.max_seq_len={data.max_seq_len} is not a multiple of router.block_size={block}:"
+            " the block-diffusion mask needs whole blocks"
+        )
+    if data.tokenizer.mask_token_id != model.config.mask_token_id:
+        raise ValueError(
+            f"the tokenizer of {cfg.model.path} has mask token id {data.tokenizer.mask_token_id},"
+            f" the model's config.json mask_token_id={model.config.mask_token_id}"
+        )
+
+
+def run_info(cfg: DictConfig) -> dict:
+    """What reproduces a run: the composed config, the git commit and the package versions."""
+    git = subprocess.run(
+        ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    packages = ("dmoe-train", "torch", "lightning", "hydra-core", "transformers", "datasets")
+    return {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "git_commit": git.stdout.strip() or None,
+        "versions": {p: version(p) for p in packages},
+    }
+
+
 def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg, output_dir)
+    checkpoints = output_dir / "checkpoints"
+    try:  # an unwritable or full disk fails now, not after the first checkpoint interval
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / "run_info.json").write_text(json.dumps(run_info(cfg), indent=2) + "\n")
+    except OSError as err:
+        raise OSError(f"paths.output_dir={output_dir}: cannot write ({err})") from err
     policy: RoutingPolicy = instantiate(cfg.router)
     # objects go through partials: Hydra would turn a dataclass argument into a config node
     model = instantiate(cfg.model, _partial_=True)(routing=policy)
@@ -73,11 +113,19 @@ def train(cfg: DictConfig) -> dict:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
     data.setup()
+    check_run(cfg, model, data)
     module.to(trainer.strategy.root_device)  # the before/after measurements run outside fit
     token = RoutingPolicy("token", block_size=policy.block_size)
     before_token = evaluate(module, data.val_dataloader(), token)
     before = evaluate(module, data.val_dataloader(), policy)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        print(
+            f"\nSIGTERM at step {trainer.global_step}: saved {checkpoints / 'last.ckpt'}; "
+            f"relaunch with hydra.run.dir={output_dir} to resume"
+        )
+        return {"interrupted_at_step": trainer.global_step}
     after = evaluate(module, data.val_dataloader(), policy)
 
     summary = {
@@ -92,9 +140,7 @@ def train(cfg: DictConfig) -> dict:
         "val_loss_after": after["val_loss"],
     }
     if trainer.is_global_zero:
-        router = export_router(
-            trainer, module, output_dir / "checkpoints", cfg.model.path, summary=summary
-        )
+        router = export_router(trainer, module, checkpoints, cfg.model.path, summary=summary)
         summary["router_checkpoint"] = str(router)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_summary(summary, output_dir)
@@ -122,9 +168,21 @@ def print_summary(s: dict, output_dir: Path) -> None:
     )
 
 
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, InstantiationException)
+
+
+def exit_on_error(run: Callable[[DictConfig], object], cfg: DictConfig) -> None:
+    """Bad input ends the command with its message and exit code 1, not a traceback."""
+    try:
+        run(cfg)
+    except EXPECTED_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "configs"), config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    exit_on_error(train, cfg)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,9 @@ class StreamSampler(Sampler[int]):
             yield int(perm[i])
 
     def __len__(self) -> int:
-        return max(0, self.total - self.start)
+        # the whole run's length, not what is left: a resumed Lightning epoch counts the batches
+        # it restored against it, and would otherwise end early and iterate the stream again
+        return self.total
 
 
 class DiffusionDataModule(L.LightningDataModule):
@@ -137,9 +139,19 @@ class DiffusionDataModule(L.LightningDataModule):
             builder = FILE_BUILDERS.get(files[0].suffix) if files else None
             if builder is None:
                 raise ValueError(f"data.source={self.source}: expected .jsonl, .json or .parquet")
+            if not any(f.stat().st_size for f in files):
+                raise ValueError(f"data.source={self.source}: empty")
             loaded = load_dataset(builder, data_files={"train": [str(f) for f in files]})
+        elif path.suffix in FILE_BUILDERS or self.source.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"data.source={self.source}: no such file or directory")
         else:
-            loaded = load_dataset(self.source)
+            loaded = load_dataset(self.source)  # a hub dataset name (needs network)
+        columns = set(loaded["train"].column_names)
+        if "messages" not in columns and not {"question", "answer"} <= columns:
+            raise ValueError(
+                f"data.source={self.source}: needs columns question and answer (GSM8K style) or "
+                f"messages (conversations); it has {sorted(columns)}"
+            )
         if "validation" not in loaded:
             parts = loaded["train"].train_test_split(test_size=self.val_fraction, seed=self.seed)
             loaded["train"], loaded["validation"] = parts["train"], parts["test"]

@@ -1,0 +1,26 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+
+
+def test_bench_quick_writes_both_files(tmp_path):
+    subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["environment"]["quick"] is True
+    layer = results["moe_layer"]
+    assert [r["unique_experts"] for r in layer] == [16, 12, 8, 4]
+    assert all(r["ideal_ratio"] == r["unique_experts"] / 16 for r in layer)
+    assert {r["mode"] for r in results["expert_compute"]} == {"forward", "forward+backward"}
+    train = results["train_step"]
+    assert [(r["model"], r["mode"]) for r in train] == [("tiny", "router"), ("tiny", "full")]
+    assert train[0]["trainable_params"] == 3 * 32 * 128  # the three routers only
+    md = (tmp_path / "results.md").read_text()
+    for section in ("moe_layer", "expert_compute", "routing_overhead", "train_step"):
+        assert f"## {section}" in md
