@@ -10,7 +10,9 @@ from dmoe_train.data.tokenizer import char_tokenizer
 
 @pytest.fixture
 def tokenizer_dir(tmp_path):
+    """A model directory holding only what data needs: the tokenizer and a config.json."""
     char_tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "tok" / "config.json").write_text(json.dumps({"model_type": "llada2_moe"}))
     return tmp_path / "tok"
 
 

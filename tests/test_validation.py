@@ -21,17 +21,16 @@ def test_sweep_value_that_is_not_a_number(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("override", "message"),
+    ("overrides", "message"),
     [
-        ("router.top_p=1.5", r"router.top_p=1.5: must be in \(0, 1\]"),
-        ("router=des_vote", None),
+        (["router.top_p=1.5"], r"router.top_p=1.5: must be in \(0, 1\]"),
+        (["router=des_vote", "router.capacity=2"], r"router.capacity=2: must be in \[top_k=4"),
+        (["router=des_vote", "router.capacity=33"], r"router.capacity=33: .* num_experts=32\]"),
     ],
 )
-def test_policy_ranges(tmp_path, override, message):
-    if message is None:  # capacity below top_k is refused against the model's k
-        override, message = "router=des_vote router.capacity=2", r"router.capacity=2"
+def test_policy_ranges(tmp_path, overrides, message):
     with pytest.raises((InstantiationException, ValueError), match=message):
-        train(compose_train(tmp_path, *override.split()))
+        train(compose_train(tmp_path, *overrides))
 
 
 def test_t_range(tmp_path):

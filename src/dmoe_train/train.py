@@ -62,14 +62,16 @@ def evaluate(module: RouterFineTuner, loader, policy: RoutingPolicy) -> dict[str
     return {"val_loss": loss / count, "unique_experts": unique / count}
 
 
-def check_run(cfg: DictConfig, model, data) -> None:
-    """Settings that only make sense together, checked before any training step."""
-    block = model.config.routing.block_size
-    if cfg.module.attention == "block_diffusion" and data.max_seq_len % block:
+def check_data(cfg: DictConfig, policy: RoutingPolicy, data) -> None:
+    """Data settings that must fit the routing, checked before the model is loaded."""
+    if cfg.module.attention == "block_diffusion" and data.max_seq_len % policy.block_size:
         raise ValueError(
-            f"data.max_seq_len={data.max_seq_len} is not a multiple of router.block_size={block}:"
-            " the block-diffusion mask needs whole blocks"
+            f"data.max_seq_len={data.max_seq_len} is not a multiple of router.block_size="
+            f"{policy.block_size}: the block-diffusion mask needs whole blocks"
         )
+
+
+def check_tokenizer(cfg: DictConfig, model, data) -> None:
     if data.tokenizer.mask_token_id != model.config.mask_token_id:
         raise ValueError(
             f"the tokenizer of {cfg.model.path} has mask token id {data.tokenizer.mask_token_id},"
@@ -101,19 +103,20 @@ def train(cfg: DictConfig) -> dict:
     except OSError as err:
         raise OSError(f"paths.output_dir={output_dir}: cannot write ({err})") from err
     policy: RoutingPolicy = instantiate(cfg.router)
+    data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
+    data.setup()  # data errors surface before the (for a 16B base, minutes long) model load
+    check_data(cfg, policy, data)
     # objects go through partials: Hydra would turn a dataclass argument into a config node
     model = instantiate(cfg.model, _partial_=True)(routing=policy)
+    check_tokenizer(cfg, model, data)
     if cfg.init_router:
         load_router(model, cfg.init_router, apply_routing=False)
-    data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
     regularizer = instantiate(cfg.regularizer)
     module = instantiate(cfg.module, _partial_=True)(model=model, regularizer=regularizer)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
-    data.setup()
-    check_run(cfg, model, data)
     module.to(trainer.strategy.root_device)  # the before/after measurements run outside fit
     token = RoutingPolicy("token", block_size=policy.block_size)
     before_token = evaluate(module, data.val_dataloader(), token)

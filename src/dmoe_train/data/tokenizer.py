@@ -9,6 +9,8 @@ from tokenizers import Tokenizer, decoders
 from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from dmoe_train.models.checkpoint import require_model_dir
+
 SPECIALS = {"eos": "<|endoftext|>", "mask": "<|mask|>", "unk": "<|unk|>"}
 
 
@@ -31,4 +33,4 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a local model directory; never downloads."""
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(require_model_dir(path)), local_files_only=True)

@@ -29,6 +29,14 @@ class CheckpointMismatchError(ValueError):
     """The tensors of a checkpoint do not match the model its config describes."""
 
 
+def require_model_dir(path: str | Path) -> Path:
+    """A local model directory, or a clear error (never a hub lookup)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model path {path}: no config.json (not a model directory)")
+    return path
+
+
 def checkpoint_files(path: Path) -> list[Path]:
     if (path / INDEX).is_file():
         weight_map = json.loads((path / INDEX).read_text())["weight_map"]
@@ -107,9 +115,7 @@ def load_pretrained(
     device: str | torch.device | None = None,
     routing: Any = None,
 ) -> Any:
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model path {path}: no config.json (not a model directory)")
+    path = require_model_dir(path)
     config = config_cls.from_json(path / "config.json")
     with torch.device("meta"):
         model = model_cls(config)
