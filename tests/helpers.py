@@ -74,3 +74,22 @@ class KillAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class PoisonOneBatch(L.Callback):
+    """Makes one batch's loss NaN (router weights NaN during that batch only)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.saved = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and self.saved is None:
+            gates = [p for n, p in pl_module.model.named_parameters() if n.endswith("gate.weight")]
+            self.saved = [(p, p.detach().clone()) for p in gates]
+            for p in gates:
+                p.data.fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for p, value in self.saved or []:
+            p.data.copy_(value)
+        self.saved = self.saved and []

@@ -1,6 +1,7 @@
 """Bad input fails early with a message naming the setting and its value."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -186,3 +187,19 @@ def test_cli_bad_input_is_one_message_and_exit_1(tmp_path):
     assert out.returncode == 1
     assert "router.top_p=1.5: must be in (0, 1]" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_bad_batches_can_be_skipped_up_to_a_bound(tmp_path, capsys):
+    cfg = compose_train(
+        tmp_path,
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=6",
+        "+module.max_bad_batches=1",
+        "+callbacks.poison._target_=helpers.PoisonOneBatch",
+        "+callbacks.poison.step=3",
+    )
+    summary = train(cfg)
+    assert summary["steps"] == 6 and math.isfinite(summary["val_loss_after"])
+    assert (
+        "skipping batch with non-finite loss at step 3 (1 of at most 1)" in capsys.readouterr().out
+    )

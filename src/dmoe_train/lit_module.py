@@ -53,6 +53,7 @@ class RouterFineTuner(L.LightningModule):
         train_expert_bias: bool = False,
         activation_checkpointing: bool = False,
         seed: int = 0,
+        max_bad_batches: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 <= t_low <= t_high <= 1.0:
@@ -67,6 +68,7 @@ class RouterFineTuner(L.LightningModule):
         self.attention = attention
         self.train_expert_bias = train_expert_bias
         self.seed = seed
+        self.max_bad_batches, self.bad_batches = max_bad_batches, 0
         model.activation_checkpointing = activation_checkpointing
         model.train()  # loaded models come in eval mode; ours has no dropout, but be explicit
         # the frozen base is reloaded from its directory on resume, not from our checkpoints
@@ -126,6 +128,13 @@ class RouterFineTuner(L.LightningModule):
         gen = self.noise_generator(self.global_step, batch_idx % accumulate, self.global_rank)
         stats = self.step_stats(batch, gen)
         if not torch.isfinite(stats["loss"]):
+            if self.bad_batches < self.max_bad_batches:  # skip it: no backward, no update
+                self.bad_batches += 1
+                self.print(
+                    f"skipping batch with non-finite loss at step {self.global_step} "
+                    f"({self.bad_batches} of at most {self.max_bad_batches})"
+                )
+                return None
             # stop before the optimizer applies it: the last checkpoint stays the last good one
             raise FloatingPointError(
                 f"non-finite loss {stats['loss'].item()} at step {self.global_step} "
