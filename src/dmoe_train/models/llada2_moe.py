@@ -378,9 +378,6 @@ class LLaDA2MoeModelLM(nn.Module):
                 routing.append(r)
         return LMOutput(self.lm_head(self.model.norm(x)), routing, key_values)
 
-    def router_parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.named_parameters() if is_router_param(n)}
-
     @classmethod
     def from_pretrained(
         cls,
