@@ -194,7 +194,7 @@ def test_bad_batches_can_be_skipped_up_to_a_bound(tmp_path, capsys):
         tmp_path,
         "trainer.max_steps=6",
         "trainer.val_check_interval=6",
-        "+module.max_bad_batches=1",
+        "module.max_bad_batches=1",
         "+callbacks.poison._target_=helpers.PoisonOneBatch",
         "+callbacks.poison.step=3",
     )
