@@ -20,7 +20,7 @@ import torch
 from dmoe_train.data.module import DiffusionDataModule
 from dmoe_train.data.tokenizer import char_tokenizer
 from dmoe_train.diffusion import denoise, masked_diffusion_loss
-from dmoe_train.evaluate import exact_match_accuracy, masked_token_accuracy
+from dmoe_train.evaluate import GenerationSettings, evaluate_generation, masked_token_accuracy
 from dmoe_train.metrics import unique_experts_per_block
 from dmoe_train.models import build_model
 
@@ -101,7 +101,9 @@ def main() -> None:
         "train_steps": args.steps,
         "train_seconds": round(time.time() - start, 1),
         "masked_token_accuracy": masked_token_accuracy(model, data, args.block_size),
-        "exact_match": exact_match_accuracy(model, data, args.block_size),
+        "exact_match": evaluate_generation(
+            model, data, GenerationSettings(args.block_size, args.block_size), "test"
+        )["accuracy"],
     }
     print(json.dumps(quality, indent=2))
     out_dir = Path(args.out)

@@ -46,28 +46,6 @@ def masked_token_accuracy(
     return correct / max(total, 1)
 
 
-@torch.no_grad()
-def exact_match_accuracy(
-    model: torch.nn.Module, data: DiffusionDataModule, block_size: int, split: str = "test"
-) -> float:
-    """Generated answers equal to the reference (arithmetic: the exact result string)."""
-    cfg = model.config
-    loader = data.test_dataloader() if split == "test" else data.val_dataloader()
-    correct = total = 0
-    for batch in loader:
-        prompts = [
-            ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_len"], strict=True)
-        ]
-        gen_length = data.max_seq_len - max(len(p) for p in prompts)
-        tokens = generate(
-            model, prompts, gen_length, block_size, block_size, cfg.mask_token_id, cfg.eos_token_id
-        ).tokens
-        texts = data.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        correct += sum(t.strip() == a.strip() for t, a in zip(texts, batch["answer"], strict=True))
-        total += len(texts)
-    return correct / max(total, 1)
-
-
 def answer_correct(generated: str, reference: str) -> bool:
     """GSM8K style (reference has `#### n`): the last number generated equals n; else exact."""
     if "####" in reference:
