@@ -12,6 +12,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	# DeepSpeed builds against the torch above (an isolated build would pull another torch)
+	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.16"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 

@@ -78,7 +78,7 @@ def main() -> None:
             1.0,
             "block_diffusion",
             args.block_size,
-            gen,
+            torch.rand(len(batch["input_ids"]), 1 + batch["input_ids"].shape[1], generator=gen),
         )
         loss = masked_diffusion_loss(out.logits, batch["input_ids"], out.masked, out.t, "none")
         opt.zero_grad(set_to_none=True)

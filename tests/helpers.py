@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -36,9 +37,15 @@ def cli_train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
 
 
-def compose_train(output_dir: Path, *overrides: str) -> DictConfig:
+def compose_train(
+    output_dir: Path, *overrides: str, return_hydra_config: bool = False
+) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={output_dir}", *FAST, *overrides])
+        return compose(
+            "train",
+            overrides=[f"paths.output_dir={output_dir}", *FAST, *overrides],
+            return_hydra_config=return_hydra_config,
+        )
 
 
 class StopAtStep(L.Callback):
@@ -93,3 +100,14 @@ class PoisonOneBatch(L.Callback):
         for p, value in self.saved or []:
             p.data.copy_(value)
         self.saved = self.saved and []
+
+
+class SaveRankRouter(L.Callback):
+    """Each rank saves its (whole) router at the end of training to `<dirpath>/rank<r>.pt`."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        state = pl_module.trainable_state()  # a collective under FSDP: every rank calls it
+        torch.save(state, self.dirpath / f"rank{trainer.global_rank}.pt")

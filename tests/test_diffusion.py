@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from dmoe_train.diffusion import block_diffusion_mask, mask_tokens, masked_diffusion_loss
+from dmoe_train.diffusion import (
+    block_diffusion_mask,
+    mask_tokens,
+    masked_diffusion_loss,
+    row_uniforms,
+)
 
 
 def test_block_diffusion_mask_by_hand():
@@ -28,7 +33,7 @@ def test_prompt_tokens_are_never_masked(seed):
     x0 = torch.randint(3, 50, (16, 24), generator=g)
     prompt_len = torch.randint(1, 20, (16, 1), generator=g)
     response = torch.arange(24)[None] >= prompt_len
-    xt, masked, t = mask_tokens(x0, response, 1, 0.99, 1.0, g)
+    xt, masked, t = mask_tokens(x0, response, 1, 0.99, 1.0, torch.rand(16, 25, generator=g))
     assert torch.equal(xt[~response], x0[~response])
     assert not masked[~response].any()
     assert masked[response].float().mean() > 0.95  # t near 1 masks (almost) every response token
@@ -46,3 +51,10 @@ def test_loss_normalised_by_masked_count_and_inv_t():
     torch.testing.assert_close(masked_diffusion_loss(logits, x0, masked, t, "none"), expected)
     weighted = (ce[0, 0] / 0.5 + ce[0, 1] / 0.5 + ce[1, 0] / 0.25) / 3
     torch.testing.assert_close(masked_diffusion_loss(logits, x0, masked, t, "inv_t"), weighted)
+
+
+def test_row_noise_depends_on_its_key_alone():
+    batch = row_uniforms([7, 8, 9], 5)
+    assert batch.shape == (3, 6) and ((batch >= 0) & (batch < 1)).all()
+    assert torch.equal(row_uniforms([8], 5)[0], batch[1])  # another batch, rank or world size
+    assert not torch.equal(batch[0], batch[1])

@@ -147,18 +147,3 @@ def test_two_point_sweep_end_to_end(tmp_path):
     assert (sweep / "sweep.png").is_file() and len(
         (sweep / "sweep.csv").read_text().splitlines()
     ) == 3
-
-
-def test_submitit_slurm_launcher_composes():
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(
-            "train",
-            [
-                "hydra/launcher=submitit_slurm",
-                "hydra.launcher.partition=gpu",
-                "hydra.launcher.nodes=2",
-            ],
-            return_hydra_config=True,
-        )
-    launcher = cfg.hydra.launcher
-    assert "submitit" in launcher._target_ and launcher.partition == "gpu" and launcher.nodes == 2

@@ -3,7 +3,7 @@ import torch
 
 from dmoe_train.export import export
 from dmoe_train.models import build_model, is_router_param, load_model
-from dmoe_train.router_io import load_router, save_router
+from dmoe_train.router_io import load_router, router_manifest, save_router
 from dmoe_train.routing import RoutingPolicy
 
 IDS = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -22,7 +22,8 @@ def test_router_round_trip_export_and_refusal(tmp_path):
     base.save_pretrained(tmp_path / "base")
     tuned = load_model(tmp_path / "base")
     _trained_router(tuned)
-    save_router(tuned, tmp_path / "ckpt", is_router_param, {"base_path": str(tmp_path / "base")})
+    router = {n: p for n, p in tuned.named_parameters() if is_router_param(n)}
+    save_router(router, tmp_path / "ckpt", router_manifest(tuned, base_path=str(tmp_path / "base")))
     saved = set(
         __import__("safetensors.torch").torch.load_file(tmp_path / "ckpt" / "router.safetensors")
     )

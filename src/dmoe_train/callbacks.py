@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dmoe_train.router_io import atomic_write, save_router
+from dmoe_train.router_io import ROUTER_FILE, atomic_write, router_manifest, save_router
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -37,7 +37,8 @@ class SaveOnSigterm(L.Callback):
 
 
 class RouterCheckpoint(L.Callback):
-    """Every Lightning checkpoint save also writes `router.safetensors` + `router.json`."""
+    """Every Lightning checkpoint save also writes `router.safetensors` + `router.json`. Every
+    rank gathers the router (its shards under FSDP); only rank 0 writes."""
 
     def __init__(self, dirpath: str, base_path: str) -> None:
         self.dirpath = Path(dirpath)
@@ -46,13 +47,22 @@ class RouterCheckpoint(L.Callback):
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if trainer.is_global_zero:
-            export_router(trainer, pl_module, self.dirpath, self.base_path)
+        export_router(trainer, pl_module, self.dirpath, self.base_path)
 
 
 def export_router(
     trainer: L.Trainer, pl_module: L.LightningModule, dirpath: Path, base_path: str, **extra: Any
 ) -> Path:
+    """Collective: every rank calls it, rank 0 writes."""
+    tensors = pl_module.trainable_state()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    manifest = {"base_path": str(base_path), "step": trainer.global_step, "metrics": metrics}
-    return save_router(pl_module.model, dirpath, pl_module.is_trainable, {**manifest, **extra})
+    manifest = router_manifest(
+        pl_module.model,
+        base_path=str(base_path),
+        step=trainer.global_step,
+        metrics=metrics,
+        **extra,
+    )
+    if trainer.is_global_zero:
+        save_router(tensors, dirpath, manifest)
+    return Path(dirpath) / ROUTER_FILE

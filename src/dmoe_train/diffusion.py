@@ -19,21 +19,27 @@ from dmoe_train.routing import Routing
 AttentionMode = Literal["block_diffusion", "full"]
 
 
+def row_uniforms(keys: list[int], n: int, device: torch.device | str | None = None) -> Tensor:
+    """`[B, 1 + n]` uniforms for noising, row i from a generator seeded by `keys[i]` alone: a
+    sequence draws the same noise whatever batch, rank or world size it lands in."""
+    rows = [torch.rand(1 + n, generator=torch.Generator().manual_seed(k)) for k in keys]
+    return torch.stack(rows).to(device)
+
+
 def mask_tokens(
-    x0: Tensor,
-    response: Tensor,
-    mask_id: int,
-    t_low: float,
-    t_high: float,
-    generator: torch.Generator | None = None,
+    x0: Tensor, response: Tensor, mask_id: int, t_low: float, t_high: float, uniforms: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One ratio t ~ U[t_low, t_high] per sequence; each response token is masked with prob. t.
+    `uniforms` `[B, 1 + L]` in [0, 1): column 0 draws t, the rest the per-token coin flips.
 
     Returns (x_t, masked `[B, L]` bool, t `[B]`). Prompt tokens (`response` False) never change.
     """
-    b, n = x0.shape
-    t = t_low + (t_high - t_low) * torch.rand(b, generator=generator, device=x0.device)
-    masked = (torch.rand(b, n, generator=generator, device=x0.device) < t[:, None]) & response
+    if uniforms.shape != (x0.shape[0], 1 + x0.shape[1]):
+        raise ValueError(
+            f"uniforms shape {tuple(uniforms.shape)}: need {(x0.shape[0], 1 + x0.shape[1])}"
+        )
+    t = t_low + (t_high - t_low) * uniforms[:, 0]
+    masked = (uniforms[:, 1:] < t[:, None]) & response
     return x0.masked_fill(masked, mask_id), masked, t
 
 
@@ -68,17 +74,23 @@ def diffusion_inputs(
 
 
 def masked_diffusion_loss(
-    logits: Tensor, x0: Tensor, masked: Tensor, t: Tensor, weighting: Literal["none", "inv_t"]
+    logits: Tensor,
+    x0: Tensor,
+    masked: Tensor,
+    t: Tensor,
+    weighting: Literal["none", "inv_t"],
+    count: Tensor | None = None,
 ) -> Tensor:
-    """Cross-entropy on masked positions (no shift), normalised by their count; `inv_t`
-    weights each sequence's tokens by 1/t (LLaDA's ELBO weighting)."""
+    """Cross-entropy on masked positions (no shift), normalised by their count (or `count`,
+    e.g. the mean count over data-parallel ranks); `inv_t` weights each sequence's tokens by 1/t
+    (LLaDA's ELBO weighting)."""
     ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")
     weight = masked.float()
     if weighting == "inv_t":
         weight = weight / t[:, None]
     elif weighting != "none":
         raise ValueError(f"loss weighting={weighting!r}: must be 'none' or 'inv_t'")
-    return (ce * weight).sum() / masked.sum().clamp_min(1)
+    return (ce * weight).sum() / (masked.sum() if count is None else count).clamp_min(1)
 
 
 @dataclass
@@ -100,11 +112,11 @@ def denoise(
     t_high: float,
     mode: AttentionMode,
     block_size: int,
-    generator: torch.Generator | None = None,
+    uniforms: Tensor,
 ) -> Denoised:
-    """Noise `x0`, run the model in `mode` and keep the x_t half of its outputs (in
+    """Noise `x0` (`mask_tokens`), run the model in `mode` and keep the x_t half of its outputs (in
     `block_diffusion` mode the routing block size must divide the sequence length)."""
-    xt, masked, t = mask_tokens(x0, response_mask, mask_id, t_low, t_high, generator)
+    xt, masked, t = mask_tokens(x0, response_mask, mask_id, t_low, t_high, uniforms)
     input_ids, mask, positions = diffusion_inputs(xt, x0, mode, block_size)
     out = model(input_ids, attention_mask=mask, position_ids=positions)
     n = x0.shape[1]

@@ -38,7 +38,7 @@ def masked_token_accuracy(
             0.8,
             "block_diffusion",
             block_size,
-            gen,
+            torch.rand(x0.shape[0], 1 + x0.shape[1], generator=gen),
         )
         scored = out.masked & content_positions(x0, batch["response_mask"], cfg.eos_token_id)
         correct += int((out.logits.argmax(-1) == x0)[scored].sum())

@@ -11,10 +11,12 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from dmoe_train.diffusion import AttentionMode, denoise, masked_diffusion_loss
+from dmoe_train.diffusion import AttentionMode, denoise, masked_diffusion_loss, row_uniforms
 from dmoe_train.metrics import unique_experts_per_block
 from dmoe_train.models import is_router_param
+from dmoe_train.models.sharding import gathered, load_shards, shard_model
 from dmoe_train.regularizers import CoresetRegularizer
+from dmoe_train.router_io import full_tensor
 from dmoe_train.routing import Routing
 
 
@@ -73,8 +75,12 @@ class RouterFineTuner(L.LightningModule):
         model.train()  # loaded models come in eval mode; ours has no dropout, but be explicit
         # the frozen base is reloaded from its directory on resume, not from our checkpoints
         self.strict_loading = False
+        self.eval_label = "val"  # the metric prefix of validation runs (see `train.measure`)
         for name, p in self.model.named_parameters():
             p.requires_grad_(self.is_trainable(name))
+            if is_router_param(name):  # fp32 master weights (routers compute in fp32 anyway)
+                p.data = p.data.float()
+        self.sharded = False
 
     def is_trainable(self, name: str) -> bool:
         """The one predicate for what trains and what every checkpoint of ours saves."""
@@ -95,9 +101,36 @@ class RouterFineTuner(L.LightningModule):
         trainable, total = self.parameter_counts()
         self.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.4%})")
 
-    def step_stats(self, batch: dict, generator: torch.Generator) -> dict[str, Tensor]:
+    def configure_model(self) -> None:
+        """Under `ModelParallelStrategy` (trainer=fsdp) the model arrives on the meta device: shard
+        it over the device mesh (FSDP2), then each rank loads its shards of the base weights."""
+        if self.device_mesh is None or self.sharded:
+            return
+        shard_model(self.model, self.device_mesh)
+        load_shards(self.model, self.model.name_or_path, self.trainer.strategy.root_device)
+        self.sharded = True
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """The trainable tensors, whole: a collective under sharding, every rank calls it."""
+        params = {n: p for n, p in self.model.named_parameters() if self.is_trainable(n)}
+        with gathered(list(params.values())):
+            return {n: full_tensor(p).detach().cpu().clone() for n, p in params.items()}
+
+    def mean_count(self, masked: Tensor) -> Tensor:
+        """The masked-token count, averaged over data-parallel ranks. Ranks' gradients and logged
+        losses are averaged, so normalising each rank's loss sum by the mean count gives exactly
+        the loss of the whole global batch, as one process would compute it."""
+        count = masked.sum().float()
+        if self._trainer is None or self.trainer.world_size == 1:
+            return count
+        return self.trainer.strategy.reduce(count, reduce_op="mean")
+
+    def step_stats(self, batch: dict, *key: int) -> dict[str, Tensor]:
+        """Loss and routing stats of one batch; a sample's noise is keyed by (seed, *key, its
+        dataset index), so it is the same whatever rank or world size the sample lands in."""
         cfg = self.model.config
         x0 = batch["input_ids"]
+        keys = [hash((self.seed, *key, int(i))) % 2**63 for i in batch["index"]]
         out = denoise(
             self.model,
             x0,
@@ -107,9 +140,11 @@ class RouterFineTuner(L.LightningModule):
             self.t_high,
             self.attention,
             self.block_size,
-            generator,
+            row_uniforms(keys, x0.shape[1], x0.device),
         )
-        lm = masked_diffusion_loss(out.logits, x0, out.masked, out.t, self.loss_weighting)
+        lm = masked_diffusion_loss(
+            out.logits, x0, out.masked, out.t, self.loss_weighting, self.mean_count(out.masked)
+        )
         reg = self.regularizer.size(out.routing, self.block_size, cfg.num_experts_per_tok)
         loss = lm + self.regularizer.weight * reg / cfg.num_experts
         return {
@@ -119,14 +154,9 @@ class RouterFineTuner(L.LightningModule):
             **routing_stats(out.routing, self.block_size),
         }
 
-    def noise_generator(self, *key: int) -> torch.Generator:
-        # noise is a pure function of (seed, position in the run): a resumed run draws the same
-        return torch.Generator(device=self.device).manual_seed(hash((self.seed, *key)) % 2**63)
-
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         accumulate = self.trainer.accumulate_grad_batches
-        gen = self.noise_generator(self.global_step, batch_idx % accumulate, self.global_rank)
-        stats = self.step_stats(batch, gen)
+        stats = self.step_stats(batch, self.global_step, batch_idx % accumulate)
         if not torch.isfinite(stats["loss"]):
             if self.bad_batches < self.max_bad_batches:  # skip it: no backward, no update
                 self.bad_batches += 1
@@ -142,27 +172,36 @@ class RouterFineTuner(L.LightningModule):
             )
         shown = ("loss", "unique_experts")
         for k, v in stats.items():
-            self.log(f"train/{k}", v, prog_bar=k in shown, batch_size=len(batch["input_ids"]))
+            self.log(
+                f"train/{k}",
+                v,
+                prog_bar=k in shown,
+                batch_size=len(batch["input_ids"]),
+                sync_dist=True,  # the mean over ranks, not rank 0's share
+            )
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return stats["loss"]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        bad = [
+        bad = [  # whole gradients: every rank must reach the same verdict
             n
             for n, p in self.model.named_parameters()
-            if p.grad is not None and not torch.isfinite(p.grad).all()
+            if p.grad is not None and not torch.isfinite(full_tensor(p.grad)).all()
         ]
         if bad:
             raise FloatingPointError(f"non-finite gradient at step {self.global_step}: {bad[:5]}")
 
-    def validation_stats(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        """Stats with validation's fixed noise: every evaluation of a batch draws the same."""
-        return self.step_stats(batch, self.noise_generator(-1, batch_idx))
+    def validation_stats(self, batch: dict) -> dict[str, Tensor]:
+        """Stats with validation's fixed noise: every evaluation of a sample draws the same."""
+        return self.step_stats(batch, -1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        stats = self.validation_stats(batch, batch_idx)
+        stats = self.validation_stats(batch)
         self.log_dict(
-            {f"val/{k}": stats[k] for k in ("lm_loss", "unique_experts", "coreset_size")},
+            {
+                f"{self.eval_label}/{k}": stats[k]
+                for k in ("lm_loss", "unique_experts", "coreset_size")
+            },
             sync_dist=True,
             prog_bar=True,
             batch_size=len(batch["input_ids"]),
@@ -177,7 +216,12 @@ class RouterFineTuner(L.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if self.is_trainable(k)
-        }
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Only the trainable tensors: what every checkpoint holds, under every strategy (FSDP's
+        distributed checkpoints save and load exactly these keys); the frozen base is reloaded
+        from its own directory."""
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        return type(full)(
+            (k, v) for k, v in full.items() if self.is_trainable(k.removeprefix(prefix))
+        )

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dmoe_train.routing import RoutingPolicy
 
@@ -23,12 +24,30 @@ MANIFEST_FILE = "router.json"
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """Hash of the architecture config (not the routing) and of two frozen base tensors."""
+    """Hash of the architecture config (not the routing), the final norm's weights and the first
+    two embedding rows. A collective under FSDP (every rank calls it; rank 0's is the one saved:
+    its shard of the embedding starts at row 0)."""
     arch = {k: v for k, v in model.config.to_dict().items() if k not in ("routing", "torch_dtype")}
     h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
-    for tensor in (model.model.norm.weight, model.model.word_embeddings.weight[:2]):
+    embedding = model.model.word_embeddings.weight
+    rows = (embedding.to_local() if isinstance(embedding, DTensor) else embedding)[:2]
+    for tensor in (full_tensor(model.model.norm.weight), rows):
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from a possibly FSDP-sharded one (a collective for a DTensor)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def router_manifest(model: nn.Module, **fields) -> dict:
+    """What a router checkpoint records about its base and routing, plus `fields`."""
+    return {
+        **fields,
+        "base_fingerprint": base_fingerprint(model),
+        "routing": model.config.routing.to_dict(),
+    }
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -40,21 +59,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def save_router(
-    model: nn.Module, directory: str | Path, keep: Callable[[str], bool], manifest: dict
-) -> Path:
-    """Write the tensors whose names satisfy `keep`, and the manifest, into `directory`."""
+def save_router(tensors: dict[str, torch.Tensor], directory: str | Path, manifest: dict) -> Path:
+    """Write `tensors` (names as in the model) and the manifest (`router_manifest`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if keep(n)
-    }
-    full = {
-        **manifest,
-        "base_fingerprint": base_fingerprint(model),
-        "routing": model.config.routing.to_dict(),
-        "tensors": sorted(tensors),
-    }
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    full = {**manifest, "tensors": sorted(tensors)}
     atomic_write(directory / ROUTER_FILE, lambda p: save_file(tensors, p))
     atomic_write(directory / MANIFEST_FILE, lambda p: p.write_text(json.dumps(full, indent=2)))
     return directory / ROUTER_FILE

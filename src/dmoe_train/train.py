@@ -11,55 +11,56 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from dmoe_train.callbacks import export_router
 from dmoe_train.evaluate import GenerationSettings, evaluate_generation
+from dmoe_train.launch import check_same_output_dir, multirun_job_relaunchable, run_id
 from dmoe_train.lit_module import RouterFineTuner
 from dmoe_train.router_io import load_router
 from dmoe_train.routing import RoutingPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+OmegaConf.register_new_resolver("run_id", run_id, replace=True)
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    """`ckpt_path=` if given, else the run directory's own `last.ckpt` if it has one."""
+    """`ckpt_path=` if given, else the run directory's own `last.ckpt` if it has one (a file, or
+    a directory of shards under trainer=fsdp)."""
     last = output_dir / "checkpoints" / "last.ckpt"
-    resuming = cfg.ckpt_path or (str(last) if last.is_file() else None)
+    resuming = cfg.ckpt_path or (str(last) if last.exists() else None)
     if resuming and cfg.init_router:
         raise ValueError(
             f"init_router={cfg.init_router} starts a new run, but this run resumes from "
             f"{resuming}: give one of ckpt_path / init_router (or a fresh hydra.run.dir)"
         )
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).exists():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such file")
     return resuming
 
 
-@torch.no_grad()
-def evaluate(module: RouterFineTuner, loader, policy: RoutingPolicy) -> dict[str, float]:
-    """Validation loss and unique experts per block under `policy` (validation's own noise)."""
+def measure(
+    trainer: L.Trainer, module: RouterFineTuner, data, policy: RoutingPolicy, label: str
+) -> dict[str, float]:
+    """Validation loss and unique experts per block under `policy` (validation's own noise),
+    through Lightning, so every strategy shards and reduces it; logged as `label/...`."""
     model = module.model
-    previous, was_training = model.config.routing, model.training
+    previous = model.config.routing
     model.set_routing(policy)
-    model.eval()
-    loss = unique = count = 0.0
-    for i, batch in enumerate(loader):
-        batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        stats = module.validation_stats(batch, i)
-        n = len(batch["input_ids"])
-        loss += n * float(stats["lm_loss"])
-        unique += n * float(stats["unique_experts"])
-        count += n
+    module.eval_label = label
+    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
     model.set_routing(previous)
-    model.train(was_training)
-    return {"val_loss": loss / count, "unique_experts": unique / count}
+    module.eval_label = "val"
+    return {
+        k: metrics[f"{label}/{m}"]
+        for k, m in (("val_loss", "lm_loss"), ("unique_experts", "unique_experts"))
+    }
 
 
 def check_data(cfg: DictConfig, policy: RoutingPolicy, data) -> None:
@@ -99,28 +100,39 @@ def train(cfg: DictConfig) -> dict:
     checkpoints = output_dir / "checkpoints"
     try:  # an unwritable or full disk fails now, not after the first checkpoint interval
         checkpoints.mkdir(parents=True, exist_ok=True)
-        (checkpoints / "run_info.json").write_text(json.dumps(run_info(cfg), indent=2) + "\n")
     except OSError as err:
         raise OSError(f"paths.output_dir={output_dir}: cannot write ({err})") from err
     policy: RoutingPolicy = instantiate(cfg.router)
     data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
     data.setup()  # data errors surface before the (for a 16B base, minutes long) model load
     check_data(cfg, policy, data)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    # FSDP: every rank builds the model on the meta device and loads only its shards later
+    sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+    if cfg.evaluate_after and not isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy):
+        raise ValueError(
+            f"evaluate_after=true decodes on rank 0 alone, which trainer.strategy="
+            f"{type(trainer.strategy).__name__} cannot (sharded weights); run dmoe-eval on "
+            "the exported router instead"
+        )
+    if trainer.is_global_zero:
+        (checkpoints / "run_info.json").write_text(json.dumps(run_info(cfg), indent=2) + "\n")
     # objects go through partials: Hydra would turn a dataclass argument into a config node
-    model = instantiate(cfg.model, _partial_=True)(routing=policy)
+    model = instantiate(cfg.model, _partial_=True)(
+        routing=policy, **({"device": "meta"} if sharded else {})
+    )
     check_tokenizer(cfg, model, data)
     if cfg.init_router:
         load_router(model, cfg.init_router, apply_routing=False)
     regularizer = instantiate(cfg.regularizer)
     module = instantiate(cfg.module, _partial_=True)(model=model, regularizer=regularizer)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
-    module.to(trainer.strategy.root_device)  # the before/after measurements run outside fit
     token = RoutingPolicy("token", block_size=policy.block_size)
-    before_token = evaluate(module, data.val_dataloader(), token)
-    before = evaluate(module, data.val_dataloader(), policy)
+    before_token = measure(trainer, module, data, token, "token")
+    check_same_output_dir(output_dir)  # the process group exists from the first validate on
+    before = measure(trainer, module, data, policy, "before")
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except SIGTERMException:
@@ -129,12 +141,13 @@ def train(cfg: DictConfig) -> dict:
             f"relaunch with hydra.run.dir={output_dir} to resume"
         )
         return {"interrupted_at_step": trainer.global_step}
-    after = evaluate(module, data.val_dataloader(), policy)
+    after = measure(trainer, module, data, policy, "after")
 
     summary = {
         "policy": policy.to_dict(),
         "regularizer": OmegaConf.to_container(cfg.regularizer),
         "steps": trainer.global_step,
+        "world_size": trainer.world_size,
         "unique_experts_token": before_token["unique_experts"],
         "val_loss_token": before_token["val_loss"],
         "unique_experts_before": before["unique_experts"],
@@ -142,9 +155,9 @@ def train(cfg: DictConfig) -> dict:
         "unique_experts_after": after["unique_experts"],
         "val_loss_after": after["val_loss"],
     }
+    router = export_router(trainer, module, checkpoints, cfg.model.path, summary=summary)
+    summary["router_checkpoint"] = str(router)
     if trainer.is_global_zero:
-        router = export_router(trainer, module, checkpoints, cfg.model.path, summary=summary)
-        summary["router_checkpoint"] = str(router)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_summary(summary, output_dir)
         if cfg.evaluate_after:
@@ -185,7 +198,8 @@ def exit_on_error(run: Callable[[DictConfig], object], cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "configs"), config_name="train")
 def main(cfg: DictConfig) -> None:
-    exit_on_error(train, cfg)
+    with multirun_job_relaunchable():
+        exit_on_error(train, cfg)
 
 
 if __name__ == "__main__":

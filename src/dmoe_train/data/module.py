@@ -117,10 +117,14 @@ class DiffusionDataModule(L.LightningDataModule):
             return
         self.tokenizer = load_tokenizer(self.tokenizer_path)
         raw = self._raw_splits()
-        columns = ["input_ids", "response_mask", "prompt_len"]
+        columns = ["input_ids", "response_mask", "prompt_len", "index"]
         for split, ds in raw.items():
-            encoded = ds.map(
-                lambda ex: encode(self.tokenizer, ex["prompt"], ex["response"], self.max_seq_len),
+            encoded = ds.map(  # `index` keys each sample's noise (see RouterFineTuner)
+                lambda ex, i: {
+                    **encode(self.tokenizer, ex["prompt"], ex["response"], self.max_seq_len),
+                    "index": i,
+                },
+                with_indices=True,
                 remove_columns=[c for c in ds.column_names if c not in ("prompt", "response")],
             )
             self.splits[split] = encoded.with_format(
@@ -184,12 +188,20 @@ class DiffusionDataModule(L.LightningDataModule):
         return self._loader("train", self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", self.eval_batch_size)
+        """Under several processes each rank evaluates every world-th sample."""
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        split = self.splits["validation"]
+        indices = range(rank, len(split), world)
+        return self._loader("validation", self.eval_batch_size, indices if world > 1 else None)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size)
 
-    def _loader(self, split: str, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self, split: str, batch_size: int, sampler: Sampler | range | None = None
+    ) -> DataLoader:
         return DataLoader(
             self.splits[split],
             batch_size=batch_size,
@@ -205,6 +217,7 @@ def collate(rows: list[dict]) -> dict:
         "input_ids": torch.stack([r["input_ids"] for r in rows]),
         "response_mask": torch.stack([r["response_mask"] for r in rows]),
         "prompt_len": torch.stack([r["prompt_len"] for r in rows]),
+        "index": torch.stack([r["index"] for r in rows]),
         "prompt": [r["prompt"] for r in rows],
         "answer": [r["response"] for r in rows],
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,14 @@ def _expected_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 
 def read_state_dict(
-    model: nn.Module, path: Path, dtype: torch.dtype | None, device: str
+    model: nn.Module,
+    path: Path,
+    dtype: torch.dtype | None,
+    device: str,
+    place: Callable[[str, Tensor], Tensor] = lambda name, tensor: tensor,
 ) -> dict[str, Tensor]:
-    """Read every tensor of `path` into the model's (merged) names, checking names and shapes."""
+    """Read every tensor of `path` into the model's (merged) names, checking names and shapes;
+    each whole tensor goes through `place` (a sharded load keeps only its piece)."""
     expected = _expected_shapes(model)
     state: dict[str, Tensor] = {}
     split_parts: dict[str, dict[int, Tensor]] = defaultdict(dict)
@@ -78,12 +83,12 @@ def read_state_dict(
             continue
         tensor = tensor if dtype is None else tensor.to(dtype)
         if not split:
-            state[key] = tensor
+            state[key] = place(key, tensor)
             continue
         parts = split_parts[key]
         parts[int(split[2])] = tensor
         if len(parts) == expected[key][0]:  # all experts read: stack, free the parts
-            state[key] = torch.stack([parts[e] for e in range(len(parts))])
+            state[key] = place(key, torch.stack([parts[e] for e in range(len(parts))]))
             del split_parts[key]
     missing = [k for k in expected if k not in state and k not in split_parts]
     for key, parts in split_parts.items():
@@ -115,12 +120,16 @@ def load_pretrained(
     device: str | torch.device | None = None,
     routing: Any = None,
 ) -> Any:
+    """`device="meta"`: the model without its weights, for a sharded load (`load_shards`)."""
     path = require_model_dir(path)
     config = config_cls.from_json(path / "config.json")
     with torch.device("meta"):
         model = model_cls(config)
+    model.name_or_path = str(path)
     if routing is not None:
         model.set_routing(routing)
+    if str(device) == "meta":
+        return (model if dtype is None else model.to(dtype)).eval()
     state = read_state_dict(model, path, dtype, str(device or "cpu"))
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:

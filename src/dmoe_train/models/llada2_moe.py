@@ -223,9 +223,13 @@ class Router(nn.Module):
             else None
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Sigmoid scores `[..., E]`, from logits computed in fp32."""
-        return torch.sigmoid(F.linear(x.float(), self.weight.float()))
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Sigmoid scores `[..., E]` from logits computed in fp32 (also under bf16 autocast), and
+        a copy of the expert bias: under FSDP a parameter is whole only inside its forward."""
+        with torch.autocast(x.device.type, enabled=False):
+            scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        bias = None if self.expert_bias is None else self.expert_bias.detach().clone()
+        return scores, bias
 
 
 class Experts(nn.Module):
@@ -253,11 +257,11 @@ class SparseMoe(nn.Module):
 
     def forward(self, x: Tensor, valid: Tensor | None) -> tuple[Tensor, Routing]:
         cfg = self.cfg
-        scores = self.gate(x)
+        scores, bias = self.gate(x)
         routing = route(
             cfg.routing,
             scores,
-            self.gate.expert_bias,
+            bias,
             cfg.num_experts_per_tok,
             cfg.n_group,
             cfg.topk_group,
@@ -338,6 +342,7 @@ class LLaDA2MoeModelLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.word_embeddings.weight
         self.activation_checkpointing = False
+        self.name_or_path: str | None = None  # the directory it was loaded from
 
     def set_routing(self, policy: RoutingPolicy) -> None:
         """Switch every MoE layer to `policy` (they share this config)."""

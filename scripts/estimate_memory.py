@@ -1,0 +1,125 @@
+"""Per-GPU memory of router fine-tuning, from a model config: weights, router optimizer state,
+activations with and without per-layer checkpointing, for DDP and FSDP layouts.
+
+    python scripts/estimate_memory.py [--config DIR/config.json] [--seq 2048] [--out FILE.md]
+
+An estimate from shapes (bf16 base, fp32 router with AdamW, block diffusion's [x_t ; x_0] input of
+2 x seq tokens, memory-efficient attention: no seq^2 scores kept); allocator slack and CUDA context
+(~1-2 GB) are not included.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dmoe_train.models import LLaDA2MoeConfig, LLaDA2MoeModelLM, is_router_param
+
+GB = 1e9
+BF16, FP32 = 2, 4
+
+
+@dataclass
+class Layout:
+    name: str
+    shard: int  # ranks one copy of the weights and router state is spread over
+
+
+def parameter_counts(cfg: LLaDA2MoeConfig) -> tuple[int, int, int]:
+    """(all, router, largest decoder layer) parameter counts, from the model built on meta."""
+    with torch.device("meta"):
+        model = LLaDA2MoeModelLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    router = sum(p.numel() for n, p in model.named_parameters() if is_router_param(n))
+    layer = max(sum(p.numel() for p in block.parameters()) for block in model.model.layers)
+    return total, router, layer
+
+
+def layer_activations(cfg: LLaDA2MoeConfig, tokens: int) -> float:
+    """Bytes one MoE decoder layer keeps for backward (bf16 unless noted)."""
+    h, k, i = cfg.hidden_size, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    q_kv = cfg.head_dim * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    attention = tokens * (2 * h + 2 * q_kv + h) * BF16  # norms, qkv + roped q/k, output
+    router = tokens * cfg.num_experts * 3 * FP32  # logits, scores, biased selection scores
+    routed = tokens * k * (2 * h + 3 * i) * BF16  # gathered inputs/outputs, gate/up/act
+    shared = tokens * (3 * i * cfg.num_shared_experts) * BF16
+    return attention + router + routed + shared + 2 * tokens * h * BF16  # residual, norm
+
+
+def estimate(cfg: LLaDA2MoeConfig, seq: int, micro_batch: int, layout: Layout) -> dict[str, float]:
+    total, router, layer = parameter_counts(cfg)
+    tokens = 2 * seq * micro_batch  # [x_t ; x_0]
+    weights = total * BF16 / layout.shard
+    gathered = 2 * layer * BF16 if layout.shard > 1 else 0  # FSDP: current + prefetched layer
+    optimizer = router * (FP32 * 4) / layout.shard  # fp32 master + grad + Adam m, v
+    per_layer = layer_activations(cfg, tokens)
+    logits = seq * micro_batch * cfg.vocab_size * (BF16 + 2 * FP32)  # x_t half, fp32 CE + grad
+    full = cfg.num_hidden_layers * per_layer + logits
+    checkpointed = cfg.num_hidden_layers * tokens * cfg.hidden_size * BF16 + per_layer + logits
+    return {
+        "weights": weights + gathered,
+        "router_state": optimizer,
+        "activations": full,
+        "activations_ckpt": checkpointed,
+        "total": weights + gathered + optimizer + full,
+        "total_ckpt": weights + gathered + optimizer + checkpointed,
+    }
+
+
+def table(cfg: LLaDA2MoeConfig, seq: int, micro_batch: int, layouts: list[Layout]) -> str:
+    total, router, _ = parameter_counts(cfg)
+    lines = [
+        f"Per-GPU memory (GB), {total / 1e9:.2f}B parameters ({router / 1e6:.1f}M trainable "
+        f"router), seq {seq}, micro batch {micro_batch}: weights bf16 (+2 gathered layers "
+        "under FSDP), router fp32 + grad + AdamW, activations of [x_t ; x_0] with and without "
+        "per-layer checkpointing.",
+        "",
+        "| layout | weights | router state | activations | activations (ckpt) | total "
+        "| total (ckpt) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for lay in layouts:
+        e = estimate(cfg, seq, micro_batch, lay)
+        lines.append(
+            f"| {lay.name} | "
+            + " | ".join(
+                f"{e[k] / GB:.1f}"
+                for k in (
+                    "weights",
+                    "router_state",
+                    "activations",
+                    "activations_ckpt",
+                    "total",
+                    "total_ckpt",
+                )
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="a model's config.json (default: LLaDA2.0-mini's)")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--out", help="also write the table to this file")
+    args = parser.parse_args()
+    cfg = LLaDA2MoeConfig.from_json(args.config) if args.config else LLaDA2MoeConfig()
+    layouts = [
+        Layout("1 GPU", 1),
+        Layout("DDP, 1 node x 8", 1),
+        Layout("FSDP, 1 node x 8", 8),
+        Layout("FSDP (HSDP), 2 nodes x 8", 8),  # shards within a node, replicates across nodes
+    ]
+    text = table(cfg, args.seq, args.micro_batch, layouts)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

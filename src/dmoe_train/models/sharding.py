@@ -1,0 +1,61 @@
+"""FSDP2 for router fine-tuning: shard a frozen base over a device mesh and load it shard by shard.
+
+Units: each router on its own (fp32 and trainable, while the base is bf16 and frozen; an FSDP2
+unit gathers one dtype), each decoder layer, then the rest (embeddings, final norm, head). The
+model arrives on the meta device; each rank reads one whole tensor at a time and keeps its shard,
+so no process ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_tensor
+
+from dmoe_train.models.checkpoint import read_state_dict
+
+
+def router_modules(model: nn.Module) -> list[nn.Module]:
+    from dmoe_train.models import is_router_param
+
+    names = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if is_router_param(n)}
+    return [model.get_submodule(n) for n in sorted(names)]
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh) -> None:
+    """FSDP2 over `mesh`: a 1-D mesh shards across all ranks; a 2-D (nodes x GPUs) mesh shards
+    within a node and replicates across nodes (HSDP), keeping all-gathers on the fast links."""
+    for module in [*router_modules(model), *model.model.layers, model]:
+        fully_shard(module, mesh=mesh)
+
+
+@torch.no_grad()
+def load_shards(model: nn.Module, path: str | Path, device: torch.device) -> None:
+    """Materialise a sharded meta model on `device` and copy in this rank's piece of each tensor
+    of the checkpoint at `path`, one whole tensor at a time (names and shapes are checked)."""
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+
+    def place(name: str, whole: torch.Tensor) -> torch.Tensor:
+        param = params[name]
+        piece = distribute_tensor(  # src_data_rank=None: slice locally, no communication
+            whole.to(device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+        )
+        param.to_local().copy_(piece.to_local())
+        return param
+
+    read_state_dict(model, Path(path), None, "cpu", place)
+
+
+def gathered(params: list[nn.Parameter]) -> AbstractContextManager:
+    """DeepSpeed ZeRO-3 partitions parameters: gather these for reading (else a no-op)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return nullcontext()

@@ -1,0 +1,185 @@
+"""Multi-process training on CPU: DDP (gloo) and FSDP2, resume, Hydra multirun and torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FAST, cli_train, compose_train
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
+from safetensors.torch import load_file
+
+from dmoe_train.launch import run_id
+
+# 6 steps of 2 x 16 samples (or 1 x 32): the same global batch of the same samples and noise
+SHORT = [
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "callbacks.model_checkpoint.every_n_train_steps=3",
+]
+TWO_RANKS = {
+    "ddp_cpu": ["trainer=ddp_cpu", "data.batch_size=16"],
+    "fsdp": [  # FSDP2 on CPU: the trainer=fsdp config with a CPU accelerator
+        "trainer=fsdp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.deterministic=true",
+        "data.batch_size=16",
+    ],
+}
+# ranks sum in another order than one process: float rounding only (observed: 1.5e-8)
+ATOL = 1e-6
+
+
+def _run(out: Path, *overrides: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    save = ["+callbacks.ranks._target_=helpers.SaveRankRouter", f"+callbacks.ranks.dirpath={out}"]
+    result = cli_train(out, *SHORT, *save, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def _router(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / "router.safetensors")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one_process")
+    _run(out, "data.batch_size=32")
+    return out
+
+
+@pytest.mark.parametrize("strategy", sorted(TWO_RANKS))
+def test_two_ranks_match_one_process_and_resume(tmp_path, one_process, strategy):
+    full = _run(tmp_path / "full", *TWO_RANKS[strategy])
+    assert full["world_size"] == 2 and full["steps"] == 6
+    ranks = [torch.load(tmp_path / "full" / f"rank{r}.pt") for r in (0, 1)]
+    reference = _router(one_process)
+    assert ranks[0].keys() == ranks[1].keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # replicas never drift
+        torch.testing.assert_close(ranks[0][name], reference[name], rtol=0, atol=ATOL)
+    single = json.loads((one_process / "summary.json").read_text())
+    assert full["val_loss_after"] == pytest.approx(single["val_loss_after"], abs=ATOL)
+    assert full["unique_experts_after"] == pytest.approx(single["unique_experts_after"], abs=1e-4)
+
+    # interrupted after step 3, resumed in the same run directory: the same router, bit for bit
+    stop = ["+callbacks.stop._target_=helpers.StopAtStep", "+callbacks.stop.step=3"]
+    assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *stop)["steps"] == 3
+    assert _run(tmp_path / "resumed", *TWO_RANKS[strategy])["steps"] == 6
+    resumed, uninterrupted = _router(tmp_path / "resumed"), _router(tmp_path / "full")
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+def test_multirun_sweep_with_ddp_keeps_one_directory_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, "-m", "dmoe_train.train", "-m", "router.top_p=0.5,0.9"]
+    cmd += ["trainer=ddp_cpu", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    cmd += [*FAST, f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    for job, top_p in zip(jobs, (0.5, 0.9), strict=True):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["policy"]["top_p"] == top_p
+        assert (sweep / job / "train_ddp_process_1.log").is_file()  # rank 1 ran in this job
+    assert not (tmp_path / "outputs").exists()  # no rank wrote a directory of its own
+
+
+def test_torchrun_ranks_share_one_run_directory(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "dmoe_train.train"]
+    cmd += ["trainer=ddp_cpu", "trainer.max_steps=2", "trainer.val_check_interval=2", *FAST]
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "outputs").iterdir()
+    assert run.name.startswith("torchrun-")
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+
+
+def test_run_id_follows_the_launcher(monkeypatch):
+    for var in ("SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    started = run_id()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's static default: no shared id
+    assert run_id() == started
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert run_id() == "torchrun-abc"
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a batch script's own step: runs one at a time
+    assert run_id() == "torchrun-abc"
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert run_id() == "slurm-42.3"
+
+
+@pytest.mark.parametrize(
+    ("trainer", "strategy"),
+    [
+        ("cpu", None),
+        ("gpu", None),
+        ("ddp", DDPStrategy),
+        ("ddp_cpu", DDPStrategy),
+        ("fsdp", ModelParallelStrategy),
+        ("deepspeed", DeepSpeedStrategy),
+    ],
+)
+def test_trainer_configs_compose_and_build_their_strategy(tmp_path, trainer, strategy):
+    cfg = compose_train(tmp_path, f"trainer={trainer}", "trainer.devices=4", "trainer.num_nodes=2")
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 2)
+    if strategy is None:
+        assert "strategy" not in cfg.trainer
+        return
+    built = instantiate(cfg.trainer.strategy)
+    assert isinstance(built, strategy)
+    if trainer == "fsdp":  # mesh: nodes replicate, GPUs within a node shard
+        assert (built._data_parallel_size, built._tensor_parallel_size) == (2, 4)
+    if trainer == "deepspeed":
+        assert built.config["zero_optimization"]["stage"] == 2
+
+
+def test_slurm_launcher_keys_follow_the_trainer(tmp_path):
+    cfg = compose_train(
+        tmp_path,
+        "hydra/launcher=slurm",
+        "trainer=ddp",
+        "trainer.num_nodes=2",
+        "hydra.launcher.partition=a100",
+        "hydra.launcher.timeout_min=60",
+        return_hydra_config=True,
+    )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.timeout_min) == ("a100", 60)
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
+
+
+def test_estimate_memory_table(tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "estimate_memory.py"
+    out = tmp_path / "memory.md"
+    result = subprocess.run(
+        [sys.executable, str(script), "--seq", "2048", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {
+        cells[0]: [float(c) for c in cells[1:]]
+        for line in out.read_text().splitlines()
+        if line.startswith("| ") and not line.startswith("| layout")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert "16.26B parameters" in out.read_text()  # LLaDA2.0-mini's count
+    ddp, fsdp = rows["DDP, 1 node x 8"], rows["FSDP, 1 node x 8"]
+    assert ddp[0] == pytest.approx(16.26e9 * 2 / 1e9, abs=0.1)  # bf16 weights, replicated
+    assert fsdp[0] < ddp[0] / 4 and fsdp[3] < fsdp[2]  # sharded; checkpointing saves memory
