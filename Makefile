@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test lint train compare sweep bench
+.PHONY: venv test lint train retrofit compare sweep bench
 
 venv: $(VENV)/.installed
 
@@ -28,9 +28,15 @@ test: lint
 train: venv
 	$(BIN)/dmoe-train $(ARGS)
 
-# every routing policy and the router of the newest `make train` run on the same test prompts
+# retrofit the tiny token-choice base to expert choice by training only its router
+retrofit: venv
+	$(BIN)/dmoe-train experiment=retrofit_ec hydra.run.dir=outputs/retrofit_ec $(ARGS)
+
+# every routing policy, the router of the newest `make train` run and the expert-choice retrofit
+# on the same test prompts
 compare: venv
 	ls outputs/*/checkpoints/router.safetensors >/dev/null 2>&1 || $(MAKE) train
+	test -f outputs/retrofit_ec/checkpoints/router.safetensors || $(MAKE) retrofit
 	$(BIN)/python scripts/compare.py
 
 # Hydra multirun over top_p and the regularizer weight; each run trains, then decodes the test

@@ -26,12 +26,23 @@ ROWS = {
     "capacity_max (8)": ["router=capacity_max"],
     "topp 0.6 training-free": ["router=topp"],
     "topp 0.99 training-free": ["router=topp", "router.top_p=0.99"],
+    "expert_choice static": ["router=expert_choice"],
+    "expert_choice linear_reverse": [
+        "router=expert_choice",
+        "router.schedule=linear_reverse",
+        "router.k_min=2",
+        "router.k_max=8",
+    ],
+    "expert_choice in top-p 0.9 coreset": ["router=expert_choice", "router.ec_coreset=topp"],
 }
+RETROFIT = PROJECT_ROOT / "outputs" / "retrofit_ec" / "checkpoints" / "router.safetensors"
 
 
 def newest_router(outputs: Path) -> Path:
+    """The newest top-p router of `make train` (not the expert-choice retrofit)."""
     found = sorted(
-        outputs.glob("*/checkpoints/router.safetensors"), key=lambda p: p.stat().st_mtime
+        (p for p in outputs.glob("*/checkpoints/router.safetensors") if p != RETROFIT),
+        key=lambda p: p.stat().st_mtime,
     )
     if not found:
         raise SystemExit(f"no router checkpoint under {outputs}/: run `make train` first")
@@ -46,6 +57,8 @@ def main() -> None:
     args = ap.parse_args()
     router = args.router or newest_router(PROJECT_ROOT / "outputs")
     rows = {**ROWS, "topp trained router": [f"router_checkpoint={router}"]}
+    if RETROFIT.is_file():  # `make retrofit`
+        rows["expert_choice retrofit (trained)"] = [f"router_checkpoint={RETROFIT}"]
     results = {}
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base="1.3"):
         for i, (name, extra) in enumerate(rows.items()):
@@ -76,6 +89,9 @@ def main() -> None:
                 "accuracy",
                 "accuracy_retained",
                 "expert_bytes_per_block",
+                "load_balance_cv",
+                "experts_per_token",
+                "expert_flops_per_token",
                 "seconds_per_token",
             ]
         )
@@ -88,6 +104,9 @@ def main() -> None:
                     m["accuracy"],
                     m["accuracy_retained"],
                     m["expert_bytes_per_block"],
+                    m["load_balance_cv"],
+                    m["experts_per_token"],
+                    m["expert_flops_per_token"],
                     m["seconds_per_token"],
                 ]
             )

@@ -11,12 +11,14 @@ An estimate from shapes (bf16 base, fp32 router with AdamW, block diffusion's [x
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from dmoe_train.models import LLaDA2MoeConfig, LLaDA2MoeModelLM, is_router_param
+from dmoe_train.models import FAMILIES, LLaDA2MoeModelLM, MoeDiffusionLM, is_router_param
 
 GB = 1e9
 BF16, FP32 = 2, 4
@@ -28,28 +30,33 @@ class Layout:
     shard: int  # ranks one copy of the weights and router state is spread over
 
 
-def parameter_counts(cfg: LLaDA2MoeConfig) -> tuple[int, int, int]:
+def parameter_counts(cfg: Any) -> tuple[int, int, int]:
     """(all, router, largest decoder layer) parameter counts, from the model built on meta."""
+    family: type[MoeDiffusionLM] = FAMILIES[cfg.model_type]
     with torch.device("meta"):
-        model = LLaDA2MoeModelLM(cfg)
+        model = family(cfg)
     total = sum(p.numel() for p in model.parameters())
     router = sum(p.numel() for n, p in model.named_parameters() if is_router_param(n))
     layer = max(sum(p.numel() for p in block.parameters()) for block in model.model.layers)
     return total, router, layer
 
 
-def layer_activations(cfg: LLaDA2MoeConfig, tokens: int) -> float:
+def layer_activations(cfg: Any, tokens: int) -> float:
     """Bytes one MoE decoder layer keeps for backward (bf16 unless noted)."""
     h, k, i = cfg.hidden_size, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     q_kv = cfg.head_dim * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
     attention = tokens * (2 * h + 2 * q_kv + h) * BF16  # norms, qkv + roped q/k, output
     router = tokens * cfg.num_experts * 3 * FP32  # logits, scores, biased selection scores
     routed = tokens * k * (2 * h + 3 * i) * BF16  # gathered inputs/outputs, gate/up/act
-    shared = tokens * (3 * i * cfg.num_shared_experts) * BF16
+    shared = (
+        tokens * 3 * cfg.shared_expert_intermediate_size * BF16
+        if cfg.shared_expert_intermediate_size
+        else 0
+    )
     return attention + router + routed + shared + 2 * tokens * h * BF16  # residual, norm
 
 
-def estimate(cfg: LLaDA2MoeConfig, seq: int, micro_batch: int, layout: Layout) -> dict[str, float]:
+def estimate(cfg: Any, seq: int, micro_batch: int, layout: Layout) -> dict[str, float]:
     total, router, layer = parameter_counts(cfg)
     tokens = 2 * seq * micro_batch  # [x_t ; x_0]
     weights = total * BF16 / layout.shard
@@ -69,7 +76,7 @@ def estimate(cfg: LLaDA2MoeConfig, seq: int, micro_batch: int, layout: Layout) -
     }
 
 
-def table(cfg: LLaDA2MoeConfig, seq: int, micro_batch: int, layouts: list[Layout]) -> str:
+def table(cfg: Any, seq: int, micro_batch: int, layouts: list[Layout]) -> str:
     total, router, _ = parameter_counts(cfg)
     lines = [
         f"Per-GPU memory (GB), {total / 1e9:.2f}B parameters ({router / 1e6:.1f}M trainable "
@@ -103,12 +110,18 @@ def table(cfg: LLaDA2MoeConfig, seq: int, micro_batch: int, layouts: list[Layout
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="a model's config.json (default: LLaDA2.0-mini's)")
+    parser.add_argument(
+        "--config", help="a model's config.json, any family (default: LLaDA2.0-mini's)"
+    )
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
-    cfg = LLaDA2MoeConfig.from_json(args.config) if args.config else LLaDA2MoeConfig()
+    if args.config:
+        raw = json.loads(Path(args.config).read_text())
+        cfg = FAMILIES[raw.get("model_type", "llada2_moe")].config_class.from_dict(raw)
+    else:
+        cfg = LLaDA2MoeModelLM.config_class()
     layouts = [
         Layout("1 GPU", 1),
         Layout("DDP, 1 node x 8", 1),

@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelPa
 from safetensors.torch import load_file
 
 from dmoe_train.launch import run_id
+from dmoe_train.train import train
 
 # 6 steps of 2 x 16 samples (or 1 x 32): the same global batch of the same samples and noise
 SHORT = [
@@ -183,3 +184,9 @@ def test_estimate_memory_table(tmp_path):
     ddp, fsdp = rows["DDP, 1 node x 8"], rows["FSDP, 1 node x 8"]
     assert ddp[0] == pytest.approx(16.26e9 * 2 / 1e9, abs=0.1)  # bf16 weights, replicated
     assert fsdp[0] < ddp[0] / 4 and fsdp[3] < fsdp[2]  # sharded; checkpointing saves memory
+
+
+def test_decoding_after_training_is_refused_under_sharded_strategies(tmp_path):
+    cfg = compose_train(tmp_path, *TWO_RANKS["fsdp"], "evaluate_after=true", "trainer.max_steps=1")
+    with pytest.raises(ValueError, match="evaluate_after=true decodes on rank 0 alone"):
+        train(cfg)

@@ -12,7 +12,7 @@ from dmoe_train.eval import run_eval
 from dmoe_train.evaluate import answer_correct
 from dmoe_train.generate import block_layout, generate
 from dmoe_train.models import build_model
-from dmoe_train.models.llada2_moe import LMOutput
+from dmoe_train.models.common import LMOutput
 from dmoe_train.routing import Routing, RoutingPolicy
 
 MASK, EOS, VOCAB = 1, 0, 8

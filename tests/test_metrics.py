@@ -1,6 +1,6 @@
 import torch
 
-from dmoe_train.metrics import unique_experts_per_block
+from dmoe_train.metrics import expert_load, load_balance_cv, unique_experts_per_block
 
 
 def test_unique_experts_known_routing():
@@ -19,3 +19,11 @@ def test_unique_experts_matches_direct_count():
     for b in range(3):
         for j, start in enumerate(range(0, 20, 8)):
             assert got[b, j] == len(set(ids[b, start : start + 8].flatten().tolist()))
+
+
+def test_expert_load_and_its_balance():
+    ids = torch.tensor([[[0, 1], [1, -1], [2, 1]]])
+    load = expert_load(ids, 4, valid=torch.tensor([[True, True, False]]))
+    assert load.tolist() == [1, 2, 0, 0]  # empty slots and invalid positions not counted
+    assert load_balance_cv(torch.tensor([3, 3, 3])) == 0
+    torch.testing.assert_close(load_balance_cv(torch.tensor([1.0, 3.0])), torch.tensor(0.5))

@@ -118,7 +118,8 @@ def denoise(
     `block_diffusion` mode the routing block size must divide the sequence length)."""
     xt, masked, t = mask_tokens(x0, response_mask, mask_id, t_low, t_high, uniforms)
     input_ids, mask, positions = diffusion_inputs(xt, x0, mode, block_size)
-    out = model(input_ids, attention_mask=mask, position_ids=positions)
+    ratio = t[:, None].expand(input_ids.shape)  # the sample's noise level, for every position
+    out = model(input_ids, attention_mask=mask, position_ids=positions, mask_ratio=ratio)
     n = x0.shape[1]
     routing = [
         replace(
@@ -127,6 +128,7 @@ def denoise(
             weights=r.weights[:, :n],
             scores=r.scores[:, :n],
             coreset=None if r.coreset is None else r.coreset[:, : r.coreset.shape[1] // 2],
+            logits=None if r.logits is None else r.logits[:, :n],
         )
         for r in out.routing
     ]

@@ -11,6 +11,7 @@ import torch
 from dmoe_train.data.module import DiffusionDataModule
 from dmoe_train.diffusion import denoise
 from dmoe_train.generate import generate
+from dmoe_train.metrics import load_balance_cv
 
 
 def content_positions(x0: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -102,6 +103,7 @@ def evaluate_generation(
     cfg = model.config
     loader = data.test_dataloader() if split == "test" else data.val_dataloader()
     unique, unique_masked, correct, total, tokens_out, seconds = [], [], 0, 0, 0, 0.0
+    load, routed = 0, 0
     timer = MoeTimer(model)
     for batch in loader:
         prompts = [
@@ -126,12 +128,15 @@ def evaluate_generation(
         total += len(prompts)
         unique.append(out.unique_experts.mean(0))  # [B, layers], mean over forwards
         unique_masked.append(out.unique_experts_masked.mean(0))
+        load, routed = load + out.expert_load, routed + out.tokens_routed
         tokens_out += len(prompts) * gen_length
         seconds += out.seconds
     timer.remove()
     per_layer = torch.cat(unique).mean(0)
     param = next(model.parameters())
-    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * param.element_size()
+    expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    expert_bytes = expert_params * param.element_size()
+    experts_per_token = float(load.sum()) / max(routed * load.shape[0], 1)
     return {
         "policy": cfg.routing.to_dict(),
         "samples": total,
@@ -140,6 +145,10 @@ def evaluate_generation(
         "unique_experts_per_block_per_layer": per_layer.tolist(),
         "unique_experts_per_block_masked": float(torch.cat(unique_masked).mean()),
         "expert_bytes_per_block": float(per_layer.mean()) * expert_bytes,
+        # of the decoded blocks, per MoE layer: 0 = every expert processed as many tokens
+        "load_balance_cv": float(load_balance_cv(load).mean()),
+        "experts_per_token": experts_per_token,
+        "expert_flops_per_token": experts_per_token * 2 * expert_params,  # per MoE layer
         "seconds_per_token": seconds / max(tokens_out, 1),
         "seconds_per_moe_layer": timer.seconds / max(timer.calls, 1),
         "device": str(param.device),

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from dmoe_train.diffusion import as_additive
-from dmoe_train.metrics import unique_experts_per_block
+from dmoe_train.metrics import expert_load, unique_experts_per_block
 
 
 @dataclass
@@ -29,6 +29,8 @@ class Generation:
     tokens: Tensor  # [B, gen_length]; positions after an eos are eos
     unique_experts: Tensor  # [forwards, B, moe_layers]: distinct experts of the decoded block
     unique_experts_masked: Tensor  # the same, counting only its still-masked positions
+    expert_load: Tensor  # [moe_layers, E]: tokens each expert processed, over all forwards
+    tokens_routed: int  # decoded-block positions routed per MoE layer, over all forwards
     seconds: float
 
 
@@ -119,6 +121,7 @@ def generate(
     if cache and first > 0:  # prefill the prompt's full blocks
         past = forward(0, first * block_length)[0].key_values
     unique, unique_masked = [], []
+    load, routed = torch.zeros((), dtype=torch.long, device=x.device), 0
     began = time.perf_counter()
     for lo in range(first * block_length, width, block_length):
         hi = min(lo + block_length, width)
@@ -131,6 +134,13 @@ def generate(
             block_ids = [r.ids[:, offset : offset + hi - lo] for r in out.routing]
             unique.append(_count(block_ids, valid[:, lo:hi]))
             unique_masked.append(_count(block_ids, masked))
+            load = load + torch.stack(
+                [
+                    expert_load(i, r.scores.shape[-1], valid[:, lo:hi])
+                    for i, r in zip(block_ids, out.routing, strict=True)
+                ]
+            )
+            routed += int(valid[:, lo:hi].sum())
             probs = out.logits[:, offset : offset + hi - lo].float().softmax(-1)
             confidence, tokens = probs.max(-1)
             chosen = commit_mask(confidence, masked, steps - step, threshold)
@@ -151,7 +161,9 @@ def generate(
     tokens = x[gen].view(len(prompts), gen_length).clone()
     tokens[tokens == mask_id] = eos_id  # an early stop leaves later blocks undecoded
     tokens = tokens.masked_fill((tokens == eos_id).long().cumsum(1) > 0, eos_id)
-    return Generation(tokens, torch.stack(unique), torch.stack(unique_masked), seconds)
+    return Generation(
+        tokens, torch.stack(unique), torch.stack(unique_masked), load.cpu(), routed, seconds
+    )
 
 
 def _count(block_ids: list[Tensor], counted: Tensor) -> Tensor:

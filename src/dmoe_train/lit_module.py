@@ -39,6 +39,12 @@ def routing_stats(routing: list[Routing], block_size: int) -> dict[str, Tensor]:
     }
 
 
+def router_z_loss(routing: list[Routing]) -> Tensor:
+    """ST-MoE's z-loss: the mean squared log-sum-exp of the router logits, over tokens and MoE
+    layers; keeps logits small, so softmax scores stay smooth while the router is retrained."""
+    return torch.stack([r.logits.logsumexp(-1).pow(2).mean() for r in routing]).mean()
+
+
 class RouterFineTuner(L.LightningModule):
     def __init__(
         self,
@@ -56,6 +62,7 @@ class RouterFineTuner(L.LightningModule):
         activation_checkpointing: bool = False,
         seed: int = 0,
         max_bad_batches: int = 0,
+        z_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= t_low <= t_high <= 1.0:
@@ -70,6 +77,7 @@ class RouterFineTuner(L.LightningModule):
         self.attention = attention
         self.train_expert_bias = train_expert_bias
         self.seed = seed
+        self.z_loss_weight = z_loss_weight
         self.max_bad_batches, self.bad_batches = max_bad_batches, 0
         model.activation_checkpointing = activation_checkpointing
         model.train()  # loaded models come in eval mode; ours has no dropout, but be explicit
@@ -146,11 +154,13 @@ class RouterFineTuner(L.LightningModule):
             out.logits, x0, out.masked, out.t, self.loss_weighting, self.mean_count(out.masked)
         )
         reg = self.regularizer.size(out.routing, self.block_size, cfg.num_experts_per_tok)
-        loss = lm + self.regularizer.weight * reg / cfg.num_experts
+        z = router_z_loss(out.routing)
+        loss = lm + self.regularizer.weight * reg / cfg.num_experts + self.z_loss_weight * z
         return {
             "loss": loss,
             "lm_loss": lm,
             "regularizer": reg,
+            "z_loss": z,
             **routing_stats(out.routing, self.block_size),
         }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from dmoe_train.routing import to_blocks
@@ -17,3 +18,16 @@ def unique_experts_per_block(ids: Tensor, block_size: int, valid: Tensor | None 
     blocks = to_blocks(ids, block_size, -1).flatten(-2).sort(dim=-1).values
     changes = (blocks[..., 1:] != blocks[..., :-1]).sum(-1) + 1
     return changes - (blocks[..., 0] == -1).long()
+
+
+def expert_load(ids: Tensor, num_experts: int, valid: Tensor | None = None) -> Tensor:
+    """Tokens each expert processes `[E]`, among valid positions (empty slots not counted)."""
+    if valid is not None:
+        ids = ids.masked_fill(~valid.bool()[..., None], -1)
+    return torch.bincount(ids[ids >= 0].flatten(), minlength=num_experts)
+
+
+def load_balance_cv(load: Tensor) -> Tensor:
+    """Coefficient of variation of tokens per expert (std / mean over experts; 0 = balanced)."""
+    load = load.float()
+    return load.std(-1, correction=0) / load.mean(-1).clamp_min(torch.finfo(load.dtype).tiny)

@@ -29,7 +29,7 @@ def base_fingerprint(model: nn.Module) -> str:
     its shard of the embedding starts at row 0)."""
     arch = {k: v for k, v in model.config.to_dict().items() if k not in ("routing", "torch_dtype")}
     h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
-    embedding = model.model.word_embeddings.weight
+    embedding = model.get_input_embeddings().weight
     rows = (embedding.to_local() if isinstance(embedding, DTensor) else embedding)[:2]
     for tensor in (full_tensor(model.model.norm.weight), rows):
         h.update(tensor.detach().float().cpu().numpy().tobytes())

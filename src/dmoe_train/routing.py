@@ -1,8 +1,9 @@
 """Routing policies as small pure tensor functions.
 
-Shapes: `scores` are a token's router scores `[..., E]` (sigmoid of fp32 logits); block functions
-take `[..., T, E]` for one block of T tokens. Expert ids of -1 mark an empty slot: a token whose
-coreset holds fewer than `top_k` experts takes all of them and leaves the rest empty.
+Shapes: `scores` are a token's router scores `[..., E]` (sigmoid or softmax of fp32 logits);
+block functions take `[..., T, E]` for one block of T tokens. Expert ids of -1 mark an empty slot:
+a token whose coreset holds fewer than `top_k` experts takes all of them and leaves the rest
+empty; under expert choice a token has as many slots as the most-chosen token of the batch.
 """
 
 from __future__ import annotations
@@ -13,8 +14,18 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-PolicyName = Literal["token", "topk_cap", "des_vote", "capacity_max", "topp"]
-POLICIES: tuple[str, ...] = ("token", "topk_cap", "des_vote", "capacity_max", "topp")
+PolicyName = Literal["token", "topk_cap", "des_vote", "capacity_max", "topp", "expert_choice"]
+POLICIES: tuple[str, ...] = (
+    "token",
+    "topk_cap",
+    "des_vote",
+    "capacity_max",
+    "topp",
+    "expert_choice",
+)
+SCHEDULES = ("static", "linear", "linear_reverse", "cosine")
+EC_GROUPS = ("block", "sequence")
+EC_CORESETS = ("none", "topp", "capacity")
 
 
 @dataclass(frozen=True)
@@ -25,6 +36,11 @@ class RoutingPolicy:
     - `des_vote`: block coreset of `capacity` experts by summed top-k-masked scores (DES-Vote).
     - `capacity_max`: block coreset of `capacity` experts by max score over tokens (LLaDA2.2).
     - `topp`: block coreset by top-p of the block's aggregated distribution (dMoE).
+    - `expert_choice`: in each group (`ec_group`: the block, or the whole sequence) each expert
+      takes its top-c tokens, c = max(1, round(capacity_factor * k(r) * T / E)); k(r) moves from
+      `k_min` to `k_max` (default: the model's k) with the noise level r by `schedule`.
+      `ec_coreset`: first restrict each block to a coreset (`topp` or `capacity` as above, by
+      max aggregation), then E counts the coreset's experts.
     """
 
     name: PolicyName = "token"
@@ -33,9 +49,15 @@ class RoutingPolicy:
     min_experts: int = 16
     capacity: int = 48
     top_k: int | None = None
+    capacity_factor: float = 1.0
+    k_min: int | None = None
+    k_max: int | None = None
+    schedule: str = "static"
+    ec_group: str = "block"
+    ec_coreset: str = "none"
 
     def __post_init__(self) -> None:
-        for key in ("block_size", "min_experts", "capacity", "top_p"):
+        for key in ("block_size", "min_experts", "capacity", "top_p", "capacity_factor"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"router.{key}={value!r}: must be a number")
@@ -51,19 +73,41 @@ class RoutingPolicy:
             raise ValueError(f"router.capacity={self.capacity}: must be >= 1")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"router.top_k={self.top_k}: must be >= 1")
+        if self.capacity_factor <= 0:
+            raise ValueError(f"router.capacity_factor={self.capacity_factor}: must be > 0")
+        for key, allowed in (
+            ("schedule", SCHEDULES),
+            ("ec_group", EC_GROUPS),
+            ("ec_coreset", EC_CORESETS),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"router.{key}={getattr(self, key)!r}: must be one of {allowed}")
+        lo, hi = self.k_min, self.k_max
+        if (lo is not None and lo < 0) or (hi is not None and hi < 1):
+            raise ValueError(f"router.k_min={lo}, k_max={hi}: need k_min >= 0 and k_max >= 1")
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"router.k_min={lo} > router.k_max={hi}")
 
     @property
     def uses_blocks(self) -> bool:
-        return self.name in ("des_vote", "capacity_max", "topp")
+        return self.name in ("des_vote", "capacity_max", "topp", "expert_choice")
+
+    @property
+    def coreset_kind(self) -> str:
+        """How a block picks its coreset: `topp`, `sum`/`max` capacity, or `none`."""
+        if self.name == "expert_choice":
+            return {"capacity": "max"}.get(self.ec_coreset, self.ec_coreset)
+        return {"topp": "topp", "des_vote": "sum", "capacity_max": "max"}.get(self.name, "none")
 
     def check_against(self, num_experts: int, top_k: int) -> None:
         """Validate the settings that depend on the model's expert count and k."""
-        if self.name == "topp" and not top_k <= self.min_experts <= num_experts:
+        coreset = self.coreset_kind
+        if coreset == "topp" and not top_k <= self.min_experts <= num_experts:
             raise ValueError(
                 f"router.min_experts={self.min_experts}: must be in "
                 f"[top_k={top_k}, num_experts={num_experts}]"
             )
-        if self.name in ("des_vote", "capacity_max") and not top_k <= self.capacity <= num_experts:
+        if coreset in ("sum", "max") and not top_k <= self.capacity <= num_experts:
             raise ValueError(
                 f"router.capacity={self.capacity}: must be in "
                 f"[top_k={top_k}, num_experts={num_experts}]"
@@ -77,14 +121,15 @@ class RoutingPolicy:
 
 @dataclass
 class Routing:
-    """What one MoE layer chose: `ids`/`weights` `[B, L, k]` (id -1 = empty slot), the fp32
-    router `scores` `[B, L, E]` (differentiable, for regularizers) and, for block policies, the
-    `coreset` `[B, n_blocks, E]`."""
+    """What one MoE layer chose: `ids`/`weights` `[B, L, slots]` (id -1 = empty slot), the fp32
+    router `scores` `[B, L, E]` (differentiable, for regularizers), for block policies the
+    `coreset` `[B, n_blocks, E]`, and the router `logits` (for the z-loss)."""
 
     ids: Tensor
     weights: Tensor
     scores: Tensor
     coreset: Tensor | None = None
+    logits: Tensor | None = None
 
 
 def group_limited(selection: Tensor, n_group: int, topk_group: int) -> Tensor:
@@ -111,23 +156,36 @@ def _expand_groups(per_group: Tensor, like: Tensor) -> Tensor:
     return per_group.unsqueeze(-1).expand(*per_group.shape, like.shape[-1] // n_group).flatten(-2)
 
 
-def _topk_renormalised(scores: Tensor, selection: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of `selection` (-inf = not allowed); weights are the unbiased scores, summing to 1."""
+def _slot_weights(scores: Tensor, ids: Tensor, renormalise: bool) -> Tensor:
+    """The unbiased scores of the chosen experts (id -1: weight 0), summing to 1 if `renormalise`
+    (LLaDA2's norm_topk_prob; LLaDA-MoE keeps the raw softmax probabilities)."""
+    weights = scores.gather(-1, ids.clamp_min(0)).masked_fill(ids < 0, 0.0)
+    if renormalise:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    return weights
+
+
+def _topk(
+    scores: Tensor, selection: Tensor, top_k: int, renormalise: bool
+) -> tuple[Tensor, Tensor]:
+    """Top-k of `selection` (-inf = not allowed), weighted by `_slot_weights`."""
     values, ids = selection.topk(min(top_k, selection.shape[-1]), dim=-1)
-    empty = values == float("-inf")
-    ids = ids.masked_fill(empty, -1)
-    weights = scores.gather(-1, ids.clamp_min(0)).masked_fill(empty, 0.0)
-    weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-    return ids, weights
+    ids = ids.masked_fill(values == float("-inf"), -1)
+    return ids, _slot_weights(scores, ids, renormalise)
 
 
 def token_topk(
-    scores: Tensor, expert_bias: Tensor | None, top_k: int, n_group: int, topk_group: int
+    scores: Tensor,
+    expert_bias: Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalise: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The published per-token routing: group-limited top-k on scores + bias; the weights are
-    the unbiased scores of the chosen experts normalised to sum 1 (the model scales them)."""
+    the unbiased scores of the chosen experts (the model scales them)."""
     selection = scores if expert_bias is None else scores + expert_bias
-    return _topk_renormalised(scores, group_limited(selection, n_group, topk_group), top_k)
+    return _topk(scores, group_limited(selection, n_group, topk_group), top_k, renormalise)
 
 
 def route_in_coreset(
@@ -137,6 +195,7 @@ def route_in_coreset(
     top_k: int,
     n_group: int,
     topk_group: int,
+    renormalise: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Each token takes its top-k among its block's coreset (`coreset` `[..., E]` per token).
 
@@ -158,7 +217,7 @@ def route_in_coreset(
         before = (by_rank.cumsum(-1) - by_rank).gather(-1, rank)
         kept = (rank < topk_group) | (before < top_k)
         allowed = coreset & _expand_groups(kept, selection)
-    return _topk_renormalised(scores, selection.masked_fill(~allowed, float("-inf")), top_k)
+    return _topk(scores, selection.masked_fill(~allowed, float("-inf")), top_k, renormalise)
 
 
 def _topk_mass(block_scores: Tensor, top_k: int, valid: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -261,10 +320,73 @@ def block_coreset(
         valid = selection.new_ones(selection.shape[:2], dtype=torch.bool)
     blocks = to_blocks(selection, policy.block_size, float("-inf"))
     block_valid = to_blocks(valid, policy.block_size, False)
-    if policy.name == "topp":
+    if policy.coreset_kind == "topp":
         return topp_coreset(blocks, top_k, policy.top_p, policy.min_experts, block_valid)
-    aggregate = "sum" if policy.name == "des_vote" else "max"
-    return capacity_coreset(blocks, policy.capacity, aggregate, top_k, block_valid)
+    return capacity_coreset(blocks, policy.capacity, policy.coreset_kind, top_k, block_valid)
+
+
+def scheduled_k(policy: RoutingPolicy, top_k: int, ratio: Tensor) -> Tensor:
+    """k(r) = k_min + (k_max - k_min) * s(r) for noise levels `ratio` in [0, 1]; s is 1 for
+    `static` (k = k_max), r for `linear`, 1 - r for `linear_reverse` (more experts when few
+    tokens are masked) and (1 - cos(pi r)) / 2 for `cosine` (linear, eased at both ends)."""
+    lo = top_k if policy.k_min is None else policy.k_min
+    hi = top_k if policy.k_max is None else policy.k_max
+    ratio = ratio.clamp(0.0, 1.0)
+    s = {
+        "static": torch.ones_like(ratio),
+        "linear": ratio,
+        "linear_reverse": 1.0 - ratio,
+        "cosine": (1.0 - torch.cos(torch.pi * ratio)) / 2,
+    }[policy.schedule]
+    return lo + (hi - lo) * s
+
+
+def expert_choice(selection: Tensor, capacity: Tensor, valid: Tensor) -> Tensor:
+    """Which (token, expert) pairs are chosen `[G, T, E]`: in each group of T tokens every expert
+    takes its `capacity[g]` best valid tokens by `selection` (-inf: not allowed; ties go to the
+    earlier token). A token may be chosen by any number of experts, including none."""
+    allowed = selection.masked_fill(~valid[..., None], float("-inf"))
+    order = allowed.argsort(dim=-2, descending=True, stable=True)
+    rank = order.argsort(dim=-2)  # each token's place in each expert's ranking
+    return (rank < capacity[:, None, None]) & (allowed > float("-inf"))
+
+
+def _chosen_to_slots(chosen: Tensor, scores: Tensor, renormalise: bool) -> tuple[Tensor, Tensor]:
+    """`[..., E]` chosen pairs -> `ids`/`weights` `[..., slots]`, slots = the most any token has."""
+    slots = max(1, int(chosen.sum(-1).max()))
+    values, ids = chosen.float().topk(slots, dim=-1)
+    ids = ids.masked_fill(values == 0, -1)
+    return ids, _slot_weights(scores, ids, renormalise)
+
+
+def route_expert_choice(
+    policy: RoutingPolicy,
+    scores: Tensor,
+    selection: Tensor,
+    top_k: int,
+    valid: Tensor,
+    ratio: Tensor,
+    renormalise: bool,
+) -> Routing:
+    """Expert choice over `[B, L, E]`, optionally inside block coresets; `ratio` `[B, L]` is each
+    position's noise level r."""
+    coreset = None
+    if policy.ec_coreset != "none":
+        coreset = block_coreset(policy, selection, top_k, valid)
+        per_token = coreset.repeat_interleave(policy.block_size, dim=1)[:, : scores.shape[1]]
+        selection = selection.masked_fill(~per_token, float("-inf"))
+    size = policy.block_size if policy.ec_group == "block" else selection.shape[1]
+    groups = to_blocks(selection, size, float("-inf")).flatten(0, 1)  # [G, T, E]
+    group_valid = to_blocks(valid, size, False).flatten(0, 1)
+    group_ratio = to_blocks(ratio.float(), size, 0.0).flatten(0, 1)
+    tokens = group_valid.sum(-1).clamp_min(1)
+    r = (group_ratio * group_valid).sum(-1) / tokens
+    experts = ((groups > float("-inf")) & group_valid[..., None]).any(-2).sum(-1).clamp_min(1)
+    c = policy.capacity_factor * scheduled_k(policy, top_k, r) * tokens / experts
+    chosen = expert_choice(groups, c.round().clamp_min(1), group_valid)
+    chosen = chosen.unflatten(0, (scores.shape[0], -1)).flatten(1, 2)[:, : scores.shape[1]]
+    ids, weights = _chosen_to_slots(chosen, scores, renormalise)
+    return Routing(ids, weights, scores, coreset)
 
 
 def route(
@@ -275,17 +397,27 @@ def route(
     n_group: int,
     topk_group: int,
     valid: Tensor | None = None,
+    ratio: Tensor | None = None,
+    renormalise: bool = True,
 ) -> Routing:
-    """Apply `policy` to router scores `[B, L, E]`; `valid` `[B, L]` marks non-padded positions."""
+    """Apply `policy` to router scores `[B, L, E]`; `valid` `[B, L]` marks non-padded positions,
+    `ratio` `[B, L]` each position's noise level (the mask ratio; expert choice's schedules)."""
     if policy.name == "token":
-        ids, weights = token_topk(scores, expert_bias, top_k, n_group, topk_group)
+        ids, weights = token_topk(scores, expert_bias, top_k, n_group, topk_group, renormalise)
         return Routing(ids, weights, scores)
     if policy.name == "topk_cap":
         capped = policy.top_k if policy.top_k is not None else max(1, top_k // 2)
-        ids, weights = token_topk(scores, expert_bias, capped, n_group, topk_group)
+        ids, weights = token_topk(scores, expert_bias, capped, n_group, topk_group, renormalise)
         return Routing(ids, weights, scores)
+    if valid is None:
+        valid = scores.new_ones(scores.shape[:2], dtype=torch.bool)
     selection = scores if expert_bias is None else scores + expert_bias
+    if policy.name == "expert_choice":
+        ratio = scores.new_zeros(scores.shape[:2]) if ratio is None else ratio
+        return route_expert_choice(policy, scores, selection, top_k, valid, ratio, renormalise)
     coreset = block_coreset(policy, group_limited(selection, n_group, topk_group), top_k, valid)
     per_token = coreset.repeat_interleave(policy.block_size, dim=1)[:, : scores.shape[1]]
-    ids, weights = route_in_coreset(scores, expert_bias, per_token, top_k, n_group, topk_group)
+    ids, weights = route_in_coreset(
+        scores, expert_bias, per_token, top_k, n_group, topk_group, renormalise
+    )
     return Routing(ids, weights, scores, coreset)

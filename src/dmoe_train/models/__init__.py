@@ -2,26 +2,55 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from dmoe_train.models.llada2_moe import (
-    PRESETS,
-    LLaDA2MoeConfig,
-    LLaDA2MoeModelLM,
-    init_weights,
-    is_router_param,
-)
+from dmoe_train.models.checkpoint import require_model_dir
+from dmoe_train.models.common import MoeDiffusionLM, init_weights, is_router_param
+from dmoe_train.models.llada2_moe import PRESETS as LLADA2_PRESETS
+from dmoe_train.models.llada2_moe import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from dmoe_train.models.llada_moe import MODEL_TYPES as LLADA_MOE_TYPES
+from dmoe_train.models.llada_moe import TINY as TINY_LLADA_MOE
+from dmoe_train.models.llada_moe import LLaDAMoeConfig, LLaDAMoeModelLM
 from dmoe_train.routing import RoutingPolicy
 
 __all__ = [
+    "FAMILIES",
     "LLaDA2MoeConfig",
     "LLaDA2MoeModelLM",
+    "LLaDAMoeConfig",
+    "LLaDAMoeModelLM",
+    "MoeDiffusionLM",
     "build_model",
     "is_router_param",
     "load_model",
 ]
+
+FAMILIES: dict[str, type[MoeDiffusionLM]] = {
+    "llada2_moe": LLaDA2MoeModelLM,
+    **dict.fromkeys(LLADA_MOE_TYPES, LLaDAMoeModelLM),
+}
+# preset name -> (family, config overrides)
+PRESETS: dict[str, tuple[type[MoeDiffusionLM], dict]] = {
+    **{name: (LLaDA2MoeModelLM, cfg) for name, cfg in LLADA2_PRESETS.items()},
+    "tiny_lladamoe": (LLaDAMoeModelLM, TINY_LLADA_MOE),
+    "llada_moe_7b": (LLaDAMoeModelLM, {}),
+}
+
+
+def model_family(path: Path) -> type[MoeDiffusionLM]:
+    """The family a model directory's `config.json` names by its `model_type`."""
+    model_type = json.loads((require_model_dir(path) / "config.json").read_text()).get(
+        "model_type", "llada2_moe"
+    )
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model path {path}: config.json model_type={model_type!r}, "
+            f"supported: {sorted(FAMILIES)}"
+        )
+    return FAMILIES[model_type]
 
 
 def load_model(
@@ -29,18 +58,22 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     routing: RoutingPolicy | None = None,
-) -> LLaDA2MoeModelLM:
-    """Load a model directory (published layout); `routing` overrides its config's policy."""
+) -> MoeDiffusionLM:
+    """Load a model directory (published layout, family from its config.json); `routing`
+    overrides its config's policy; `device="meta"`: without weights, for a sharded load."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    return LLaDA2MoeModelLM.from_pretrained(path, dtype=dtype, device=device, routing=routing)
+    family = model_family(Path(path))
+    return family.from_pretrained(path, dtype=dtype, device=device, routing=routing)
 
 
-def build_model(preset: str, seed: int = 0, **overrides) -> LLaDA2MoeModelLM:
-    """A randomly initialised model from a named preset (`tiny`, `llada2_mini`) plus overrides."""
+def build_model(preset: str, seed: int = 0, **overrides) -> MoeDiffusionLM:
+    """A randomly initialised model from a named preset (`tiny`, `llada2_mini`, `tiny_lladamoe`,
+    `llada_moe_7b`) plus config overrides."""
     if preset not in PRESETS:
         raise ValueError(f"model preset={preset!r}: must be one of {sorted(PRESETS)}")
+    family, config = PRESETS[preset]
     torch.manual_seed(seed)
-    model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**{**PRESETS[preset], **overrides}))
+    model = family(family.config_class(**{**config, **overrides}))
     init_weights(model)
     return model

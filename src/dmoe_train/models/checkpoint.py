@@ -71,7 +71,9 @@ def read_state_dict(
     state: dict[str, Tensor] = {}
     split_parts: dict[str, dict[int, Tensor]] = defaultdict(dict)
     unexpected, bad_shapes = [], []
+    published = getattr(model, "published_names", ())
     for name, tensor in iter_tensors(path, device):
+        name = rename(name, [(b, a) for a, b in published])
         split = SPLIT_EXPERT.match(name)
         key = f"{split[1]}.{split[3]}" if split else name
         if key not in expected or (split and int(split[2]) >= expected[key][0]):
@@ -133,13 +135,25 @@ def load_pretrained(
     state = read_state_dict(model, path, dtype, str(device or "cpu"))
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.word_embeddings.weight
+        model.lm_head.weight = model.get_input_embeddings().weight
     return model.eval()
 
 
-def split_layout(state: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
-    """The published names: stacked experts become one tensor per expert."""
+def rename(name: str, suffixes: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> str:
+    """Replace the first matching name suffix (`(old, new)` pairs)."""
+    for old, new in suffixes:
+        if name.endswith(old):
+            return name.removesuffix(old) + new
+    return name
+
+
+def split_layout(
+    state: dict[str, Tensor], published: tuple[tuple[str, str], ...] = ()
+) -> Iterator[tuple[str, Tensor]]:
+    """The published names: stacked experts become one tensor per expert, and a family's
+    `published` suffixes replace ours."""
     for name, tensor in state.items():
+        name = rename(name, published)
         prefix, _, proj = name.rpartition(".")
         if prefix.endswith(".mlp.experts") and proj in ("gate_proj", "up_proj", "down_proj"):
             for e in range(tensor.shape[0]):
@@ -157,7 +171,7 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_bytes: int) ->
         state.pop("lm_head.weight")
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
-    for name, tensor in split_layout(state):
+    for name, tensor in split_layout(state, model.published_names):
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})

@@ -18,11 +18,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import distribute_tensor
 
 from dmoe_train.models.checkpoint import read_state_dict
+from dmoe_train.models.common import is_router_param
 
 
 def router_modules(model: nn.Module) -> list[nn.Module]:
-    from dmoe_train.models import is_router_param
-
     names = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if is_router_param(n)}
     return [model.get_submodule(n) for n in sorted(names)]
 
