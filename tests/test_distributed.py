@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 from safetensors.torch import load_file
 
-from dmoe_train.launch import run_id
+from dmoe_train.launch import check_same_output_dir, run_id
 from dmoe_train.train import train
 
 # 6 steps of 2 x 16 samples (or 1 x 32): the same global batch of the same samples and noise
@@ -190,3 +190,18 @@ def test_decoding_after_training_is_refused_under_sharded_strategies(tmp_path):
     cfg = compose_train(tmp_path, *TWO_RANKS["fsdp"], "evaluate_after=true", "trainer.max_steps=1")
     with pytest.raises(ValueError, match="evaluate_after=true decodes on rank 0 alone"):
         train(cfg)
+
+
+def _compare_dirs(rank: int, init_file: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2
+    )
+    try:
+        check_same_output_dir(Path("outputs") / f"clock-of-rank-{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_with_different_run_directories_stop(tmp_path):
+    with pytest.raises(Exception, match="paths.output_dir differs across ranks"):
+        torch.multiprocessing.spawn(_compare_dirs, args=(str(tmp_path / "init"),), nprocs=2)

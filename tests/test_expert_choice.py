@@ -244,3 +244,10 @@ def test_router_z_loss_is_mean_squared_logsumexp():
     r.logits = logits
     expected = logits.logsumexp(-1).pow(2).mean()
     torch.testing.assert_close(router_z_loss([r, r]), expected)
+
+
+def test_sequence_groups_choose_over_the_whole_sequence():
+    policy = RoutingPolicy("expert_choice", block_size=4, ec_group="sequence")
+    r = route(policy, _scores(2, 16), None, K, 1, 1)
+    load = torch.stack([expert_load(r.ids[b : b + 1], E) for b in range(2)])
+    assert (load == round(K * 16 / E)).all()  # c = 4 tokens per expert across 4 blocks
