@@ -136,7 +136,8 @@ def evaluate_generation(
     param = next(model.parameters())
     expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     expert_bytes = expert_params * param.element_size()
-    experts_per_token = float(load.sum()) / max(routed * load.shape[0], 1)
+    decoded = routed > 0  # else no forward ran: nothing to count
+    experts_per_token = float(load.sum()) / routed / load.shape[0] if decoded else float("nan")
     return {
         "policy": cfg.routing.to_dict(),
         "samples": total,
@@ -146,7 +147,7 @@ def evaluate_generation(
         "unique_experts_per_block_masked": float(torch.cat(unique_masked).mean()),
         "expert_bytes_per_block": float(per_layer.mean()) * expert_bytes,
         # of the decoded blocks, per MoE layer: 0 = every expert processed as many tokens
-        "load_balance_cv": float(load_balance_cv(load).mean()),
+        "load_balance_cv": float(load_balance_cv(load).mean()) if decoded else float("nan"),
         "experts_per_token": experts_per_token,
         "expert_flops_per_token": experts_per_token * 2 * expert_params,  # per MoE layer
         "seconds_per_token": seconds / max(tokens_out, 1),

@@ -14,9 +14,8 @@ from torch import Tensor, nn
 from dmoe_train.diffusion import AttentionMode, denoise, masked_diffusion_loss, row_uniforms
 from dmoe_train.metrics import unique_experts_per_block
 from dmoe_train.models import is_router_param
-from dmoe_train.models.sharding import gathered, load_shards, shard_model
+from dmoe_train.models.sharding import full_tensor, gathered, load_shards, shard_model
 from dmoe_train.regularizers import CoresetRegularizer
-from dmoe_train.router_io import full_tensor
 from dmoe_train.routing import Routing
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from dmoe_train.models.sharding import full_tensor
 from dmoe_train.routing import RoutingPolicy
 
 ROUTER_FILE = "router.safetensors"
@@ -34,11 +35,6 @@ def base_fingerprint(model: nn.Module) -> str:
     for tensor in (full_tensor(model.model.norm.weight), rows):
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A whole tensor from a possibly FSDP-sharded one (a collective for a DTensor)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def router_manifest(model: nn.Module, **fields) -> dict:

@@ -14,7 +14,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -111,10 +111,12 @@ def train(cfg: DictConfig) -> dict:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     # FSDP: every rank builds the model on the meta device and loads only its shards later
     sharded = isinstance(trainer.strategy, ModelParallelStrategy)
-    if cfg.evaluate_after and not isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy):
+    if cfg.evaluate_after and isinstance(
+        trainer.strategy, ModelParallelStrategy | DeepSpeedStrategy
+    ):
         raise ValueError(
             f"evaluate_after=true decodes on rank 0 alone, which trainer.strategy="
-            f"{type(trainer.strategy).__name__} cannot (sharded weights); run dmoe-eval on "
+            f"{type(trainer.strategy).__name__} cannot (weights may be sharded); run dmoe-eval on "
             "the exported router instead"
         )
     if trainer.is_global_zero:

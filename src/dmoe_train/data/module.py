@@ -188,12 +188,14 @@ class DiffusionDataModule(L.LightningDataModule):
         return self._loader("train", self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        """Under several processes each rank evaluates every world-th sample."""
+        """Under several processes each rank evaluates every world-th sample; the last
+        `len % world` samples are left out, so that every rank runs as many batches (the loss
+        normalisation is a collective per batch)."""
         trainer = self.trainer
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
-        split = self.splits["validation"]
-        indices = range(rank, len(split), world)
+        size = len(self.splits["validation"])
+        indices = range(rank, size - size % world, world)
         return self._loader("validation", self.eval_batch_size, indices if world > 1 else None)
 
     def test_dataloader(self) -> DataLoader:

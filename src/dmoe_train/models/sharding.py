@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dmoe_train.models.checkpoint import read_state_dict
 from dmoe_train.models.common import is_router_param
@@ -49,6 +49,11 @@ def load_shards(model: nn.Module, path: str | Path, device: torch.device) -> Non
         return param
 
     read_state_dict(model, Path(path), None, "cpu", place)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from a possibly FSDP-sharded one (a collective for a DTensor)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def gathered(params: list[nn.Parameter]) -> AbstractContextManager:
