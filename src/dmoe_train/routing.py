@@ -312,12 +312,13 @@ def to_blocks(x: Tensor, block_size: int, fill: float | bool = 0) -> Tensor:
     return x.unflatten(1, (-1, block_size))
 
 
-def block_coreset(
-    policy: RoutingPolicy, selection: Tensor, top_k: int, valid: Tensor | None = None
-) -> Tensor:
+def from_blocks(per_block: Tensor, block_size: int, length: int) -> Tensor:
+    """`[B, n_blocks, ...]` -> `[B, length, ...]`: each position gets its block's value."""
+    return per_block.repeat_interleave(block_size, dim=1)[:, :length]
+
+
+def block_coreset(policy: RoutingPolicy, selection: Tensor, top_k: int, valid: Tensor) -> Tensor:
     """The coreset `[B, n_blocks, E]` of every block of `selection` `[B, L, E]` under `policy`."""
-    if valid is None:
-        valid = selection.new_ones(selection.shape[:2], dtype=torch.bool)
     blocks = to_blocks(selection, policy.block_size, float("-inf"))
     block_valid = to_blocks(valid, policy.block_size, False)
     if policy.coreset_kind == "topp":
@@ -373,7 +374,7 @@ def route_expert_choice(
     coreset = None
     if policy.ec_coreset != "none":
         coreset = block_coreset(policy, selection, top_k, valid)
-        per_token = coreset.repeat_interleave(policy.block_size, dim=1)[:, : scores.shape[1]]
+        per_token = from_blocks(coreset, policy.block_size, scores.shape[1])
         selection = selection.masked_fill(~per_token, float("-inf"))
     size = policy.block_size if policy.ec_group == "block" else selection.shape[1]
     groups = to_blocks(selection, size, float("-inf")).flatten(0, 1)  # [G, T, E]
@@ -416,7 +417,7 @@ def route(
         ratio = scores.new_zeros(scores.shape[:2]) if ratio is None else ratio
         return route_expert_choice(policy, scores, selection, top_k, valid, ratio, renormalise)
     coreset = block_coreset(policy, group_limited(selection, n_group, topk_group), top_k, valid)
-    per_token = coreset.repeat_interleave(policy.block_size, dim=1)[:, : scores.shape[1]]
+    per_token = from_blocks(coreset, policy.block_size, scores.shape[1])
     ids, weights = route_in_coreset(
         scores, expert_bias, per_token, top_k, n_group, topk_group, renormalise
     )

@@ -115,8 +115,7 @@ def read_state_dict(
 
 
 def load_pretrained(
-    model_cls: type[nn.Module],
-    config_cls: Any,
+    model_cls: Any,
     path: str | Path,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
@@ -124,7 +123,7 @@ def load_pretrained(
 ) -> Any:
     """`device="meta"`: the model without its weights, for a sharded load (`load_shards`)."""
     path = require_model_dir(path)
-    config = config_cls.from_json(path / "config.json")
+    config = model_cls.config_class.from_json(path / "config.json")
     with torch.device("meta"):
         model = model_cls(config)
     model.name_or_path = str(path)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dmoe_train.moe import expert_mlp
-from dmoe_train.routing import Routing, RoutingPolicy, route, to_blocks
+from dmoe_train.routing import Routing, RoutingPolicy, from_blocks, route, to_blocks
 
 KV = tuple[Tensor, Tensor]  # keys, values `[B, kv_heads, L, head_dim]` after RoPE
 
@@ -258,8 +258,7 @@ def additive_mask(attention_mask: Tensor, dtype: torch.dtype = torch.float32) ->
 
 def block_mask_fraction(masked: Tensor, block_size: int) -> Tensor:
     """Each position's block's masked fraction `[B, L]` (decoding's noise level r)."""
-    per_block = to_blocks(masked.float(), block_size).mean(-1)
-    return per_block.repeat_interleave(block_size, dim=1)[:, : masked.shape[1]]
+    return from_blocks(to_blocks(masked.float(), block_size).mean(-1), block_size, masked.shape[1])
 
 
 class MoeDiffusionLM(nn.Module):
@@ -338,7 +337,7 @@ class MoeDiffusionLM(nn.Module):
     ) -> Any:
         from dmoe_train.models.checkpoint import load_pretrained
 
-        return load_pretrained(cls, cls.config_class, path, dtype, device, routing)
+        return load_pretrained(cls, path, dtype, device, routing)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 4 * 2**30) -> None:
         from dmoe_train.models.checkpoint import save_pretrained
