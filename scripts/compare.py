@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from dmoe_train.eval import format_table, run_eval  # noqa: E402
+from dmoe_train.routing import RoutingPolicy  # noqa: E402
 from dmoe_train.train import PROJECT_ROOT  # noqa: E402
 
 ROWS = {
@@ -26,6 +27,17 @@ ROWS = {
     "capacity_max (8)": ["router=capacity_max"],
     "topp 0.6 training-free": ["router=topp"],
     "topp 0.99 training-free": ["router=topp", "router.top_p=0.99"],
+    # the published rules at this base's scale (blocks of 8, 32 experts)
+    "dmoe 0.6 (guard 8) training-free": [
+        "router=dmoe",
+        "router.block_size=8",
+        "router.min_experts=8",
+    ],
+    "llada22 (capacity 8) training-free": [
+        "router=llada22",
+        "router.block_size=8",
+        "router.capacity=8",
+    ],
     "expert_choice static": ["router=expert_choice"],
     "expert_choice linear_reverse": [
         "router=expert_choice",
@@ -84,6 +96,7 @@ def main() -> None:
         w.writerow(
             [
                 "run",
+                "rule",
                 "unique_experts_per_block",
                 "unique_experts_masked",
                 "accuracy",
@@ -99,6 +112,7 @@ def main() -> None:
             w.writerow(
                 [
                     name,
+                    RoutingPolicy(**m["policy"]).rule,
                     m["unique_experts_per_block"],
                     m["unique_experts_per_block_masked"],
                     m["accuracy"],

@@ -15,8 +15,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dmoe_train.routing import RoutingPolicy  # noqa: E402
+
 FIELDS = (
     "overrides",
+    "rule",
     "unique_experts_per_block",
     "accuracy",
     "val_loss_after",
@@ -31,6 +34,7 @@ def collect(sweep: Path) -> list[dict]:
         rows.append(
             {
                 "overrides": " ".join(m.get("overrides", [])) or path.parent.name,
+                "rule": RoutingPolicy(**m["policy"]).rule,
                 "unique_experts_per_block": m["unique_experts_per_block"],
                 "accuracy": m["accuracy"],
                 "val_loss_after": m["summary"]["val_loss_after"],

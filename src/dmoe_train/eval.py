@@ -17,10 +17,11 @@ from dmoe_train.train import PROJECT_ROOT, exit_on_error
 
 def run_eval(cfg: DictConfig) -> dict:
     model = instantiate(cfg.model)
+    routing = instantiate(cfg.router) if cfg.get("router") else None
     if cfg.router_checkpoint:
-        load_router(model, cfg.router_checkpoint)
-    if cfg.get("router"):
-        model.set_routing(instantiate(cfg.router))
+        load_router(model, cfg.router_checkpoint, routing)
+    elif routing is not None:
+        model.set_routing(routing)
     settings = GenerationSettings(**cfg.generation)
     policy = model.config.routing
     if policy.uses_blocks and policy.block_size != settings.block_length:
@@ -52,6 +53,7 @@ def run_eval(cfg: DictConfig) -> dict:
 
 COLUMNS = (
     ("policy", lambda m: m["policy"]["name"]),
+    ("rule", lambda m: RoutingPolicy(**m["policy"]).rule),
     ("unique experts/block", lambda m: f"{m['unique_experts_per_block']:.2f}"),
     ("masked only", lambda m: f"{m['unique_experts_per_block_masked']:.2f}"),
     ("accuracy", lambda m: f"{m['accuracy']:.3f}"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,17 +19,18 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dmoe_train.models.sharding import full_tensor
-from dmoe_train.routing import RoutingPolicy
+from dmoe_train.routing import ENGINE_KEYS, RoutingPolicy
 
 ROUTER_FILE = "router.safetensors"
 MANIFEST_FILE = "router.json"
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """Hash of the architecture config (not the routing), the final norm's weights and the first
-    two embedding rows. A collective under FSDP (every rank calls it; rank 0's is the one saved:
-    its shard of the embedding starts at row 0)."""
-    arch = {k: v for k, v in model.config.to_dict().items() if k not in ("routing", "torch_dtype")}
+    """Hash of the architecture config (not the routing nor its engine keys), the final norm's
+    weights and the first two embedding rows. A collective under FSDP (every rank calls it;
+    rank 0's is the one saved: its shard of the embedding starts at row 0)."""
+    ignored = ("routing", "torch_dtype", *ENGINE_KEYS)
+    arch = {k: v for k, v in model.config.to_dict().items() if k not in ignored}
     h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
     embedding = model.get_input_embeddings().weight
     rows = (embedding.to_local() if isinstance(embedding, DTensor) else embedding)[:2]
@@ -73,8 +75,12 @@ def read_manifest(router_file: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_router(model: nn.Module, router_file: str | Path, apply_routing: bool = True) -> dict:
-    """Copy a router checkpoint into `model` (and its routing policy); returns the manifest."""
+def load_router(
+    model: nn.Module, router_file: str | Path, routing: RoutingPolicy | None = None
+) -> dict:
+    """Copy a router checkpoint into `model` and route by `routing` (default: the policy it was
+    trained under); returns the manifest. A `routing` under another rule than the training one
+    warns once, naming both."""
     router_file = Path(router_file)
     if not router_file.is_file():
         raise FileNotFoundError(f"router checkpoint {router_file}: no such file")
@@ -99,6 +105,12 @@ def load_router(model: nn.Module, router_file: str | Path, apply_routing: bool =
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
-    if apply_routing:
-        model.set_routing(RoutingPolicy(**manifest["routing"]))
+    trained = RoutingPolicy(**manifest["routing"])
+    if routing is not None and routing.describe() != trained.describe():
+        warnings.warn(
+            f"router checkpoint {router_file} was trained under {trained.describe()} "
+            f"but now routes under {routing.describe()}",
+            stacklevel=2,
+        )
+    model.set_routing(routing or trained)
     return manifest

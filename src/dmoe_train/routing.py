@@ -24,6 +24,18 @@ POLICIES: tuple[str, ...] = (
     "expert_choice",
 )
 SCHEDULES = ("static", "linear", "linear_reverse", "cosine")
+VOTES = ("routed", "plain")
+VOTE_MASSES = ("clamp", "raw")
+GUARD_TIES = ("max_score", "topk")
+IN_CORESET = ("ranked_groups", "masked_groups", "plain")
+# the rule settings of the published block rules (and ours, the defaults); `RoutingPolicy.rule`
+RULES: dict[str, dict[str, str]] = {
+    "dmoe-train": dict(
+        vote="routed", vote_mass="clamp", guard_ties="max_score", in_coreset="ranked_groups"
+    ),
+    "dmoe": dict(vote="plain", vote_mass="raw", guard_ties="topk", in_coreset="masked_groups"),
+    "llada22": dict(vote="plain", in_coreset="plain"),
+}
 EC_GROUPS = ("block", "sequence")
 EC_CORESETS = ("none", "topp", "capacity")
 
@@ -41,6 +53,30 @@ class RoutingPolicy:
       `k_min` to `k_max` (default: the model's k) with the noise level r by `schedule`.
       `ec_coreset`: first restrict each block to a coreset (`topp` or `capacity` as above, by
       max aggregation), then E counts the coreset's experts.
+
+    The rule settings of block coresets (`RULES` names the published combinations; the defaults
+    are ours, `dmoe-train`). A setting that does not apply to `name` is ignored.
+    - `vote` (every coreset): what a token contributes to its block. `routed`: its group-limited
+      top-k, the experts it would really use; `plain`: its top-k of score + bias with no group
+      limit (dMoE's votes; LLaDA2.2's max over the plain biased scores).
+    - `vote_mass` (sum votes: topp, des_vote): `clamp` counts a negative biased score as 0 and
+      never keeps an expert no token voted for (top_p = 1 is the union of the votes); `raw` sums
+      the biased scores as they are and walks top-p over all experts, as dMoE does (an unvoted
+      expert, mass 0, is kept while the cumulative mass is still <= top_p; with negative biases
+      the normalised distribution can change sign: reproduced, not repaired).
+    - `guard_ties` (topp): when the top-p walk keeps fewer than `min_experts`, the `min_experts`
+      heaviest are kept; ties in mass (unvoted experts at 0) go to the block's highest score
+      (`max_score`) or to `torch.topk`'s order over the distribution (`topk`, dMoE).
+    - `in_coreset` (topp, des_vote, capacity_max): how a token picks its top-k inside the
+      coreset. `ranked_groups`: groups ranked by the token's unrestricted group scores, widened
+      until they hold k coreset experts (see `route_in_coreset`). `masked_groups` (dMoE): group
+      scores are the top-2 sums of the coreset-masked scores (a group with fewer than two coreset
+      experts scores -inf), the `topk_group` best groups by `torch.topk`, then top-k in them;
+      where dMoE would return experts outside the coreset (its kept groups hold fewer than k
+      coreset experts), those slots take the best remaining coreset experts of the other groups
+      instead, and stay empty only when the coreset has fewer than k. `plain` (LLaDA2.2): top-k
+      of score + bias inside the coreset, no group step.
+    Capacity coresets break ties in block score to the lower expert id (LLaDA2.2's pool).
     """
 
     name: PolicyName = "token"
@@ -55,6 +91,10 @@ class RoutingPolicy:
     schedule: str = "static"
     ec_group: str = "block"
     ec_coreset: str = "none"
+    vote: str = "routed"
+    vote_mass: str = "clamp"
+    guard_ties: str = "max_score"
+    in_coreset: str = "ranked_groups"
 
     def __post_init__(self) -> None:
         for key in ("block_size", "min_experts", "capacity", "top_p", "capacity_factor"):
@@ -79,6 +119,10 @@ class RoutingPolicy:
             ("schedule", SCHEDULES),
             ("ec_group", EC_GROUPS),
             ("ec_coreset", EC_CORESETS),
+            ("vote", VOTES),
+            ("vote_mass", VOTE_MASSES),
+            ("guard_ties", GUARD_TIES),
+            ("in_coreset", IN_CORESET),
         ):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"router.{key}={getattr(self, key)!r}: must be one of {allowed}")
@@ -99,6 +143,36 @@ class RoutingPolicy:
             return {"capacity": "max"}.get(self.ec_coreset, self.ec_coreset)
         return {"topp": "topp", "des_vote": "sum", "capacity_max": "max"}.get(self.name, "none")
 
+    def rule_settings(self) -> dict[str, str]:
+        """The rule settings that apply to this policy (see the class docstring)."""
+        kind = self.coreset_kind
+        applies = {
+            "vote": kind != "none",
+            "vote_mass": kind in ("topp", "sum"),
+            "guard_ties": kind == "topp",
+            "in_coreset": self.name in ("topp", "des_vote", "capacity_max"),
+        }
+        return {key: getattr(self, key) for key, used in applies.items() if used}
+
+    @property
+    def rule(self) -> str:
+        """The block rule by name: `dmoe` or `llada22` where the settings are that published
+        rule's, `dmoe-train` for ours, else `custom`; policies without a coreset give their name."""
+        settings = self.rule_settings()
+        if not settings:
+            return self.name
+        if self.name == "topp" and settings == RULES["dmoe"]:
+            return "dmoe"
+        if self.name == "capacity_max" and settings == RULES["llada22"]:
+            return "llada22"
+        ours = {k: v for k, v in RULES["dmoe-train"].items() if k in settings}
+        return "dmoe-train" if settings == ours else "custom"
+
+    def describe(self) -> str:
+        """`name (rule: settings)`, for logs and warnings."""
+        settings = ", ".join(f"{k}={v}" for k, v in self.rule_settings().items())
+        return f"{self.name} [{self.rule}{': ' + settings if settings else ''}]"
+
     def check_against(self, num_experts: int, top_k: int) -> None:
         """Validate the settings that depend on the model's expert count and k."""
         coreset = self.coreset_kind
@@ -117,6 +191,37 @@ class RoutingPolicy:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+ENGINE_KEYS = ("expert_capacity", "block_size", "mode", "core_threshold")
+
+
+def engine_config(policy: RoutingPolicy) -> dict:
+    """The top-level `config.json` keys by which a serving engine enables `policy`'s published
+    rule: LLaDA2.2 in SGLang reads `expert_capacity` and `block_size`; dMoE's model code reads
+    `mode` and `core_threshold` (its block size 32 and guard 16 are constants there)."""
+    if policy.rule == "llada22":
+        return {"expert_capacity": policy.capacity, "block_size": policy.block_size}
+    if policy.rule == "dmoe":
+        return {"mode": "aggregate", "core_threshold": policy.top_p}
+    return {}
+
+
+def policy_from_engine_config(raw: dict) -> RoutingPolicy | None:
+    """The policy a published `config.json` asks its engine for (the inverse of
+    `engine_config`), or None when it names no block rule."""
+    if "expert_capacity" in raw and "block_size" in raw:
+        return RoutingPolicy(
+            "capacity_max",
+            block_size=raw["block_size"],
+            capacity=raw["expert_capacity"],
+            **RULES["llada22"],
+        )
+    if raw.get("mode") == "aggregate" and "core_threshold" in raw:
+        return RoutingPolicy(
+            "topp", block_size=32, top_p=raw["core_threshold"], min_experts=16, **RULES["dmoe"]
+        )
+    return None
 
 
 @dataclass
@@ -196,39 +301,76 @@ def route_in_coreset(
     n_group: int,
     topk_group: int,
     renormalise: bool = True,
+    in_coreset: str = "ranked_groups",
 ) -> tuple[Tensor, Tensor]:
-    """Each token takes its top-k among its block's coreset (`coreset` `[..., E]` per token).
+    """Each token takes its top-k among its block's coreset (`coreset` `[..., E]` per token), by
+    the `in_coreset` rule (`RoutingPolicy`); no rule leaves the coreset. A coreset smaller than
+    `top_k` gives the token all of it and empty (-1) slots.
 
-    The rule for group-limited routing: groups are ranked by the token's own unrestricted group
-    scores (what the pretrained router prefers); the token keeps its `topk_group` best groups and
-    then further groups, in that order, until the kept groups hold `top_k` coreset experts. So a
-    token never picks an expert outside the coreset (restricting first and then falling back to
-    the full expert set is the known failure), and with the coreset = the union of the tokens'
-    own choices every token keeps exactly its own experts. A coreset smaller than `top_k` gives
-    the token all of it and empty (-1) slots.
+    `ranked_groups` (ours): groups are ranked by the token's own unrestricted group scores (what
+    the pretrained router prefers); the token keeps its `topk_group` best groups and then further
+    groups, in that order, until the kept groups hold `top_k` coreset experts. With the coreset =
+    the union of the tokens' own choices (or any superset) every token keeps exactly its own
+    experts, so top_p = 1 reproduces token routing.
     """
     selection = scores if expert_bias is None else scores + expert_bias
-    allowed = coreset
-    if n_group > 1 and topk_group < n_group:
-        rank = _group_rank(selection, n_group)
-        in_group = coreset.unflatten(-1, (n_group, -1)).sum(-1)
-        # coreset experts held by strictly better-ranked groups, in the token's group order
-        by_rank = torch.zeros_like(in_group).scatter(-1, rank, in_group)
-        before = (by_rank.cumsum(-1) - by_rank).gather(-1, rank)
-        kept = (rank < topk_group) | (before < top_k)
-        allowed = coreset & _expand_groups(kept, selection)
+    grouped = n_group > 1 and topk_group < n_group
+    if in_coreset == "plain" or not grouped:
+        return _topk(scores, selection.masked_fill(~coreset, float("-inf")), top_k, renormalise)
+    if in_coreset == "masked_groups":
+        return _masked_groups(scores, selection, coreset, top_k, n_group, topk_group, renormalise)
+    rank = _group_rank(selection, n_group)
+    in_group = coreset.unflatten(-1, (n_group, -1)).sum(-1)
+    # coreset experts held by strictly better-ranked groups, in the token's group order
+    by_rank = torch.zeros_like(in_group).scatter(-1, rank, in_group)
+    before = (by_rank.cumsum(-1) - by_rank).gather(-1, rank)
+    kept = (rank < topk_group) | (before < top_k)
+    allowed = coreset & _expand_groups(kept, selection)
     return _topk(scores, selection.masked_fill(~allowed, float("-inf")), top_k, renormalise)
 
 
-def _topk_mass(block_scores: Tensor, top_k: int, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Each valid token keeps its own top-k scores (others 0); returns the kept mass `[..., T, E]`
-    (negative biased scores count 0) and which experts the token picked."""
+def _masked_groups(
+    scores: Tensor,
+    selection: Tensor,
+    coreset: Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalise: bool,
+) -> tuple[Tensor, Tensor]:
+    """dMoE's selection inside the coreset, without its leak (`RoutingPolicy.in_coreset`)."""
+    constrained = selection.masked_fill(~coreset, float("-inf"))
+    grouped = constrained.unflatten(-1, (n_group, -1))
+    group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+    # topk (not a stable sort): its order decides among -inf groups, as in dMoE
+    kept_groups = group_score.topk(topk_group, dim=-1, sorted=False).indices
+    kept = torch.zeros_like(group_score, dtype=torch.bool).scatter(-1, kept_groups, True)
+    in_kept = _expand_groups(kept, constrained)
+    values, ids = constrained.masked_fill(~in_kept, float("-inf")).topk(top_k, dim=-1)
+    # dMoE would return arbitrary experts for -inf slots (the trailing ones): take the best
+    # coreset experts of the other groups instead, in order
+    leaked = values == float("-inf")
+    fill_values, fill_ids = constrained.masked_fill(in_kept, float("-inf")).topk(top_k, dim=-1)
+    slot = torch.arange(top_k, device=ids.device) - (~leaked).sum(-1, keepdim=True)
+    slot = slot.clamp_min(0)
+    fill_ids = fill_ids.gather(-1, slot).masked_fill(fill_values.gather(-1, slot) == -torch.inf, -1)
+    ids = torch.where(leaked, fill_ids, ids)
+    return ids, _slot_weights(scores, ids, renormalise)
+
+
+def _votes(
+    block_scores: Tensor, top_k: int, valid: Tensor | None, vote_mass: str
+) -> tuple[Tensor, Tensor]:
+    """Each valid token votes for its own top-k experts: returns the block's summed vote mass
+    `[..., E]` (negative scores count 0 under `clamp`, as they are under `raw`) and which
+    experts received a vote."""
     values, ids = block_scores.topk(top_k, dim=-1)
     picked = torch.zeros_like(block_scores, dtype=torch.bool).scatter(-1, ids, values > -torch.inf)
     if valid is not None:
         picked &= valid.unsqueeze(-1)
-    mass = torch.zeros_like(block_scores).scatter(-1, ids, values.clamp_min(0.0))
-    return mass.masked_fill(~picked, 0.0), picked
+    kept = values.clamp_min(0.0) if vote_mass == "clamp" else values
+    mass = torch.zeros_like(block_scores).scatter(-1, ids, kept).masked_fill(~picked, 0.0)
+    return mass.sum(-2), picked.any(-2)
 
 
 def topp_coreset(
@@ -237,42 +379,50 @@ def topp_coreset(
     top_p: float,
     min_experts: int,
     valid: Tensor | None = None,
+    vote_mass: str = "clamp",
+    guard_ties: str = "max_score",
 ) -> Tensor:
     """dMoE coreset `[..., E]` of one block `[..., T, E]`: the top-p of the block's distribution.
 
-    The distribution is the sum over valid tokens of their top-k-masked scores, normalised. Experts
-    are kept in descending mass while the cumulative mass before them is <= top_p (so the first
-    one crossing top_p is kept, and the top expert always is); experts no token picked are never
-    kept, so top_p = 1 gives the union of the tokens' top-k. Below `min_experts`, the
-    `min_experts` heaviest are kept instead.
+    The distribution is the sum over valid tokens of their top-k-masked scores, normalised.
+    Experts are walked in descending mass and kept unless the cumulative mass both at them and
+    before them exceeds top_p (so the first one crossing top_p is kept, and the top expert
+    always is). Below `min_experts`, the `min_experts` heaviest are kept instead. `vote_mass` and
+    `guard_ties` as in `RoutingPolicy`.
     """
-    mass, picked = _topk_mass(block_scores, top_k, valid)
-    block_mass = mass.sum(-2)
-    block_picked = picked.any(-2)
-    if top_p >= 1.0:
-        keep = block_picked
+    block_mass, voted = _votes(block_scores, top_k, valid, vote_mass)
+    dist = block_mass / (block_mass.sum(-1, keepdim=True) + 1e-20)
+    if vote_mass == "clamp" and top_p >= 1.0:
+        keep = voted  # the union, whatever the cumulative sum's rounding
     else:
-        dist = block_mass / block_mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
         sorted_p, order = dist.sort(dim=-1, descending=True, stable=True)
-        keep_sorted = (sorted_p.cumsum(-1) - sorted_p) <= top_p
-        keep_sorted[..., 0] = True
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted) & block_picked
+        cum = sorted_p.cumsum(-1)
+        cum_before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)
+        keep_sorted = (cum <= top_p) | (cum_before <= top_p)
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        if vote_mass == "clamp":
+            keep &= voted
     if min_experts > 0:
-        # ties in mass (e.g. unpicked experts at 0) break by the highest raw score in the block
-        strongest = _top_experts(block_mass, block_scores, min_experts, valid)
-        keep = torch.where(keep.sum(-1, keepdim=True) < min_experts, strongest, keep)
+        if guard_ties == "topk":
+            heaviest = dist.topk(min_experts, dim=-1).indices
+        else:
+            heaviest = _heaviest_by_max_score(dist, block_scores, min_experts, valid)
+        guard = torch.zeros_like(keep).scatter(-1, heaviest, True)
+        keep = torch.where(keep.sum(-1, keepdim=True) < min_experts, guard, keep)
     return keep
 
 
-def _top_experts(block_agg: Tensor, block_scores: Tensor, n: int, valid: Tensor | None) -> Tensor:
-    """The `n` experts with the largest `block_agg`, ties broken by the block's max score."""
+def _heaviest_by_max_score(
+    block_agg: Tensor, block_scores: Tensor, n: int, valid: Tensor | None
+) -> Tensor:
+    """The ids of the `n` experts with the largest `block_agg`, ties broken by the block's max
+    score."""
     scores = (
         block_scores if valid is None else block_scores.masked_fill(~valid[..., None], -torch.inf)
     )
     by_score = scores.amax(-2).argsort(dim=-1, descending=True, stable=True)
     by_agg = block_agg.gather(-1, by_score).argsort(dim=-1, descending=True, stable=True)
-    ids = by_score.gather(-1, by_agg)[..., :n]
-    return torch.zeros_like(block_agg, dtype=torch.bool).scatter(-1, ids, True)
+    return by_score.gather(-1, by_agg)[..., :n]
 
 
 def capacity_coreset(
@@ -281,11 +431,13 @@ def capacity_coreset(
     aggregate: Literal["max", "sum"],
     top_k: int | None = None,
     valid: Tensor | None = None,
+    vote_mass: str = "clamp",
 ) -> Tensor:
-    """Fixed-size coreset `[..., E]`: the `capacity` best experts of one block `[..., T, E]`.
+    """Fixed-size coreset `[..., E]`: the `capacity` best experts of one block `[..., T, E]`,
+    ties to the lower expert id.
 
-    `max`: an expert's block score is its best token score (LLaDA2.2 token racing).
-    `sum`: the sum of the tokens' top-k-masked scores (DES-Vote); needs `top_k`.
+    `max`: an expert's block score is its best token score (LLaDA2.2's pool).
+    `sum`: the tokens' summed top-k votes (DES-Vote; `vote_mass` as in `RoutingPolicy`).
     """
     if aggregate == "max":
         agg = (
@@ -297,10 +449,10 @@ def capacity_coreset(
     elif aggregate == "sum":
         if top_k is None:
             raise ValueError("capacity_coreset(aggregate='sum') needs top_k")
-        agg = _topk_mass(block_scores, top_k, valid)[0].sum(-2)
+        agg = _votes(block_scores, top_k, valid, vote_mass)[0]
     else:
         raise ValueError(f"capacity_coreset aggregate={aggregate!r}: must be 'max' or 'sum'")
-    ids = agg.topk(min(capacity, agg.shape[-1]), dim=-1).indices
+    ids = agg.argsort(dim=-1, descending=True, stable=True)[..., :capacity]
     return torch.zeros_like(agg, dtype=torch.bool).scatter(-1, ids, True)
 
 
@@ -317,13 +469,33 @@ def from_blocks(per_block: Tensor, block_size: int, length: int) -> Tensor:
     return per_block.repeat_interleave(block_size, dim=1)[:, :length]
 
 
-def block_coreset(policy: RoutingPolicy, selection: Tensor, top_k: int, valid: Tensor) -> Tensor:
-    """The coreset `[B, n_blocks, E]` of every block of `selection` `[B, L, E]` under `policy`."""
+def block_coreset(
+    policy: RoutingPolicy,
+    selection: Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    valid: Tensor,
+) -> Tensor:
+    """The coreset `[B, n_blocks, E]` of every block of `selection` `[B, L, E]` (score + bias)
+    under `policy`; `routed` votes see each token's group-limited scores."""
+    if policy.vote == "routed":
+        selection = group_limited(selection, n_group, topk_group)
     blocks = to_blocks(selection, policy.block_size, float("-inf"))
     block_valid = to_blocks(valid, policy.block_size, False)
     if policy.coreset_kind == "topp":
-        return topp_coreset(blocks, top_k, policy.top_p, policy.min_experts, block_valid)
-    return capacity_coreset(blocks, policy.capacity, policy.coreset_kind, top_k, block_valid)
+        return topp_coreset(
+            blocks,
+            top_k,
+            policy.top_p,
+            policy.min_experts,
+            block_valid,
+            policy.vote_mass,
+            policy.guard_ties,
+        )
+    return capacity_coreset(
+        blocks, policy.capacity, policy.coreset_kind, top_k, block_valid, policy.vote_mass
+    )
 
 
 def scheduled_k(policy: RoutingPolicy, top_k: int, ratio: Tensor) -> Tensor:
@@ -365,6 +537,8 @@ def route_expert_choice(
     scores: Tensor,
     selection: Tensor,
     top_k: int,
+    n_group: int,
+    topk_group: int,
     valid: Tensor,
     ratio: Tensor,
     renormalise: bool,
@@ -373,7 +547,7 @@ def route_expert_choice(
     position's noise level r."""
     coreset = None
     if policy.ec_coreset != "none":
-        coreset = block_coreset(policy, selection, top_k, valid)
+        coreset = block_coreset(policy, selection, top_k, n_group, topk_group, valid)
         per_token = from_blocks(coreset, policy.block_size, scores.shape[1])
         selection = selection.masked_fill(~per_token, float("-inf"))
     size = policy.block_size if policy.ec_group == "block" else selection.shape[1]
@@ -415,10 +589,12 @@ def route(
     selection = scores if expert_bias is None else scores + expert_bias
     if policy.name == "expert_choice":
         ratio = scores.new_zeros(scores.shape[:2]) if ratio is None else ratio
-        return route_expert_choice(policy, scores, selection, top_k, valid, ratio, renormalise)
-    coreset = block_coreset(policy, group_limited(selection, n_group, topk_group), top_k, valid)
+        return route_expert_choice(
+            policy, scores, selection, top_k, n_group, topk_group, valid, ratio, renormalise
+        )
+    coreset = block_coreset(policy, selection, top_k, n_group, topk_group, valid)
     per_token = from_blocks(coreset, policy.block_size, scores.shape[1])
     ids, weights = route_in_coreset(
-        scores, expert_bias, per_token, top_k, n_group, topk_group, renormalise
+        scores, expert_bias, per_token, top_k, n_group, topk_group, renormalise, policy.in_coreset
     )
     return Routing(ids, weights, scores, coreset)

@@ -127,7 +127,7 @@ def train(cfg: DictConfig) -> dict:
     )
     check_tokenizer(cfg, model, data)
     if cfg.init_router:
-        load_router(model, cfg.init_router, apply_routing=False)
+        load_router(model, cfg.init_router, policy)
     regularizer = instantiate(cfg.regularizer)
     module = instantiate(cfg.module, _partial_=True)(model=model, regularizer=regularizer)
 
@@ -147,6 +147,7 @@ def train(cfg: DictConfig) -> dict:
 
     summary = {
         "policy": policy.to_dict(),
+        "rule": policy.describe(),
         "regularizer": OmegaConf.to_container(cfg.regularizer),
         "steps": trainer.global_step,
         "world_size": trainer.world_size,
@@ -178,7 +179,7 @@ def _overrides() -> list[str]:
 def print_summary(s: dict, output_dir: Path) -> None:
     print(
         f"\nunique experts per block: token routing {s['unique_experts_token']:.2f} | "
-        f"{s['policy']['name']} before {s['unique_experts_before']:.2f} -> "
+        f"{s['rule']} before {s['unique_experts_before']:.2f} -> "
         f"after {s['unique_experts_after']:.2f}\n"
         f"validation loss:          token routing {s['val_loss_token']:.4f} | "
         f"before {s['val_loss_before']:.4f} -> after {s['val_loss_after']:.4f}\n"

@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from dmoe_train.routing import ENGINE_KEYS, engine_config
+
 SPLIT_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -195,7 +197,9 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_bytes: int) ->
         (path / INDEX).write_text(json.dumps({**index, "weight_map": weight_map}, indent=2))
     else:
         (path / INDEX).unlink(missing_ok=True)
-    config = model.config.to_dict()
+    # the engine keys follow the routing written beside them, never a loaded config's old ones
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ENGINE_KEYS}
+    config |= engine_config(model.config.routing)
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 

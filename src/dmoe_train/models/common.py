@@ -18,7 +18,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dmoe_train.moe import expert_mlp
-from dmoe_train.routing import Routing, RoutingPolicy, from_blocks, route, to_blocks
+from dmoe_train.routing import (
+    Routing,
+    RoutingPolicy,
+    from_blocks,
+    policy_from_engine_config,
+    route,
+    to_blocks,
+)
 
 KV = tuple[Tensor, Tensor]  # keys, values `[B, kv_heads, L, head_dim]` after RoPE
 
@@ -43,11 +50,12 @@ class PublishedConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> Any:
+        """Our `routing` key if present, else the block rule the engine keys ask for."""
         known = {f.name for f in fields(cls)} - {"extra"}
-        return cls(
-            **{k: v for k, v in raw.items() if k in known},
-            extra={k: v for k, v in raw.items() if k not in known},
-        )
+        ours = {k: v for k, v in raw.items() if k in known}
+        if "routing" not in raw and (policy := policy_from_engine_config(raw)) is not None:
+            ours["routing"] = policy
+        return cls(**ours, extra={k: v for k, v in raw.items() if k not in known})
 
     @classmethod
     def from_json(cls, path: str | Path) -> Any:
