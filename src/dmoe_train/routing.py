@@ -157,9 +157,9 @@ class RoutingPolicy:
     @property
     def rule(self) -> str:
         """The block rule by name: `dmoe` or `llada22` where the settings are that published
-        rule's, `dmoe-train` for ours, else `custom`; policies without a coreset give their name."""
+        rule's, `dmoe-train` for ours, else `custom`; other policies give their name."""
         settings = self.rule_settings()
-        if not settings:
+        if self.name not in ("topp", "des_vote", "capacity_max"):
             return self.name
         if self.name == "topp" and settings == RULES["dmoe"]:
             return "dmoe"
@@ -169,9 +169,9 @@ class RoutingPolicy:
         return "dmoe-train" if settings == ours else "custom"
 
     def describe(self) -> str:
-        """`name (rule: settings)`, for logs and warnings."""
+        """`name [rule: settings]`, for logs and warnings."""
         settings = ", ".join(f"{k}={v}" for k, v in self.rule_settings().items())
-        return f"{self.name} [{self.rule}{': ' + settings if settings else ''}]"
+        return f"{self.name} [{self.rule}: {settings}]" if settings else self.name
 
     def check_against(self, num_experts: int, top_k: int) -> None:
         """Validate the settings that depend on the model's expert count and k."""
