@@ -5,24 +5,37 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test lint train retrofit compare sweep bench
+.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare sweep bench
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	# DeepSpeed builds against the torch above (an isolated build would pull another torch)
-	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.16"
 	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+# the optional DeepSpeed extra (trainer=deepspeed); it builds against the torch above, which an
+# isolated build would replace with another
+venv-deepspeed: $(VENV)/.deepspeed
+
+$(VENV)/.deepspeed: $(VENV)/.installed
+	$(BIN)/pip install -q --no-build-isolation -e ".[deepspeed]"
 	touch $@
 
 lint: venv
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 
+# the fast tier; `make test-all` (what CI runs) adds the slow one: subprocesses, DDP/FSDP,
+# torchrun, SIGKILL, sweeps, the bench, the wheel, DeepSpeed
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not slow"
+
+test-slow: venv-deepspeed
+	$(BIN)/pytest -m slow
+
+test-all: test test-slow
 
 # the main job on the embedded default (tiny base, synthetic arithmetic); ARGS="..." adds overrides
 train: venv

@@ -16,18 +16,17 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.benchmark import Timer
 
+from dmoe_train.grouped_experts import expert_mlp
 from dmoe_train.models import build_model
-from dmoe_train.moe import expert_mlp
 from dmoe_train.routing import route_in_coreset, token_topk, topp_coreset
 
 MINI = dict(hidden=2048, inter=512, experts=256, top_k=8, block=32, token_unique=70)
@@ -35,14 +34,10 @@ QUICK = dict(hidden=64, inter=32, experts=32, top_k=4, block=8, token_unique=16)
 
 
 def timeit(fn: Callable[[], object], repeat: int) -> float:
-    """Median seconds of `repeat` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Seconds per call over `repeat` calls after a warm-up (`torch.utils.benchmark`, with this
+    process's threads: its default is one)."""
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(repeat).mean
 
 
 def routing_with_unique(n_unique: int, s: dict, gen: torch.Generator) -> tuple:

@@ -16,9 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from dmoe_train.eval import format_table, run_eval  # noqa: E402
+from dmoe_train.cli.common import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
+from dmoe_train.cli.eval import format_table, run_eval  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
-from dmoe_train.train import PROJECT_ROOT  # noqa: E402
 
 ROWS = {
     "token": ["router=token"],
@@ -72,7 +72,7 @@ def main() -> None:
     if RETROFIT.is_file():  # `make retrofit`
         rows["expert_choice retrofit (trained)"] = [f"router_checkpoint={RETROFIT}"]
     results = {}
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for i, (name, extra) in enumerate(rows.items()):
             out = args.out / "compare" / str(i)
             cfg = compose(

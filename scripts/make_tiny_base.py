@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from dmoe_train.data.module import DiffusionDataModule
 from dmoe_train.data.tokenizer import char_tokenizer
+from dmoe_train.decoding_eval import GenerationSettings, evaluate_generation, masked_token_accuracy
 from dmoe_train.diffusion import denoise, masked_diffusion_loss
-from dmoe_train.evaluate import GenerationSettings, evaluate_generation, masked_token_accuracy
 from dmoe_train.metrics import unique_experts_per_block
 from dmoe_train.models import build_model
 
@@ -37,7 +37,7 @@ def balance_experts(routing: list, model: torch.nn.Module, rate: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="assets/tiny-llada2")
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--max-seq-len", type=int, default=16)
@@ -57,12 +57,9 @@ def main() -> None:
     model = build_model("tiny", seed=args.seed)
     cfg = model.config
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = args.steps // 20
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
-        ),
+    # the schedule router fine-tuning uses (configs/train.yaml: module.scheduler), to zero
+    sched = get_cosine_with_min_lr_schedule_with_warmup(
+        opt, args.steps // 20, args.steps, min_lr_rate=0.0
     )
     gen = torch.Generator().manual_seed(args.seed)
     loader = data.stream_loader(args.steps)

@@ -1,4 +1,5 @@
-"""Test-only pieces that configs can name by `_target_` (tests/ is on sys.path under pytest)."""
+"""What tests share: composing and launching runs, reading their routers, and test-only
+callbacks that configs name by `_target_` (tests/ is on sys.path under pytest)."""
 
 import os
 import signal
@@ -10,10 +11,14 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from safetensors.torch import load_file
 
-import dmoe_train.train  # noqa: F401  (registers the ${project_root:} resolver)
+from dmoe_train.cli.common import CONFIG_DIR as CONFIGS  # (registers the resolvers)
+from dmoe_train.cli.common import PROJECT_ROOT
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY_BASE = PROJECT_ROOT / "assets" / "tiny-llada2"
+TRAIN_CMD = (sys.executable, "-m", "dmoe_train.cli.train")  # what `dmoe-train` runs
+
 FAST = [
     "data.train_size=512",
     "data.val_size=64",
@@ -23,27 +28,43 @@ FAST = [
 ]
 
 
-def cli_train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """`python -m dmoe_train.train` in a subprocess, with tests/ importable for its callbacks."""
+def steps(n: int, checkpoint_every: int | None = None) -> list[str]:
+    """Overrides for a run of `n` optimizer steps, validated once at its end, with a
+    checkpoint every `checkpoint_every` steps (default: the config's)."""
+    out = [f"trainer.max_steps={n}", f"trainer.val_check_interval={n}"]
+    if checkpoint_every:
+        out.append(f"callbacks.model_checkpoint.every_n_train_steps={checkpoint_every}")
+    return out
+
+
+def run_cli(
+    *args: str, cmd: tuple[str, ...] = TRAIN_CMD, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """`cmd` (default `dmoe-train`) with `args` in a subprocess, tests/ importable for callbacks."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "dmoe_train.train",
-        f"hydra.run.dir={output_dir}",
-        *FAST,
-        *overrides,
-    ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [*cmd, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def cli_train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """A short `dmoe-train` run in `output_dir`."""
+    return run_cli(f"hydra.run.dir={output_dir}", *FAST, *overrides)
+
+
+def router_of(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The router checkpoint a run wrote."""
+    return load_file(run_dir / "checkpoints" / "router.safetensors")
 
 
 def compose_train(
-    output_dir: Path, *overrides: str, return_hydra_config: bool = False
+    output_dir: Path, *overrides: str, return_hydra_config: bool = False, fast: bool = True
 ) -> DictConfig:
+    """The `dmoe-train` config, shrunk to the `FAST` sizes unless `fast=False`."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose(
             "train",
-            overrides=[f"paths.output_dir={output_dir}", *FAST, *overrides],
+            overrides=[f"paths.output_dir={output_dir}", *(FAST if fast else []), *overrides],
             return_hydra_config=return_hydra_config,
         )
 

@@ -3,9 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_both_files(tmp_path):
     subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],

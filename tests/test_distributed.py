@@ -1,20 +1,18 @@
 """Multi-process training on CPU: DDP (gloo) and FSDP2, resume, Hydra multirun and torchrun."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, cli_train, compose_train
+from helpers import FAST, TRAIN_CMD, cli_train, compose_train, router_of, run_cli, steps
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
-from safetensors.torch import load_file
 
-from dmoe_train.launch import check_same_output_dir, run_id
-from dmoe_train.train import train
+from dmoe_train.cli.train import train
+from dmoe_train.run_dirs import check_same_output_dir, run_id
 
 # 6 steps of 2 x 16 samples (or 1 x 32): the same global batch of the same samples and noise
 SHORT = [
@@ -45,10 +43,6 @@ def _run(out: Path, *overrides: str) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def _router(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoints" / "router.safetensors")
-
-
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one_process")
@@ -56,12 +50,13 @@ def one_process(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", sorted(TWO_RANKS))
 def test_two_ranks_match_one_process_and_resume(tmp_path, one_process, strategy):
     full = _run(tmp_path / "full", *TWO_RANKS[strategy])
     assert full["world_size"] == 2 and full["steps"] == 6
     ranks = [torch.load(tmp_path / "full" / f"rank{r}.pt") for r in (0, 1)]
-    reference = _router(one_process)
+    reference = router_of(one_process)
     assert ranks[0].keys() == ranks[1].keys() == reference.keys()
     for name in reference:
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # replicas never drift
@@ -74,18 +69,16 @@ def test_two_ranks_match_one_process_and_resume(tmp_path, one_process, strategy)
     stop = ["+callbacks.stop._target_=helpers.StopAtStep", "+callbacks.stop.step=3"]
     assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *stop)["steps"] == 3
     assert _run(tmp_path / "resumed", *TWO_RANKS[strategy])["steps"] == 6
-    resumed, uninterrupted = _router(tmp_path / "resumed"), _router(tmp_path / "full")
+    resumed, uninterrupted = router_of(tmp_path / "resumed"), router_of(tmp_path / "full")
     for name in uninterrupted:
         assert torch.equal(resumed[name], uninterrupted[name]), name
 
 
+@pytest.mark.slow
 def test_multirun_sweep_with_ddp_keeps_one_directory_per_job(tmp_path):
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    cmd = [sys.executable, "-m", "dmoe_train.train", "-m", "router.top_p=0.5,0.9"]
-    cmd += ["trainer=ddp_cpu", "trainer.max_steps=2", "trainer.val_check_interval=2"]
-    cmd += [*FAST, f"hydra.sweep.dir={sweep}"]
-    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    sweep_args = ["-m", "router.top_p=0.5,0.9", "trainer=ddp_cpu", *steps(2), *FAST]
+    result = run_cli(*sweep_args, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0", "1"]
@@ -96,12 +89,11 @@ def test_multirun_sweep_with_ddp_keeps_one_directory_per_job(tmp_path):
     assert not (tmp_path / "outputs").exists()  # no rank wrote a directory of its own
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_share_one_run_directory(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "dmoe_train.train"]
-    cmd += ["trainer=ddp_cpu", "trainer.max_steps=2", "trainer.val_check_interval=2", *FAST]
-    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    launch = (torchrun, "--standalone", "--nproc-per-node=2", *TRAIN_CMD[1:])
+    result = run_cli("trainer=ddp_cpu", *steps(2), *FAST, cmd=launch, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = (tmp_path / "outputs").iterdir()
     assert run.name.startswith("torchrun-")
@@ -132,7 +124,7 @@ def test_run_id_follows_the_launcher(monkeypatch):
         ("ddp", DDPStrategy),
         ("ddp_cpu", DDPStrategy),
         ("fsdp", ModelParallelStrategy),
-        ("deepspeed", DeepSpeedStrategy),
+        pytest.param("deepspeed", DeepSpeedStrategy, marks=pytest.mark.slow),  # make venv-deepspeed
     ],
 )
 def test_trainer_configs_compose_and_build_their_strategy(tmp_path, trainer, strategy):
@@ -165,6 +157,7 @@ def test_slurm_launcher_keys_follow_the_trainer(tmp_path):
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
 
 
+@pytest.mark.slow
 def test_estimate_memory_table(tmp_path):
     script = Path(__file__).parents[1] / "scripts" / "estimate_memory.py"
     out = tmp_path / "memory.md"
@@ -202,6 +195,7 @@ def _compare_dirs(rank: int, init_file: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_with_different_run_directories_stop(tmp_path):
     with pytest.raises(Exception, match="paths.output_dir differs across ranks"):
         torch.multiprocessing.spawn(_compare_dirs, args=(str(tmp_path / "init"),), nprocs=2)

@@ -8,11 +8,11 @@ import torch
 from helpers import compose_train
 from safetensors.torch import load_file, save_file
 
-from dmoe_train.lit_module import router_z_loss
+from dmoe_train.cli.train import train
+from dmoe_train.finetuner import router_z_loss
 from dmoe_train.metrics import expert_load, load_balance_cv
 from dmoe_train.models import LLaDAMoeModelLM, build_model, load_model
 from dmoe_train.routing import RoutingPolicy, expert_choice, route, scheduled_k
-from dmoe_train.train import train
 
 E, K = 16, 4
 
@@ -224,6 +224,7 @@ def test_llada_moe_runs_every_policy():
         assert torch.isfinite(model(ids).logits).all()
 
 
+@pytest.mark.slow
 def test_retrofit_lowers_expert_choice_validation_loss(tmp_path):
     cfg = compose_train(
         tmp_path, "experiment=retrofit_ec", "trainer.max_steps=60", "trainer.val_check_interval=60"

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONFIGS, FAST
+from helpers import CONFIGS, FAST, run_cli
 from hydra import compose, initialize_config_dir
 
-from dmoe_train.eval import run_eval
-from dmoe_train.evaluate import answer_correct
+from dmoe_train.cli.eval import run_eval
+from dmoe_train.decoding_eval import answer_correct
 from dmoe_train.generate import block_layout, generate
 from dmoe_train.models import build_model
 from dmoe_train.models.common import LMOutput
@@ -125,21 +125,12 @@ def test_block_size_must_match_decoding_blocks(tmp_path):
         run_eval(_eval_cfg(tmp_path, "router=topp", "router.block_size=4"))
 
 
+@pytest.mark.slow
 def test_two_point_sweep_end_to_end(tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dmoe_train.train",
-        "-m",
-        "router.top_p=0.5,0.9",
-        "trainer.max_steps=3",
-        "evaluate_after=true",
-        "generation.max_samples=8",
-        f"hydra.sweep.dir={sweep}",
-        *FAST,
-    ]
-    subprocess.run(cmd, check=True, capture_output=True)
+    sweep_args = ["-m", "router.top_p=0.5,0.9", "trainer.max_steps=3", "evaluate_after=true"]
+    result = run_cli(*sweep_args, "generation.max_samples=8", f"hydra.sweep.dir={sweep}", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
     script = Path(__file__).resolve().parents[1] / "scripts" / "summarize_sweep.py"
     subprocess.run([sys.executable, str(script), str(sweep)], check=True, capture_output=True)
     table = (sweep / "sweep.md").read_text()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dmoe_train.export import export
+from dmoe_train.cli.export import export
 from dmoe_train.models import build_model, is_router_param, load_model
 from dmoe_train.router_io import load_router, router_manifest, save_router
 from dmoe_train.routing import RoutingPolicy

@@ -1,15 +1,13 @@
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import compose_train
+from helpers import compose_train, router_of, run_cli, steps
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from dmoe_train.train import train
+from dmoe_train.cli.train import train
 
 MOE_LAYERS = (1, 2, 3)
 GATES = {f"model.model.layers.{i}.mlp.gate.weight" for i in MOE_LAYERS}
@@ -47,16 +45,8 @@ def test_fast_dev_run(tmp_path, router, regularizer):
     assert set(load_file(written["router_checkpoint"])) == {k.removeprefix("model.") for k in GATES}
 
 
-def _router(path):
-    return load_file(path / "checkpoints" / "router.safetensors")
-
-
 def test_resume_equals_uninterrupted_run(tmp_path):
-    common = [
-        "trainer.max_steps=12",
-        "trainer.val_check_interval=6",
-        "callbacks.model_checkpoint.every_n_train_steps=3",
-    ]
+    common = [*steps(12, checkpoint_every=3), "trainer.val_check_interval=6"]
     full = train(compose_train(tmp_path / "full", *common))
     stopped = compose_train(
         tmp_path / "resumed",
@@ -69,7 +59,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert set(ckpt["state_dict"]) == GATES  # only the router: never the frozen base
     resumed = train(compose_train(tmp_path / "resumed", *common))
     assert resumed["steps"] == 12
-    a, b = _router(tmp_path / "full"), _router(tmp_path / "resumed")
+    a, b = router_of(tmp_path / "full"), router_of(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -84,14 +74,10 @@ def test_init_router_and_resume_are_exclusive(tmp_path):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_cli_prints_composed_config():
-    out = subprocess.run(
-        [sys.executable, "-m", "dmoe_train.train", "--cfg", "job", "router=des_vote"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "name: des_vote" in out and "_target_: dmoe_train.lit_module.RouterFineTuner" in out
+    out = run_cli("--cfg", "job", "router=des_vote").stdout
+    assert "name: des_vote" in out and "_target_: dmoe_train.finetuner.RouterFineTuner" in out
 
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb"])
@@ -104,8 +90,9 @@ def test_logger_configs_write_offline(tmp_path, logger, monkeypatch):
     assert any(p.is_file() for p in tmp_path.rglob("*")), f"{logger} wrote nothing"
 
 
+@pytest.mark.slow
 def test_regularizer_lowers_unique_experts(tmp_path):
-    common = ["trainer.max_steps=40", "trainer.val_check_interval=40", "module.lr=1e-3"]
+    common = [*steps(40), "module.optimizer.lr=1e-3"]
     plain = train(compose_train(tmp_path / "none", *common, "regularizer=none"))
     union = train(compose_train(tmp_path / "union", *common, "regularizer.weight=0.3"))
     assert union["unique_experts_before"] == plain["unique_experts_before"]  # same start

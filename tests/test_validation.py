@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from helpers import compose_train
+from helpers import TINY_BASE, cli_train, compose_train, router_of, steps
 from hydra.errors import InstantiationException
 
-from dmoe_train.train import train
+from dmoe_train.cli.train import train
 
 
 def test_block_size_must_divide_max_seq_len(tmp_path):
@@ -68,9 +68,7 @@ def test_unknown_config_key_is_refused(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = compose_train(
         tmp_path,
-        "trainer.max_steps=10",
-        "trainer.val_check_interval=10",
-        "callbacks.model_checkpoint.every_n_train_steps=2",
+        *steps(10, checkpoint_every=2),
         "+callbacks.poison._target_=helpers.PoisonRouter",
         "+callbacks.poison.step=4",
     )
@@ -84,7 +82,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
-    from dmoe_train.callbacks import AtomicCheckpointIO
+    from dmoe_train.checkpoint_io import AtomicCheckpointIO
 
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"step": 1}, path)
@@ -105,18 +103,12 @@ def test_run_info_saved_next_to_checkpoints(tmp_path):
     assert info["git_commit"] is None or len(info["git_commit"]) == 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_killed_run_resumes_to_the_same_router(tmp_path, sig):
     from random import Random
 
-    from helpers import cli_train
-    from safetensors.torch import load_file
-
-    common = [
-        "trainer.max_steps=12",
-        "trainer.val_check_interval=12",
-        "callbacks.model_checkpoint.every_n_train_steps=4",
-    ]
+    common = steps(12, checkpoint_every=4)
     step = Random(sig).randint(2, 10)
     assert cli_train(tmp_path / "full", *common).returncode == 0
     killed = cli_train(
@@ -128,7 +120,7 @@ def test_killed_run_resumes_to_the_same_router(tmp_path, sig):
     )
     if sig == "SIGTERM":  # saved on the way out, and a clean exit
         assert killed.returncode == 0, killed.stderr[-2000:]
-        assert f"SIGTERM at step {step}" in killed.stdout
+        assert f"SIGTERM at step {step}" in killed.stderr  # the log's console copy
         saved = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
         assert saved["global_step"] == step
     else:  # only the steps since the last periodic save are lost
@@ -137,17 +129,15 @@ def test_killed_run_resumes_to_the_same_router(tmp_path, sig):
         assert saved["global_step"] == step // 4 * 4
     resumed = cli_train(tmp_path / "run", *common)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = load_file(tmp_path / "full/checkpoints/router.safetensors")
-    b = load_file(tmp_path / "run/checkpoints/router.safetensors")
+    a, b = router_of(tmp_path / "full"), router_of(tmp_path / "run")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_two_runs_give_bit_identical_routers(tmp_path):
-    from safetensors.torch import load_file
 
     for name in ("a", "b"):
-        train(compose_train(tmp_path / name, "trainer.max_steps=6", "trainer.val_check_interval=6"))
-    a, b = (load_file(tmp_path / n / "checkpoints/router.safetensors") for n in ("a", "b"))
+        train(compose_train(tmp_path / name, *steps(6)))
+    a, b = (router_of(tmp_path / n) for n in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -168,10 +158,8 @@ def test_unwritable_output_dir_fails_at_start(tmp_path):
 def test_tokenizer_without_the_models_mask_token(tmp_path):
     import shutil
 
-    from helpers import CONFIGS
-
     base = tmp_path / "base"
-    shutil.copytree(CONFIGS.parent / "assets" / "tiny-llada2", base)
+    shutil.copytree(TINY_BASE, base)
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "mask_token_id": 5}))
     with pytest.raises(
@@ -180,26 +168,24 @@ def test_tokenizer_without_the_models_mask_token(tmp_path):
         train(compose_train(tmp_path / "run", f"model.path={base}"))
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_message_and_exit_1(tmp_path):
-    from helpers import cli_train
-
     out = cli_train(tmp_path, "router.top_p=1.5")
     assert out.returncode == 1
     assert "router.top_p=1.5: must be in (0, 1]" in out.stderr
     assert "Traceback" not in out.stderr
+    # and in the job log, which the run directory keeps
+    assert "router.top_p=1.5: must be in (0, 1]" in (tmp_path / "train.log").read_text()
 
 
-def test_bad_batches_can_be_skipped_up_to_a_bound(tmp_path, capsys):
+def test_bad_batches_can_be_skipped_up_to_a_bound(tmp_path, caplog):
     cfg = compose_train(
         tmp_path,
-        "trainer.max_steps=6",
-        "trainer.val_check_interval=6",
+        *steps(6),
         "module.max_bad_batches=1",
         "+callbacks.poison._target_=helpers.PoisonOneBatch",
         "+callbacks.poison.step=3",
     )
     summary = train(cfg)
     assert summary["steps"] == 6 and math.isfinite(summary["val_loss_after"])
-    assert (
-        "skipping batch with non-finite loss at step 3 (1 of at most 1)" in capsys.readouterr().out
-    )
+    assert "skipping batch with non-finite loss at step 3 (1 of at most 1)" in caplog.text

@@ -1,4 +1,4 @@
-"""Lightning callbacks and plugins of ours."""
+"""Lightning callbacks of ours: save on SIGTERM, write the router with every checkpoint."""
 
 from __future__ import annotations
 
@@ -6,23 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dmoe_train.router_io import ROUTER_FILE, atomic_write, router_manifest, save_router
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written to a temporary file, fsynced, then renamed: a kill during a
-    save leaves the previous checkpoint whole."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
-    ) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+from dmoe_train.router_io import export_router
 
 
 class SaveOnSigterm(L.Callback):
@@ -48,21 +34,3 @@ class RouterCheckpoint(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         export_router(trainer, pl_module, self.dirpath, self.base_path)
-
-
-def export_router(
-    trainer: L.Trainer, pl_module: L.LightningModule, dirpath: Path, base_path: str, **extra: Any
-) -> Path:
-    """Collective: every rank calls it, rank 0 writes."""
-    tensors = pl_module.trainable_state()
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    manifest = router_manifest(
-        pl_module.model,
-        base_path=str(base_path),
-        step=trainer.global_step,
-        metrics=metrics,
-        **extra,
-    )
-    if trainer.is_global_zero:
-        save_router(tensors, dirpath, manifest)
-    return Path(dirpath) / ROUTER_FILE

@@ -12,6 +12,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -114,3 +115,22 @@ def load_router(
         )
     model.set_routing(routing or trained)
     return manifest
+
+
+def export_router(
+    trainer: Any, pl_module: Any, dirpath: Path, base_path: str, **extra: Any
+) -> Path:
+    """Write the router of a Lightning run (`pl_module.trainable_state()`) with its step and
+    metrics. Collective: every rank calls it, rank 0 writes."""
+    tensors = pl_module.trainable_state()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    manifest = router_manifest(
+        pl_module.model,
+        base_path=str(base_path),
+        step=trainer.global_step,
+        metrics=metrics,
+        **extra,
+    )
+    if trainer.is_global_zero:
+        save_router(tensors, dirpath, manifest)
+    return Path(dirpath) / ROUTER_FILE

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dmoe_train.moe import expert_mlp
+from dmoe_train.grouped_experts import expert_mlp
 from dmoe_train.routing import (
     Routing,
     RoutingPolicy,

@@ -3,31 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
-import sys
-from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from dmoe_train.callbacks import export_router
-from dmoe_train.evaluate import GenerationSettings, evaluate_generation
-from dmoe_train.launch import check_same_output_dir, multirun_job_relaunchable, run_id
-from dmoe_train.lit_module import RouterFineTuner
-from dmoe_train.router_io import load_router
+from dmoe_train.cli.common import CONFIG_DIR, PROJECT_ROOT, exit_on_error
+from dmoe_train.decoding_eval import GenerationSettings, evaluate_generation
+from dmoe_train.finetuner import RouterFineTuner
+from dmoe_train.router_io import export_router, load_router
 from dmoe_train.routing import RoutingPolicy
+from dmoe_train.run_dirs import check_same_output_dir, multirun_job_relaunchable
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
-OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+log = logging.getLogger(__name__)
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
@@ -93,15 +91,33 @@ def run_info(cfg: DictConfig) -> dict:
     }
 
 
-def train(cfg: DictConfig) -> dict:
-    L.seed_everything(cfg.seed, workers=True)
+@dataclass
+class Run:
+    """What `build` composes from the config."""
+
+    trainer: L.Trainer
+    module: RouterFineTuner
+    data: Any
+    policy: RoutingPolicy
+    output_dir: Path
+    ckpt_path: str | None
+
+
+def prepare_output(cfg: DictConfig) -> tuple[Path, str | None]:
+    """The run directory, writable now (not after the first checkpoint interval), and the
+    checkpoint to resume from."""
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg, output_dir)
-    checkpoints = output_dir / "checkpoints"
-    try:  # an unwritable or full disk fails now, not after the first checkpoint interval
-        checkpoints.mkdir(parents=True, exist_ok=True)
+    try:
+        (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OSError(f"paths.output_dir={output_dir}: cannot write ({err})") from err
+    return output_dir, ckpt_path
+
+
+def build(cfg: DictConfig) -> Run:
+    """Data, trainer, model and module, each checked before the next costlier step."""
+    output_dir, ckpt_path = prepare_output(cfg)
     policy: RoutingPolicy = instantiate(cfg.router)
     data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
     data.setup()  # data errors surface before the (for a 16B base, minutes long) model load
@@ -120,7 +136,8 @@ def train(cfg: DictConfig) -> dict:
             "the exported router instead"
         )
     if trainer.is_global_zero:
-        (checkpoints / "run_info.json").write_text(json.dumps(run_info(cfg), indent=2) + "\n")
+        info = json.dumps(run_info(cfg), indent=2) + "\n"
+        (output_dir / "checkpoints" / "run_info.json").write_text(info)
     # objects go through partials: Hydra would turn a dataclass argument into a config node
     model = instantiate(cfg.model, _partial_=True)(
         routing=policy, **({"device": "meta"} if sharded else {})
@@ -130,45 +147,61 @@ def train(cfg: DictConfig) -> dict:
         load_router(model, cfg.init_router, policy)
     regularizer = instantiate(cfg.regularizer)
     module = instantiate(cfg.module, _partial_=True)(model=model, regularizer=regularizer)
+    return Run(trainer, module, data, policy, output_dir, ckpt_path)
 
-    token = RoutingPolicy("token", block_size=policy.block_size)
-    before_token = measure(trainer, module, data, token, "token")
-    check_same_output_dir(output_dir)  # the process group exists from the first validate on
-    before = measure(trainer, module, data, policy, "before")
+
+def fit(run: Run) -> bool:
+    """Train; False when SIGTERM stopped the run (its `last.ckpt` is saved)."""
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        run.trainer.fit(run.module, datamodule=run.data, ckpt_path=run.ckpt_path)
     except SIGTERMException:
-        print(
-            f"\nSIGTERM at step {trainer.global_step}: saved {checkpoints / 'last.ckpt'}; "
-            f"relaunch with hydra.run.dir={output_dir} to resume"
+        log.warning(
+            "SIGTERM at step %d: saved %s; relaunch with hydra.run.dir=%s to resume",
+            run.trainer.global_step,
+            run.output_dir / "checkpoints" / "last.ckpt",
+            run.output_dir,
         )
-        return {"interrupted_at_step": trainer.global_step}
-    after = measure(trainer, module, data, policy, "after")
+        return False
+    return True
 
+
+def report(cfg: DictConfig, run: Run, measured: dict[str, dict[str, float]]) -> dict:
+    """Export the router, write `summary.json` (and `metrics.json` under evaluate_after)."""
+    trainer, policy = run.trainer, run.policy
     summary = {
         "policy": policy.to_dict(),
         "rule": policy.describe(),
         "regularizer": OmegaConf.to_container(cfg.regularizer),
         "steps": trainer.global_step,
         "world_size": trainer.world_size,
-        "unique_experts_token": before_token["unique_experts"],
-        "val_loss_token": before_token["val_loss"],
-        "unique_experts_before": before["unique_experts"],
-        "val_loss_before": before["val_loss"],
-        "unique_experts_after": after["unique_experts"],
-        "val_loss_after": after["val_loss"],
+        **{f"{k}_{label}": v for label, m in measured.items() for k, v in m.items()},
     }
-    router = export_router(trainer, module, checkpoints, cfg.model.path, summary=summary)
+    checkpoints = run.output_dir / "checkpoints"
+    router = export_router(trainer, run.module, checkpoints, cfg.model.path, summary=summary)
     summary["router_checkpoint"] = str(router)
     if trainer.is_global_zero:
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print_summary(summary, output_dir)
+        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info(format_summary(summary, run.output_dir))
         if cfg.evaluate_after:
             settings = GenerationSettings(**cfg.generation)
-            metrics = evaluate_generation(module.model.eval(), data, settings, "test")
+            metrics = evaluate_generation(run.module.model.eval(), run.data, settings, "test")
             metrics |= {"summary": summary, "overrides": _overrides()}
-            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            (run.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return summary
+
+
+def train(cfg: DictConfig) -> dict:
+    """Build, measure the base (token routing and the policy), fit, measure again, report."""
+    L.seed_everything(cfg.seed, workers=True)
+    run = build(cfg)
+    token = RoutingPolicy("token", block_size=run.policy.block_size)
+    measured = {"token": measure(run.trainer, run.module, run.data, token, "token")}
+    check_same_output_dir(run.output_dir)  # the process group exists from the first validate on
+    measured["before"] = measure(run.trainer, run.module, run.data, run.policy, "before")
+    if not fit(run):
+        return {"interrupted_at_step": run.trainer.global_step}
+    measured["after"] = measure(run.trainer, run.module, run.data, run.policy, "after")
+    return report(cfg, run, measured)
 
 
 def _overrides() -> list[str]:
@@ -176,8 +209,8 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def print_summary(s: dict, output_dir: Path) -> None:
-    print(
+def format_summary(s: dict, output_dir: Path) -> str:
+    return (
         f"\nunique experts per block: token routing {s['unique_experts_token']:.2f} | "
         f"{s['rule']} before {s['unique_experts_before']:.2f} -> "
         f"after {s['unique_experts_after']:.2f}\n"
@@ -187,19 +220,7 @@ def print_summary(s: dict, output_dir: Path) -> None:
     )
 
 
-EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, InstantiationException)
-
-
-def exit_on_error(run: Callable[[DictConfig], object], cfg: DictConfig) -> None:
-    """Bad input ends the command with its message and exit code 1, not a traceback."""
-    try:
-        run(cfg)
-    except EXPECTED_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-
-
-@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "configs"), config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     with multirun_job_relaunchable():
         exit_on_error(train, cfg)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dmoe_train.evaluate import GenerationSettings, evaluate_generation
+from dmoe_train.cli.common import CONFIG_DIR, exit_on_error
+from dmoe_train.decoding_eval import GenerationSettings, evaluate_generation
 from dmoe_train.router_io import load_router
 from dmoe_train.routing import RoutingPolicy
-from dmoe_train.train import PROJECT_ROOT, exit_on_error
+
+log = logging.getLogger(__name__)
 
 
 def run_eval(cfg: DictConfig) -> dict:
@@ -47,7 +50,7 @@ def run_eval(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(format_table([metrics]))
+    log.info("\n%s", format_table([metrics]))
     return metrics
 
 
@@ -76,7 +79,7 @@ def format_table(rows: list[dict], names: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "configs"), config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
     exit_on_error(run_eval, cfg)
 

@@ -2,7 +2,7 @@
 
 - `torchrun` / `srun` start every rank: each rank composes the config itself, so the run directory
   must not depend on each process's clock: `run_id` names it after the launcher's job id.
-- Lightning's own launcher (`python -m dmoe_train.train trainer=ddp`) restarts `sys.argv` for
+- Lightning's own launcher (`python -m dmoe_train.cli.train trainer=ddp`) restarts `sys.argv` for
   ranks > 0 with `hydra.run.dir` set; `multirun_job_relaunchable` makes that work in a `-m` sweep.
 """
 

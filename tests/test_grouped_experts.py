@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmoe_train import moe
+from dmoe_train.grouped_experts import expert_mlp
 
 
 def loop_reference(x, ids, weights, gate_proj, up_proj, down_proj):
@@ -46,7 +46,7 @@ def test_grouped_matches_loop(seed, use_grouped_mm, monkeypatch):
     if not use_grouped_mm:
         monkeypatch.delattr(F, "grouped_mm")
     args = _case(seed)
-    out, grads = _forward_and_grads(moe.expert_mlp, args)
+    out, grads = _forward_and_grads(expert_mlp, args)
     ref, ref_grads = _forward_and_grads(loop_reference, args)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, ref_grads, strict=True):

@@ -4,12 +4,16 @@ hold only the trainable tensors and their optimizer state, never the frozen base
 
 from __future__ import annotations
 
-import math
+import logging
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from dmoe_train.diffusion import AttentionMode, denoise, masked_diffusion_loss, row_uniforms
 from dmoe_train.metrics import unique_experts_per_block
@@ -18,12 +22,9 @@ from dmoe_train.models.sharding import full_tensor, gathered, load_shards, shard
 from dmoe_train.regularizers import CoresetRegularizer
 from dmoe_train.routing import Routing
 
+log = logging.getLogger(__name__)
 
-def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, lr=1e-3)
 
 
 def routing_stats(routing: list[Routing], block_size: int) -> dict[str, Tensor]:
@@ -49,10 +50,8 @@ class RouterFineTuner(L.LightningModule):
         self,
         model: nn.Module,
         regularizer: CoresetRegularizer | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 10,
-        min_lr_ratio: float = 0.1,
+        optimizer: Callable[..., Optimizer] = DEFAULT_OPTIMIZER,
+        scheduler: Callable[..., LRScheduler] | None = None,
         t_low: float = 0.3,
         t_high: float = 0.8,
         loss_weighting: str = "none",
@@ -70,8 +69,9 @@ class RouterFineTuner(L.LightningModule):
             )
         self.model = model
         self.regularizer = regularizer or CoresetRegularizer("none", 0.0)
-        self.lr, self.weight_decay = lr, weight_decay
-        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        # partials (Hydra `_partial_` targets): optimizer(params), scheduler(optimizer,
+        # num_training_steps=...); no scheduler: a constant learning rate
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.t_low, self.t_high, self.loss_weighting = t_low, t_high, loss_weighting
         self.attention = attention
         self.train_expert_bias = train_expert_bias
@@ -106,7 +106,13 @@ class RouterFineTuner(L.LightningModule):
 
     def on_fit_start(self) -> None:
         trainable, total = self.parameter_counts()
-        self.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.4%})")
+        if self.trainer.is_global_zero:
+            log.info(
+                "trainable parameters: %s of %s (%.4f%%)",
+                f"{trainable:,}",
+                f"{total:,}",
+                100 * trainable / total,
+            )
 
     def configure_model(self) -> None:
         """Under `ModelParallelStrategy` (trainer=fsdp) the model arrives on the meta device: shard
@@ -169,9 +175,11 @@ class RouterFineTuner(L.LightningModule):
         if not torch.isfinite(stats["loss"]):
             if self.bad_batches < self.max_bad_batches:  # skip it: no backward, no update
                 self.bad_batches += 1
-                self.print(
-                    f"skipping batch with non-finite loss at step {self.global_step} "
-                    f"({self.bad_batches} of at most {self.max_bad_batches})"
+                log.warning(
+                    "skipping batch with non-finite loss at step %d (%d of at most %d)",
+                    self.global_step,
+                    self.bad_batches,
+                    self.max_bad_batches,
                 )
                 return None
             # stop before the optimizer applies it: the last checkpoint stays the last good one
@@ -217,12 +225,10 @@ class RouterFineTuner(L.LightningModule):
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        total = max(1, self.trainer.max_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: cosine_with_warmup(s, self.warmup_steps, total, self.min_lr_ratio)
-        )
+        opt = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return {"optimizer": opt}
+        sched = self.scheduler_factory(opt, num_training_steps=max(1, self.trainer.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:

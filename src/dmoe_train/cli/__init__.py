@@ -1,0 +1,1 @@
+"""The command-line entry points: `dmoe-train`, `dmoe-eval`, `dmoe-export`."""
