@@ -61,6 +61,55 @@ def newest_router(outputs: Path) -> Path:
     return found[-1]
 
 
+# compare.csv columns: its name -> the metrics key
+CSV_COLUMNS = {
+    "unique_experts_per_block": "unique_experts_per_block",
+    "unique_experts_masked": "unique_experts_per_block_masked",
+    "accuracy": "accuracy",
+    "accuracy_retained": "accuracy_retained",
+    "expert_bytes_per_block": "expert_bytes_per_block",
+    "load_balance_cv": "load_balance_cv",
+    "experts_per_token": "experts_per_token",
+    "expert_flops_per_token": "expert_flops_per_token",
+    "seconds_per_token": "seconds_per_token",
+}
+
+
+def run_rows(rows: dict[str, list[str]], out: Path, overrides: list[str]) -> dict[str, dict]:
+    """`dmoe-eval` for every row on the same test prompts; retained against the token row."""
+    results = {}
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for i, (name, extra) in enumerate(rows.items()):
+            row_dir = f"paths.output_dir={out / 'compare' / str(i)}"
+            cfg = compose("eval", [row_dir, "reference_token=false", *extra, *overrides])
+            results[name] = run_eval(cfg)
+    token = results["token"]
+    for m in results.values():
+        m["accuracy_retained"] = m["accuracy"] / max(token["accuracy"], 1e-9)
+    return results
+
+
+def write_csv(results: dict[str, dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "rule", *CSV_COLUMNS])
+        for name, m in results.items():
+            rule = RoutingPolicy(**m["policy"]).rule
+            w.writerow([name, rule, *(m[key] for key in CSV_COLUMNS.values())])
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in results.items():
+        ax.scatter(m["unique_experts_per_block"], m["accuracy_retained"])
+        ax.annotate(name, (m["unique_experts_per_block"], m["accuracy_retained"]), fontsize=7)
+    ax.set_xlabel("unique experts per block (mean over MoE layers)")
+    ax.set_ylabel("accuracy retained vs token routing")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--router", type=Path, help="trained router (default: newest in outputs/)")
@@ -71,68 +120,16 @@ def main() -> None:
     rows = {**ROWS, "topp trained router": [f"router_checkpoint={router}"]}
     if RETROFIT.is_file():  # `make retrofit`
         rows["expert_choice retrofit (trained)"] = [f"router_checkpoint={RETROFIT}"]
-    results = {}
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        for i, (name, extra) in enumerate(rows.items()):
-            out = args.out / "compare" / str(i)
-            cfg = compose(
-                "eval",
-                [f"paths.output_dir={out}", "reference_token=false", *extra, *args.overrides],
-            )
-            results[name] = run_eval(cfg)
+    results = run_rows(rows, args.out, args.overrides)
     shown = router.resolve()
     shown = shown.relative_to(PROJECT_ROOT) if shown.is_relative_to(PROJECT_ROOT) else shown
-    token = results["token"]
-    for m in results.values():
-        m["accuracy_retained"] = m["accuracy"] / max(token["accuracy"], 1e-9)
     args.out.mkdir(parents=True, exist_ok=True)
-    names = list(results)
-    table = format_table(list(results.values()), names)
+    table = format_table(list(results.values()), list(results))
     (args.out / "compare.md").write_text(
         f"# Routing policies on the embedded default\n\ntrained router: `{shown}`\n\n{table}\n"
     )
-    with open(args.out / "compare.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            [
-                "run",
-                "rule",
-                "unique_experts_per_block",
-                "unique_experts_masked",
-                "accuracy",
-                "accuracy_retained",
-                "expert_bytes_per_block",
-                "load_balance_cv",
-                "experts_per_token",
-                "expert_flops_per_token",
-                "seconds_per_token",
-            ]
-        )
-        for name, m in results.items():
-            w.writerow(
-                [
-                    name,
-                    RoutingPolicy(**m["policy"]).rule,
-                    m["unique_experts_per_block"],
-                    m["unique_experts_per_block_masked"],
-                    m["accuracy"],
-                    m["accuracy_retained"],
-                    m["expert_bytes_per_block"],
-                    m["load_balance_cv"],
-                    m["experts_per_token"],
-                    m["expert_flops_per_token"],
-                    m["seconds_per_token"],
-                ]
-            )
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, m in results.items():
-        ax.scatter(m["unique_experts_per_block"], m["accuracy_retained"])
-        ax.annotate(name, (m["unique_experts_per_block"], m["accuracy_retained"]), fontsize=7)
-    ax.set_xlabel("unique experts per block (mean over MoE layers)")
-    ax.set_ylabel("accuracy retained vs token routing")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(args.out / "pareto.png", dpi=120)
+    write_csv(results, args.out / "compare.csv")
+    plot(results, args.out / "pareto.png")
     print(table)
 
 

@@ -34,7 +34,7 @@ def balance_experts(routing: list, model: torch.nn.Module, rate: float) -> None:
         moe.gate.expert_bias += rate * torch.sign(load.mean() - load)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="assets/tiny-llada2")
     ap.add_argument("--steps", type=int, default=4000)
@@ -44,17 +44,11 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=8)
     ap.add_argument("--bias-rate", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    torch.manual_seed(args.seed)
-    tokenizer = char_tokenizer()
-    tok_dir = Path(tempfile.mkdtemp())
-    tokenizer.save_pretrained(tok_dir)
-    data = DiffusionDataModule(
-        str(tok_dir), max_seq_len=args.max_seq_len, batch_size=args.batch_size, train_size=14000
-    )
-    data.setup()
-    model = build_model("tiny", seed=args.seed)
+
+def train_base(model: torch.nn.Module, data: DiffusionDataModule, args: argparse.Namespace) -> None:
+    """Block-diffusion pretraining from scratch, every parameter, with LLaDA2's bias balancing."""
     cfg = model.config
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     # the schedule router fine-tuning uses (configs/train.yaml: module.scheduler), to zero
@@ -62,22 +56,16 @@ def main() -> None:
         opt, args.steps // 20, args.steps, min_lr_rate=0.0
     )
     gen = torch.Generator().manual_seed(args.seed)
-    loader = data.stream_loader(args.steps)
     start = time.time()
     model.train()
-    for step, batch in enumerate(loader):
+    for step, batch in enumerate(data.stream_loader(args.steps)):
+        ids = batch["input_ids"]
+        uniforms = torch.rand(len(ids), 1 + ids.shape[1], generator=gen)
         out = denoise(
-            model,
-            batch["input_ids"],
-            batch["response_mask"],
-            cfg.mask_token_id,
-            0.0,
-            1.0,
-            "block_diffusion",
-            args.block_size,
-            torch.rand(len(batch["input_ids"]), 1 + batch["input_ids"].shape[1], generator=gen),
-        )
-        loss = masked_diffusion_loss(out.logits, batch["input_ids"], out.masked, out.t, "none")
+            model, ids, batch["response_mask"], cfg.mask_token_id, 0.0, 1.0,
+            "block_diffusion", args.block_size, uniforms,
+        )  # fmt: skip
+        loss = masked_diffusion_loss(out.logits, ids, out.masked, out.t, "none")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -93,6 +81,23 @@ def main() -> None:
                 f"{time.time() - start:6.1f}s",
                 flush=True,
             )
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    tokenizer = char_tokenizer()
+    model = build_model("tiny", seed=args.seed)
+    # the data module reads its tokenizer from a model directory: the base-to-be's
+    tok_dir = Path(tempfile.mkdtemp())
+    tokenizer.save_pretrained(tok_dir)
+    (tok_dir / "config.json").write_text(json.dumps(model.config.to_dict()))
+    data = DiffusionDataModule(
+        str(tok_dir), max_seq_len=args.max_seq_len, batch_size=args.batch_size, train_size=14000
+    )
+    data.setup()
+    start = time.time()
+    train_base(model, data, args)
     model.eval()
     quality = {
         "train_steps": args.steps,

@@ -1,7 +1,6 @@
 """Expert-choice routing, its capacity schedules and combined mode; the LLaDA-MoE family."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -221,7 +220,12 @@ def test_llada_moe_runs_every_policy():
         RoutingPolicy("expert_choice", block_size=8, ec_coreset="capacity", capacity=6),
     ):
         model.set_routing(policy)
-        assert torch.isfinite(model(ids).logits).all()
+        out = model(ids)
+        assert torch.isfinite(out.logits).all()
+        for r in out.routing:  # every chosen expert within its block's coreset, where there is one
+            if r.coreset is not None:
+                per_token = r.coreset.repeat_interleave(8, 1)
+                assert per_token.gather(-1, r.ids.clamp_min(0))[r.ids >= 0].all()
 
 
 @pytest.mark.slow
@@ -233,7 +237,6 @@ def test_retrofit_lowers_expert_choice_validation_loss(tmp_path):
     assert summary["policy"]["name"] == "expert_choice"
     assert summary["policy"]["schedule"] == "linear_reverse"
     assert summary["val_loss_after"] < summary["val_loss_before"] - 0.05
-    assert math.isfinite(summary["val_loss_after"])
     assert summary["regularizer"]["kind"] == "none"
     manifest = json.loads((tmp_path / "checkpoints" / "router.json").read_text())
     assert manifest["routing"]["name"] == "expert_choice"

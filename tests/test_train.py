@@ -1,5 +1,5 @@
 import json
-import math
+import struct
 
 import pytest
 import torch
@@ -31,15 +31,17 @@ def test_fast_dev_run(tmp_path, router, regularizer):
     )
     summary = train(cfg)
     assert summary["steps"] == 1
-    for key in (
-        "unique_experts_token",
-        "unique_experts_before",
-        "unique_experts_after",
-        "val_loss_token",
-        "val_loss_before",
-        "val_loss_after",
-    ):
-        assert math.isfinite(summary[key]), key
+    token, before = summary["unique_experts_token"], summary["unique_experts_before"]
+    assert 4 <= token <= 32  # the tiny base: top-4 of 32 experts per token
+    if router == "token":  # the same routing: the same validation numbers
+        assert (before, summary["val_loss_before"]) == (token, summary["val_loss_token"])
+    elif router == "topk_cap":
+        assert before < token
+    elif router in ("des_vote", "capacity_max"):
+        assert before <= 8  # the capacity
+    else:  # top_p 0.99 keeps nearly the union of the votes, never more
+        assert 8 <= before <= token
+    assert summary["val_loss_after"] < 5.0  # ln(128) = 4.85: better than uniform
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["router_checkpoint"].endswith("router.safetensors")
     assert set(load_file(written["router_checkpoint"])) == {k.removeprefix("model.") for k in GATES}
@@ -85,9 +87,14 @@ def test_logger_configs_write_offline(tmp_path, logger, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = compose_train(tmp_path, f"logger={logger}")
     (log,) = [instantiate(c) for c in cfg.logger.values()]
-    log.log_metrics({"train/loss": 1.0}, step=1)
+    log.log_metrics({"train/loss": 0.125}, step=1)
     log.finalize("success")
-    assert any(p.is_file() for p in tmp_path.rglob("*")), f"{logger} wrote nothing"
+    if logger == "wandb":  # its writer is another process: wait for the run to close
+        log.experiment.finish()
+    written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    # the tag and the value: as text (CSV, wandb's offline run) or float32 (TensorBoard events)
+    value = struct.pack("<f", 0.125) if logger == "tensorboard" else b"0.125"
+    assert b"train/loss" in written and value in written
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """Bad input fails early with a message naming the setting and its value."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -187,5 +186,5 @@ def test_bad_batches_can_be_skipped_up_to_a_bound(tmp_path, caplog):
         "+callbacks.poison.step=3",
     )
     summary = train(cfg)
-    assert summary["steps"] == 6 and math.isfinite(summary["val_loss_after"])
+    assert summary["steps"] == 6 and summary["val_loss_after"] < summary["val_loss_token"] * 1.5
     assert "skipping batch with non-finite loss at step 3 (1 of at most 1)" in caplog.text

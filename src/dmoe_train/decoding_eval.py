@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import Tensor
 
 from dmoe_train.data.module import DiffusionDataModule
 from dmoe_train.diffusion import denoise
-from dmoe_train.generate import generate
+from dmoe_train.generate import Generation, generate
 from dmoe_train.metrics import load_balance_cv
 
 
@@ -95,6 +96,29 @@ class MoeTimer:
             h.remove()
 
 
+@dataclass
+class _Tally:
+    """What the decoded batches of a split add up to."""
+
+    unique: list[Tensor] = field(default_factory=list)  # [B, layers] per batch
+    unique_masked: list[Tensor] = field(default_factory=list)
+    correct: int = 0
+    samples: int = 0
+    tokens_out: int = 0
+    seconds: float = 0.0
+    load: Tensor | int = 0  # [layers, E]
+    routed: int = 0
+
+    def add(self, out: Generation, correct: int, gen_length: int) -> None:
+        self.unique.append(out.unique_experts.mean(0))  # mean over forwards
+        self.unique_masked.append(out.unique_experts_masked.mean(0))
+        self.correct += correct
+        self.samples += out.tokens.shape[0]
+        self.tokens_out += out.tokens.shape[0] * gen_length
+        self.seconds += out.seconds
+        self.load, self.routed = self.load + out.expert_load, self.routed + out.tokens_routed
+
+
 @torch.no_grad()
 def evaluate_generation(
     model: torch.nn.Module, data: DiffusionDataModule, settings: GenerationSettings, split: str
@@ -102,13 +126,11 @@ def evaluate_generation(
     """Decode a split and measure experts per block, accuracy, expert bytes and latency."""
     cfg = model.config
     loader = data.test_dataloader() if split == "test" else data.val_dataloader()
-    unique, unique_masked, correct, total, tokens_out, seconds = [], [], 0, 0, 0, 0.0
-    load, routed = 0, 0
-    timer = MoeTimer(model)
+    tally, timer = _Tally(), MoeTimer(model)
     for batch in loader:
         prompts = [
             ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_len"], strict=True)
-        ][: settings.max_samples - total]
+        ][: settings.max_samples - tally.samples]
         if not prompts:
             break
         gen_length = settings.gen_length or data.max_seq_len - min(len(p) for p in prompts)
@@ -124,33 +146,36 @@ def evaluate_generation(
             settings.cache,
         )
         texts = data.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
-        correct += sum(answer_correct(t, a) for t, a in zip(texts, batch["answer"], strict=False))
-        total += len(prompts)
-        unique.append(out.unique_experts.mean(0))  # [B, layers], mean over forwards
-        unique_masked.append(out.unique_experts_masked.mean(0))
-        load, routed = load + out.expert_load, routed + out.tokens_routed
-        tokens_out += len(prompts) * gen_length
-        seconds += out.seconds
+        correct = sum(answer_correct(t, a) for t, a in zip(texts, batch["answer"], strict=False))
+        tally.add(out, correct, gen_length)
     timer.remove()
-    per_layer = torch.cat(unique).mean(0)
+    return _metrics(model, settings, tally, timer)
+
+
+def _metrics(
+    model: torch.nn.Module, settings: GenerationSettings, tally: _Tally, timer: MoeTimer
+) -> dict:
+    cfg = model.config
+    per_layer = torch.cat(tally.unique).mean(0)
     param = next(model.parameters())
     expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     expert_bytes = expert_params * param.element_size()
+    load, routed = tally.load, tally.routed
     decoded = routed > 0  # else no forward ran: nothing to count
     experts_per_token = float(load.sum()) / routed / load.shape[0] if decoded else float("nan")
     return {
         "policy": cfg.routing.to_dict(),
-        "samples": total,
-        "accuracy": correct / max(total, 1),
+        "samples": tally.samples,
+        "accuracy": tally.correct / max(tally.samples, 1),
         "unique_experts_per_block": float(per_layer.mean()),
         "unique_experts_per_block_per_layer": per_layer.tolist(),
-        "unique_experts_per_block_masked": float(torch.cat(unique_masked).mean()),
+        "unique_experts_per_block_masked": float(torch.cat(tally.unique_masked).mean()),
         "expert_bytes_per_block": float(per_layer.mean()) * expert_bytes,
         # of the decoded blocks, per MoE layer: 0 = every expert processed as many tokens
         "load_balance_cv": float(load_balance_cv(load).mean()) if decoded else float("nan"),
         "experts_per_token": experts_per_token,
         "expert_flops_per_token": experts_per_token * 2 * expert_params,  # per MoE layer
-        "seconds_per_token": seconds / max(tokens_out, 1),
+        "seconds_per_token": tally.seconds / max(tally.tokens_out, 1),
         "seconds_per_moe_layer": timer.seconds / max(timer.calls, 1),
         "device": str(param.device),
         "dtype": str(param.dtype).removeprefix("torch."),

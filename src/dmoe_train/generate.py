@@ -22,6 +22,7 @@ from torch import Tensor
 
 from dmoe_train.diffusion import as_additive
 from dmoe_train.metrics import expert_load, unique_experts_per_block
+from dmoe_train.models.common import LMOutput
 
 
 @dataclass
@@ -85,6 +86,67 @@ def commit_mask(
     return masked & ((confidence > threshold) | (rank == 0))
 
 
+class _Decoder:
+    """One `generate` call's state: the layout on the model's device, the prefix cache (the
+    keys and values of finished blocks) and the routing statistics of the decoded blocks."""
+
+    def __init__(self, model: torch.nn.Module, lay: Layout, mask_id: int, cache: bool) -> None:
+        device = next(model.parameters()).device
+        self.model, self.mask_id, self.cache = model, mask_id, cache
+        self.x, self.valid, self.gen, self.pos, self.attn = (
+            t.to(device) for t in (lay.x, lay.valid, lay.generated, lay.positions, lay.attention)
+        )
+        self.past: list | None = None
+        self.unique: list[Tensor] = []
+        self.unique_masked: list[Tensor] = []
+        self.load = torch.zeros((), dtype=torch.long, device=device)
+        self.routed = 0
+
+    def forward(self, lo: int, hi: int) -> tuple[LMOutput, int]:
+        """The model on positions lo..hi (on 0..hi without a cache); the offset of lo."""
+        start = lo if self.cache else 0
+        out = self.model(
+            self.x[:, start:hi],
+            attention_mask=self.attn[:, :, start:hi, :hi],
+            position_ids=self.pos[:, start:hi],
+            valid=self.valid[:, start:hi],
+            past_key_values=self.past if self.cache else None,
+        )
+        return out, lo - start
+
+    def masked(self, lo: int, hi: int) -> Tensor:
+        return self.gen[:, lo:hi] & (self.x[:, lo:hi] == self.mask_id)
+
+    def step(self, lo: int, hi: int, steps_left: int, threshold: float | None) -> None:
+        """One denoising forward of block lo..hi: record its routing, commit tokens."""
+        masked = self.masked(lo, hi)
+        out, offset = self.forward(lo, hi)
+        valid = self.valid[:, lo:hi]
+        block_ids = [r.ids[:, offset : offset + hi - lo] for r in out.routing]
+        self.unique.append(_count(block_ids, valid))
+        self.unique_masked.append(_count(block_ids, masked))
+        experts = [r.scores.shape[-1] for r in out.routing]
+        self.load = self.load + torch.stack(
+            [expert_load(ids, e, valid) for ids, e in zip(block_ids, experts, strict=True)]
+        )
+        self.routed += int(valid.sum())
+        probs = out.logits[:, offset : offset + hi - lo].float().softmax(-1)
+        confidence, tokens = probs.max(-1)
+        chosen = commit_mask(confidence, masked, steps_left, threshold)
+        self.x[:, lo:hi] = torch.where(chosen, tokens, self.x[:, lo:hi])
+
+    def keep(self, lo: int, hi: int) -> None:
+        """Cache the finished block's exact keys and values, computed with its final tokens."""
+        new = self.forward(lo, hi)[0].key_values
+        if self.past is None:
+            self.past = new
+        else:
+            self.past = [
+                (torch.cat([pk, k], 2), torch.cat([pv, v], 2))
+                for (pk, pv), (k, v) in zip(self.past, new, strict=True)
+            ]
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -97,72 +159,34 @@ def generate(
     threshold: float | None = None,
     cache: bool = False,
 ) -> Generation:
-    device = next(model.parameters()).device
     lay = block_layout(prompts, gen_length, block_length, eos_id, mask_id)
-    x, valid, gen, pos, attn = (
-        t.to(device) for t in (lay.x, lay.valid, lay.generated, lay.positions, lay.attention)
-    )
-    width = x.shape[1]
-    first = int(gen.float().argmax(1).min()) // block_length
-    past = None
-
-    def forward(lo: int, hi: int):
-        """Logits and routing of positions lo..hi (all of 0..hi without a cache)."""
-        start = lo if cache else 0
-        out = model(
-            x[:, start:hi],
-            attention_mask=attn[:, :, start:hi, :hi],
-            position_ids=pos[:, start:hi],
-            valid=valid[:, start:hi],
-            past_key_values=past if cache else None,
-        )
-        return out, lo - start
-
+    dec = _Decoder(model, lay, mask_id, cache)
+    width = lay.x.shape[1]
+    first = int(lay.generated.float().argmax(1).min()) // block_length
     if cache and first > 0:  # prefill the prompt's full blocks
-        past = forward(0, first * block_length)[0].key_values
-    unique, unique_masked = [], []
-    load, routed = torch.zeros((), dtype=torch.long, device=x.device), 0
+        dec.past = dec.forward(0, first * block_length)[0].key_values
     began = time.perf_counter()
     for lo in range(first * block_length, width, block_length):
         hi = min(lo + block_length, width)
-        in_block = gen[:, lo:hi]
         for step in range(steps):
-            masked = in_block & (x[:, lo:hi] == mask_id)
-            if not masked.any():
+            if not dec.masked(lo, hi).any():
                 break
-            out, offset = forward(lo, hi)
-            block_ids = [r.ids[:, offset : offset + hi - lo] for r in out.routing]
-            unique.append(_count(block_ids, valid[:, lo:hi]))
-            unique_masked.append(_count(block_ids, masked))
-            load = load + torch.stack(
-                [
-                    expert_load(i, r.scores.shape[-1], valid[:, lo:hi])
-                    for i, r in zip(block_ids, out.routing, strict=True)
-                ]
-            )
-            routed += int(valid[:, lo:hi].sum())
-            probs = out.logits[:, offset : offset + hi - lo].float().softmax(-1)
-            confidence, tokens = probs.max(-1)
-            chosen = commit_mask(confidence, masked, steps - step, threshold)
-            x[:, lo:hi] = torch.where(chosen, tokens, x[:, lo:hi])
-        if ((x[:, :hi] == eos_id) & gen[:, :hi]).any(1).all():
+            dec.step(lo, hi, steps - step, threshold)
+        if ((dec.x[:, :hi] == eos_id) & dec.gen[:, :hi]).any(1).all():
             break
-        if cache:  # the finished block's exact keys and values, computed with its final tokens
-            new = forward(lo, hi)[0].key_values
-            past = (
-                new
-                if past is None
-                else [
-                    (torch.cat([pk, k], 2), torch.cat([pv, v], 2))
-                    for (pk, pv), (k, v) in zip(past, new, strict=True)
-                ]
-            )
+        if cache:
+            dec.keep(lo, hi)
     seconds = time.perf_counter() - began
-    tokens = x[gen].view(len(prompts), gen_length).clone()
+    tokens = dec.x[dec.gen].view(len(prompts), gen_length).clone()
     tokens[tokens == mask_id] = eos_id  # an early stop leaves later blocks undecoded
     tokens = tokens.masked_fill((tokens == eos_id).long().cumsum(1) > 0, eos_id)
     return Generation(
-        tokens, torch.stack(unique), torch.stack(unique_masked), load.cpu(), routed, seconds
+        tokens,
+        torch.stack(dec.unique),
+        torch.stack(dec.unique_masked),
+        dec.load.cpu(),
+        dec.routed,
+        seconds,
     )
 
 
