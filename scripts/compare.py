@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from dmoe_train.cli.common import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
-from dmoe_train.cli.eval import format_table, run_eval  # noqa: E402
+from dmoe_train.cli.eval import format_table, prepare_eval, run_eval  # noqa: E402
+from dmoe_train.decoding_eval import first_prompts, interleaved_latency  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 
 ROWS = {
@@ -71,21 +72,30 @@ CSV_COLUMNS = {
     "load_balance_cv": "load_balance_cv",
     "experts_per_token": "experts_per_token",
     "expert_flops_per_token": "expert_flops_per_token",
-    "seconds_per_token": "seconds_per_token",
+    "latency_ms_per_token": "latency_ms_per_token",
+    "latency_vs_token": "latency_vs_token",
 }
+LATENCY_PROMPTS, LATENCY_ROUNDS = 64, 9
 
 
 def run_rows(rows: dict[str, list[str]], out: Path, overrides: list[str]) -> dict[str, dict]:
-    """`dmoe-eval` for every row on the same test prompts; retained against the token row."""
-    results = {}
+    """`dmoe-eval` for every row on the same test prompts, retained against the token row; then
+    every row's decode latency on the same prompts, in interleaved rounds, against token's."""
+    results, runs = {}, {}
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for i, (name, extra) in enumerate(rows.items()):
             row_dir = f"paths.output_dir={out / 'compare' / str(i)}"
             cfg = compose("eval", [row_dir, "reference_token=false", *extra, *overrides])
             results[name] = run_eval(cfg)
+            model, data, settings = prepare_eval(cfg)
+            runs[name] = (model, settings)
     token = results["token"]
     for m in results.values():
         m["accuracy_retained"] = m["accuracy"] / max(token["accuracy"], 1e-9)
+    prompts, gen_length = first_prompts(data, "test", LATENCY_PROMPTS, runs["token"][1])
+    latency = interleaved_latency(runs, "token", prompts, gen_length, LATENCY_ROUNDS)
+    for name, m in results.items():
+        m |= latency[name]
     return results
 
 

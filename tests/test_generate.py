@@ -8,8 +8,9 @@ import torch
 from helpers import CONFIGS, FAST, run_cli
 from hydra import compose, initialize_config_dir
 
+from dmoe_train import decoding_eval
 from dmoe_train.cli.eval import run_eval
-from dmoe_train.decoding_eval import answer_correct
+from dmoe_train.decoding_eval import GenerationSettings, answer_correct, interleaved_latency
 from dmoe_train.generate import block_layout, generate
 from dmoe_train.models import build_model
 from dmoe_train.models.common import LMOutput
@@ -138,3 +139,40 @@ def test_two_point_sweep_end_to_end(tmp_path):
     assert (sweep / "sweep.png").is_file() and len(
         (sweep / "sweep.csv").read_text().splitlines()
     ) == 3
+
+
+def test_latency_rounds_against_a_reference(monkeypatch):
+    token, topp = build_model("tiny", seed=0), build_model("tiny", seed=0)
+    topp.set_routing(RoutingPolicy("topp", block_size=4, top_p=0.5, min_experts=4))
+    settings = GenerationSettings(block_length=4, steps=4)
+    runs = {"token": (token, settings), "topp": (topp, settings)}
+    calls = []
+    real = decoding_eval.time_decode
+
+    def counted(*args):
+        calls.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(decoding_eval, "time_decode", counted)
+    latency = interleaved_latency(runs, "token", [[5, 6, 7], [8, 9]], 8, rounds=3)
+    # a warm-up round, then 3 rounds, each run once per round, in turn
+    assert calls == [token, topp] * 4
+    assert latency["token"]["latency_vs_token"] == 1.0
+    assert latency["topp"]["latency_vs_token"] > 0 and latency["topp"]["latency_ms_per_token"] > 0
+
+
+def test_each_sample_counts_only_its_own_forwards():
+    """A batch decodes on for its slowest sample; the finished one's extra forwards do not
+    count, so a sample's figures do not depend on the batch it is in."""
+    model = build_model("tiny", seed=0)
+    cfg = model.config
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    args = (8, 4, 4, cfg.mask_token_id, cfg.eos_token_id)
+    together = generate(model, prompts, *args)
+    for i, prompt in enumerate(prompts):
+        alone = generate(model, [prompt], *args)
+        assert torch.equal(alone.tokens[0], together.tokens[i])
+        torch.testing.assert_close(
+            alone.per_sample(alone.unique_experts)[0],
+            together.per_sample(together.unique_experts)[i],
+        )

@@ -2,7 +2,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmoe_train.grouped_experts import expert_mlp
+from dmoe_train import grouped_experts
+from dmoe_train.grouped_experts import expert_mlp, grouped_mm_runs
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("grouped_mm called where its kernel does not run")
+
+
+def test_where_grouped_mm_runs():
+    assert grouped_mm_runs("cpu", torch.float32, None) and grouped_mm_runs(
+        "cpu", torch.bfloat16, None
+    )
+    assert grouped_mm_runs("cuda", torch.bfloat16, (8, 0)) and grouped_mm_runs(
+        "cuda", torch.bfloat16, (9, 0)
+    )
+    assert not grouped_mm_runs("cuda", torch.float32, (9, 0))  # the tiny base loads in float32
+    assert not grouped_mm_runs("cuda", torch.float16, (9, 0))
+    assert not grouped_mm_runs("cuda", torch.bfloat16, (7, 5))  # before Ampere
+    assert not grouped_mm_runs("mps", torch.bfloat16, None)
 
 
 def loop_reference(x, ids, weights, gate_proj, up_proj, down_proj):
@@ -41,10 +59,13 @@ def _forward_and_grads(fn, args):
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("use_grouped_mm", [True, False])
-def test_grouped_matches_loop(seed, use_grouped_mm, monkeypatch):
-    if not use_grouped_mm:
+@pytest.mark.parametrize("path", ["grouped_mm", "missing", "unsupported"])
+def test_grouped_matches_loop(seed, path, monkeypatch):
+    if path == "missing":  # an older torch
         monkeypatch.delattr(F, "grouped_mm")
+    if path == "unsupported":  # as on CUDA in float32: the kernel must not be called
+        monkeypatch.setattr(grouped_experts, "grouped_mm_runs", lambda *a: False)
+        monkeypatch.setattr(F, "grouped_mm", _refuse)
     args = _case(seed)
     out, grads = _forward_and_grads(expert_mlp, args)
     ref, ref_grads = _forward_and_grads(loop_reference, args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -110,8 +111,8 @@ class _Tally:
     routed: int = 0
 
     def add(self, out: Generation, correct: int, gen_length: int) -> None:
-        self.unique.append(out.unique_experts.mean(0))  # mean over forwards
-        self.unique_masked.append(out.unique_experts_masked.mean(0))
+        self.unique.append(out.per_sample(out.unique_experts))  # mean over its forwards
+        self.unique_masked.append(out.per_sample(out.unique_experts_masked))
         self.correct += correct
         self.samples += out.tokens.shape[0]
         self.tokens_out += out.tokens.shape[0] * gen_length
@@ -152,6 +153,68 @@ def evaluate_generation(
     return _metrics(model, settings, tally, timer)
 
 
+def first_prompts(
+    data: DiffusionDataModule, split: str, n: int, settings: GenerationSettings
+) -> tuple[list[list[int]], int]:
+    """The first `n` prompts of a split and the generation length `evaluate_generation` gives
+    them (a fixed workload for timing)."""
+    loader = data.test_dataloader() if split == "test" else data.val_dataloader()
+    prompts = []
+    for batch in loader:
+        pairs = zip(batch["input_ids"], batch["prompt_len"], strict=True)
+        prompts += [ids[:k].tolist() for ids, k in pairs][: n - len(prompts)]
+        if len(prompts) == n:
+            break
+    return prompts, settings.gen_length or data.max_seq_len - min(len(p) for p in prompts)
+
+
+def time_decode(
+    model: torch.nn.Module, prompts: list[list[int]], gen_length: int, settings: GenerationSettings
+) -> float:
+    """Wall seconds of one greedy decode of `prompts` (CUDA synchronised)."""
+    cfg = model.config
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    generate(
+        model, prompts, gen_length, settings.block_length, settings.steps,
+        cfg.mask_token_id, cfg.eos_token_id, settings.threshold, settings.cache,
+    )  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - began
+
+
+def interleaved_latency(
+    runs: dict[str, tuple[torch.nn.Module, GenerationSettings]],
+    reference: str,
+    prompts: list[list[int]],
+    gen_length: int,
+    rounds: int,
+) -> dict[str, dict[str, float]]:
+    """Decode latency of every run on the same prompts, taken in rounds: each round times one
+    decode under every run in turn (after a warm-up round). A run's latency is its median over
+    rounds; its ratio to `reference` is the median of the per-round ratios, so drifts in the
+    machine's speed between rounds cancel."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds + 1):
+        for name, (model, settings) in runs.items():
+            seconds = time_decode(model, prompts, gen_length, settings)
+            if r:  # round 0 warms up
+                times[name].append(seconds)
+    tokens = len(prompts) * gen_length
+    ref = times[reference]
+    return {
+        name: {
+            "latency_ms_per_token": statistics.median(t) / tokens * 1e3,
+            "latency_vs_" + reference: statistics.median(
+                a / b for a, b in zip(t, ref, strict=True)
+            ),
+        }
+        for name, t in times.items()
+    }
+
+
 def _metrics(
     model: torch.nn.Module, settings: GenerationSettings, tally: _Tally, timer: MoeTimer
 ) -> dict:
@@ -175,6 +238,7 @@ def _metrics(
         "load_balance_cv": float(load_balance_cv(load).mean()) if decoded else float("nan"),
         "experts_per_token": experts_per_token,
         "expert_flops_per_token": experts_per_token * 2 * expert_params,  # per MoE layer
+        # the accuracy pass's own wall time, first calls included (latency_*: timed properly)
         "seconds_per_token": tally.seconds / max(tally.tokens_out, 1),
         "seconds_per_moe_layer": timer.seconds / max(timer.calls, 1),
         "device": str(param.device),

@@ -30,9 +30,16 @@ class Generation:
     tokens: Tensor  # [B, gen_length]; positions after an eos are eos
     unique_experts: Tensor  # [forwards, B, moe_layers]: distinct experts of the decoded block
     unique_experts_masked: Tensor  # the same, counting only its still-masked positions
+    counted: Tensor  # [forwards, B]: the sample's own forwards (masks left in the block, no eos
+    # before it); a batch decodes on for its slowest sample, and those forwards do not count
     expert_load: Tensor  # [moe_layers, E]: tokens each expert processed, over all forwards
-    tokens_routed: int  # decoded-block positions routed per MoE layer, over all forwards
+    tokens_routed: int  # decoded-block positions routed per MoE layer, over counted forwards
     seconds: float
+
+    def per_sample(self, unique: Tensor) -> Tensor:
+        """`unique` `[forwards, B, layers]` -> its mean over each sample's counted forwards."""
+        weight = self.counted[..., None].float()
+        return (unique * weight).sum(0) / weight.sum(0).clamp_min(1)
 
 
 @dataclass
@@ -90,15 +97,18 @@ class _Decoder:
     """One `generate` call's state: the layout on the model's device, the prefix cache (the
     keys and values of finished blocks) and the routing statistics of the decoded blocks."""
 
-    def __init__(self, model: torch.nn.Module, lay: Layout, mask_id: int, cache: bool) -> None:
+    def __init__(
+        self, model: torch.nn.Module, lay: Layout, mask_id: int, eos_id: int, cache: bool
+    ) -> None:
         device = next(model.parameters()).device
-        self.model, self.mask_id, self.cache = model, mask_id, cache
+        self.model, self.mask_id, self.eos_id, self.cache = model, mask_id, eos_id, cache
         self.x, self.valid, self.gen, self.pos, self.attn = (
             t.to(device) for t in (lay.x, lay.valid, lay.generated, lay.positions, lay.attention)
         )
         self.past: list | None = None
         self.unique: list[Tensor] = []
         self.unique_masked: list[Tensor] = []
+        self.counted: list[Tensor] = []
         self.load = torch.zeros((), dtype=torch.long, device=device)
         self.routed = 0
 
@@ -120,16 +130,20 @@ class _Decoder:
     def step(self, lo: int, hi: int, steps_left: int, threshold: float | None) -> None:
         """One denoising forward of block lo..hi: record its routing, commit tokens."""
         masked = self.masked(lo, hi)
+        finished = ((self.x[:, :lo] == self.eos_id) & self.gen[:, :lo]).any(1)
+        counted = masked.any(1) & ~finished
         out, offset = self.forward(lo, hi)
         valid = self.valid[:, lo:hi]
         block_ids = [r.ids[:, offset : offset + hi - lo] for r in out.routing]
         self.unique.append(_count(block_ids, valid))
         self.unique_masked.append(_count(block_ids, masked))
+        self.counted.append(counted)
         experts = [r.scores.shape[-1] for r in out.routing]
+        routed = valid & counted[:, None]
         self.load = self.load + torch.stack(
-            [expert_load(ids, e, valid) for ids, e in zip(block_ids, experts, strict=True)]
+            [expert_load(ids, e, routed) for ids, e in zip(block_ids, experts, strict=True)]
         )
-        self.routed += int(valid.sum())
+        self.routed += int(routed.sum())
         probs = out.logits[:, offset : offset + hi - lo].float().softmax(-1)
         confidence, tokens = probs.max(-1)
         chosen = commit_mask(confidence, masked, steps_left, threshold)
@@ -160,7 +174,7 @@ def generate(
     cache: bool = False,
 ) -> Generation:
     lay = block_layout(prompts, gen_length, block_length, eos_id, mask_id)
-    dec = _Decoder(model, lay, mask_id, cache)
+    dec = _Decoder(model, lay, mask_id, eos_id, cache)
     width = lay.x.shape[1]
     first = int(lay.generated.float().argmax(1).min()) // block_length
     if cache and first > 0:  # prefill the prompt's full blocks
@@ -184,6 +198,7 @@ def generate(
         tokens,
         torch.stack(dec.unique),
         torch.stack(dec.unique_masked),
+        torch.stack(dec.counted),
         dec.load.cpu(),
         dec.routed,
         seconds,

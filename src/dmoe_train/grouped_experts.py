@@ -3,8 +3,9 @@
 Weights are stacked per expert as in the merged checkpoint layout: `gate_proj`/`up_proj`
 `[E, I, H]`, `down_proj` `[E, H, I]`. Only experts that received tokens are touched:
 `grouped_mm` skips empty groups, and the loop over non-empty experts replaces it where it is
-missing or where deterministic algorithms are on (its deterministic CPU path does a full matmul
-per group, ~60x slower). Outputs are combined without atomic accumulation, so the result is
+missing, where its kernel does not run (`grouped_mm_runs`: CUDA wants bfloat16 on SM80+) or
+where deterministic algorithms are on (its deterministic CPU path does a full matmul per group,
+~60x slower). Outputs are combined without atomic accumulation, so the result is
 bit-reproducible.
 """
 
@@ -15,9 +16,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def grouped_mm_runs(
+    device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None
+) -> bool:
+    """Where `torch.nn.functional.grouped_mm`'s kernel runs: on the CPU for any float dtype; on
+    CUDA only for bfloat16 on SM80 and newer (its documented constraint, which the meta kernel
+    enforces too). Elsewhere `grouped_linear` loops over the non-empty experts instead, in the
+    caller's dtype (exact, not a cast)."""
+    if device_type == "cpu":
+        return dtype.is_floating_point
+    return device_type == "cuda" and dtype == torch.bfloat16 and (capability or (0, 0)) >= (8, 0)
+
+
+def _use_grouped_mm(x: Tensor, weight: Tensor) -> bool:
+    if not hasattr(F, "grouped_mm") or torch.are_deterministic_algorithms_enabled():
+        return False
+    if x.dtype != weight.dtype or (x.shape[1] * x.element_size()) % 16:  # 16-byte aligned rows
+        return False
+    cuda = x.device.type == "cuda"
+    capability = torch.cuda.get_device_capability(x.device) if cuda else None
+    return grouped_mm_runs(x.device.type, x.dtype, capability)
+
+
 def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
     """`x` `[N, K]` sorted by group, `weight` `[E, out, K]`, `counts` `[E]` rows per group."""
-    if hasattr(F, "grouped_mm") and not torch.are_deterministic_algorithms_enabled():
+    if _use_grouped_mm(x, weight):
         offs = counts.cumsum(0).to(torch.int32)
         return F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
     out = x.new_empty(x.shape[0], weight.shape[1])

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -18,7 +20,9 @@ from dmoe_train.routing import RoutingPolicy
 log = logging.getLogger(__name__)
 
 
-def run_eval(cfg: DictConfig) -> dict:
+def prepare_eval(cfg: DictConfig) -> tuple[torch.nn.Module, Any, GenerationSettings]:
+    """The model under its routing (the router checkpoint's, or `router=`), the data and the
+    decoding settings of an evaluation config."""
     model = instantiate(cfg.model)
     routing = instantiate(cfg.router) if cfg.get("router") else None
     if cfg.router_checkpoint:
@@ -34,6 +38,12 @@ def run_eval(cfg: DictConfig) -> dict:
         )
     data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
     data.setup()
+    return model, data, settings
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    model, data, settings = prepare_eval(cfg)
+    policy = model.config.routing
     metrics = evaluate_generation(model, data, settings, cfg.split)
     metrics["router_checkpoint"] = cfg.router_checkpoint
     if cfg.reference_token:
@@ -54,6 +64,10 @@ def run_eval(cfg: DictConfig) -> dict:
     return metrics
 
 
+def _vs_token(m: dict) -> str:
+    return f"{m['latency_vs_token']:.2f}" if "latency_vs_token" in m else "-"
+
+
 COLUMNS = (
     ("policy", lambda m: m["policy"]["name"]),
     ("rule", lambda m: RoutingPolicy(**m["policy"]).rule),
@@ -65,7 +79,11 @@ COLUMNS = (
     ("load CV", lambda m: f"{m['load_balance_cv']:.2f}"),
     ("experts/token", lambda m: f"{m['experts_per_token']:.2f}"),
     ("expert MFLOPs/token", lambda m: f"{m['expert_flops_per_token'] / 1e6:.2f}"),
-    ("ms/token", lambda m: f"{m['seconds_per_token'] * 1e3:.3f}"),
+    # with `interleaved_latency` (make compare): the median ratio to token routing
+    (
+        "latency vs token",
+        lambda m: f"{m['latency_vs_token']:.2f}" if "latency_vs_token" in m else "-",
+    ),
 )
 
 

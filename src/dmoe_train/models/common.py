@@ -160,7 +160,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts stacked `[E, ...]` (the merged layout); saved in the split layout."""
+    """Routed experts stacked `[E, ...]` (the merged layout); saved in the split layout. Their
+    compute is this module's forward, so hooks on it (accelerate's offload) see every use."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
@@ -168,6 +169,10 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(e, i, h))
         self.up_proj = nn.Parameter(torch.empty(e, i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        """`x` `[N, H]`, `ids`/`weights` `[N, slots]` -> the weighted expert outputs `[N, H]`."""
+        return expert_mlp(x, ids, weights, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class SparseMoe(nn.Module):
@@ -204,14 +209,10 @@ class SparseMoe(nn.Module):
             bool(cfg.norm_topk_prob),
         )
         routing.logits = logits
-        ex = self.experts
-        out = expert_mlp(
+        out = self.experts(
             x.flatten(0, 1),
             routing.ids.flatten(0, 1),
             routing.weights.flatten(0, 1) * cfg.routed_scaling_factor,
-            ex.gate_proj,
-            ex.up_proj,
-            ex.down_proj,
         ).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -1,0 +1,295 @@
+"""The lm-evaluation-harness model `dmoe`: our block-diffusion decoder (`generate_until`) and
+the masked-diffusion Monte Carlo log-likelihood (`loglikelihood`) behind lm-eval's `LM` API,
+under any routing policy, with unique experts per block reported beside the task metrics.
+
+lm-eval finds models only by import (LLaDA's own evaluation scripts import their model file,
+then call lm-eval's CLI), so `dmoe-lm-eval` is lm-eval's CLI with this model registered:
+
+    dmoe-lm-eval --model dmoe --model_args pretrained=<dir>,router=<router.safetensors> \\
+        --tasks gsm8k --batch_size 8
+
+Model args: `pretrained` (a local model directory), `router` (a router checkpoint),
+`routing` (a preset of configs/router: token, topp, dmoe, llada22, ...) with `top_p`,
+`min_experts`, `capacity` overrides, `decoding` (a preset of configs/generation: tiny, llada2)
+with `block_length`, `steps`, `threshold`, `gen_length` overrides, `mc_samples` (Monte Carlo
+samples per log-likelihood), `dtype`, `seed`; `max_memory` (`0:70GiB;1:70GiB;cpu:200GiB`) with
+`offload_dir` places a base that does not fit one device (accelerate's device map: GPUs, then
+CPU, then disk). Under `accelerate launch` the requests are split over the processes and the
+results gathered on the main one (on CPU: `accelerate launch --multi_gpu --num_processes 2`
+with `--device cpu`, gloo; accelerate's `--cpu` flag starts one process unless mpirun is used).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from dmoe_train.cli.common import CONFIG_DIR
+from dmoe_train.data.tokenizer import load_tokenizer
+from dmoe_train.decoding_eval import GenerationSettings
+from dmoe_train.diffusion import denoise
+from dmoe_train.generate import generate
+from dmoe_train.models import load_model
+from dmoe_train.models.placement import parse_max_memory, place_model
+from dmoe_train.router_io import load_router
+from dmoe_train.routing import RoutingPolicy
+
+log = logging.getLogger(__name__)
+
+
+def preset(group: str, name: str) -> dict:
+    path = CONFIG_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        raise ValueError(f"{group}={name!r}: no such preset (one of {names})")
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def stop_at(text: str, until: list[str]) -> str:
+    """`text` up to the first of the stop sequences."""
+    cut = min((i for i in (text.find(s) for s in until if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+@register_model("dmoe")
+class DiffusionLM(LM):
+    latest: DiffusionLM | None = None  # the instance `main` reports on
+
+    def __init__(
+        self,
+        pretrained: str,
+        router: str | None = None,
+        routing: str | None = None,
+        decoding: str = "tiny",
+        mc_samples: int = 16,
+        batch_size: int | str = 8,
+        dtype: str = "float32",
+        device: str | None = None,
+        seed: int = 0,
+        max_memory: str | None = None,
+        offload_dir: str | None = None,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        policy_keys = {"top_p", "min_experts", "capacity"}
+        decoding_keys = {"block_length", "steps", "threshold", "gen_length"}
+        unknown = set(overrides) - policy_keys - decoding_keys - {"max_batch_size"}
+        if unknown:
+            raise ValueError(f"model_args {sorted(unknown)}: unknown to the dmoe model")
+        self.settings = GenerationSettings(
+            **{**preset("generation", decoding), **_pick(overrides, decoding_keys)}
+        )
+        self.accelerator = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: data parallel
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
+            self._rank = self.accelerator.process_index
+            self._world_size = self.accelerator.num_processes
+            device = self.accelerator.device
+            device = "cpu" if device.type == "cpu" else str(device)  # not "cpu:0"
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if max_memory is None:
+            self.model = load_model(pretrained, dtype=getattr(torch, dtype), device=self._device)
+        else:  # loaded on the CPU, then spread over the devices
+            self.model = load_model(pretrained, dtype=getattr(torch, dtype))
+            self.model = place_model(self.model, parse_max_memory(max_memory), offload_dir)
+            self._device = next(self.model.parameters()).device
+        self.model.eval()
+        self.tokenizer = load_tokenizer(pretrained)
+        policy = None
+        if routing is not None:
+            policy = instantiate({**preset("router", routing), **_pick(overrides, policy_keys)})
+            policy = replace(policy, block_size=self.settings.block_length)
+        if router is not None:
+            load_router(self.model, router, policy)
+        elif policy is not None:
+            self.model.set_routing(policy)
+        self.policy: RoutingPolicy = self.model.config.routing
+        if self.policy.uses_blocks and self.policy.block_size != self.settings.block_length:
+            raise ValueError(
+                f"router block_size={self.policy.block_size} != block_length="
+                f"{self.settings.block_length}: routing blocks must be the decoding blocks"
+            )
+        self.batch_size = 8 if batch_size == "auto" else int(batch_size)
+        self.mc_samples, self.seed = int(mc_samples), int(seed)
+        self.unique_sum, self.forwards = 0.0, 0  # decoding forwards' unique experts per block
+        DiffusionLM.latest = self
+
+    # lm-eval's data-parallel primitives (see lm_eval.api.model.LM)
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.accelerator is None else self.accelerator.gather(tensor)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list | None:
+        if self.accelerator is None:
+            return [obj]
+        out = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tokenizer.chat_template if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True):
+        if not self.tokenizer.chat_template:
+            raise ValueError(
+                f"--apply_chat_template: the tokenizer of {self.model.name_or_path} has none"
+            )
+        return self.tokenizer.apply_chat_template(
+            chat_history, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """Greedy block-diffusion decoding (the `decoding` preset), cut at the stop sequences."""
+        s, cfg, out = self.settings, self.model.config, []
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="generate")
+        for lo in range(0, len(requests), self.batch_size):
+            batch = [r.args for r in requests[lo : lo + self.batch_size]]
+            for _, kwargs in batch:
+                if kwargs.get("do_sample") or kwargs.get("temperature", 0.0) > 0:
+                    raise ValueError(f"gen_kwargs {kwargs}: the dmoe model decodes greedily")
+            lengths = [int(k.get("max_gen_toks", s.gen_length or 256)) for _, k in batch]
+            gen = generate(
+                self.model,
+                [self.encode(context) for context, _ in batch],
+                max(lengths),
+                s.block_length,
+                s.steps,
+                cfg.mask_token_id,
+                cfg.eos_token_id,
+                s.threshold,
+                s.cache,
+            )
+            # over every sample's own decoding forwards, as dMoE counts
+            self.unique_sum += float((gen.unique_experts.mean(-1) * gen.counted).sum())
+            self.forwards += int(gen.counted.sum())
+            for (_, kwargs), tokens, n in zip(batch, gen.tokens, lengths, strict=True):
+                text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+                until = kwargs.get("until") or []
+                out.append(stop_at(text, [until] if isinstance(until, str) else until))
+            bar.update(len(batch))
+        bar.close()
+        return out
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        disable = disable_tqdm or self.rank != 0
+        return [self.continuation_loglikelihood(*r.args) for r in tqdm(requests, disable=disable)]
+
+    def continuation_loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
+        """The masked-diffusion bound on log p(continuation | context), estimated by Monte Carlo
+        (LLaDA's estimator, in the block-diffusion layout the model was trained on): with
+        t_i = (i + u_i) / n stratified over (0, 1), each continuation token is masked with
+        probability t_i and the estimate is the mean of (1 / t_i) * sum over masked tokens of
+        log p(token). The same seeded noise for every request, so the estimate depends on the
+        request alone (not its batch or process). Greedy: every continuation token is the
+        argmax when all of them are masked."""
+        cfg, block = self.model.config, self.settings.block_length
+        ctx, cont = self.encode(context), self.encode(continuation)
+        width = -(-(len(ctx) + len(cont)) // block) * block
+        x0 = torch.full((width,), cfg.eos_token_id, dtype=torch.long)  # eos padding, visible
+        x0[: len(ctx) + len(cont)] = torch.tensor(ctx + cont, dtype=torch.long)
+        response = torch.zeros(width, dtype=torch.bool)
+        response[len(ctx) : len(ctx) + len(cont)] = True
+        g = torch.Generator().manual_seed(self.seed)
+        n = self.mc_samples
+        uniforms = torch.rand(n + 1, 1 + width, generator=g)
+        uniforms[:n, 0] = (torch.arange(n) + uniforms[:n, 0]) / n
+        uniforms[n, 0] = 1.0 - 1e-6  # every continuation token masked: the greedy check
+        total, greedy = 0.0, True
+        for lo in range(0, n + 1, self.batch_size):
+            rows = uniforms[lo : lo + self.batch_size]
+            x, resp = x0.expand(len(rows), -1), response.expand(len(rows), -1)
+            out = denoise(
+                self.model, x.to(self._device), resp.to(self._device), cfg.mask_token_id,
+                0.0, 1.0, "block_diffusion", block, rows.to(self._device),
+            )  # fmt: skip
+            logp = out.logits.float().log_softmax(-1).gather(-1, x.to(self._device)[..., None])
+            per_sample = (logp[..., 0] * out.masked).sum(-1) / out.t
+            estimates = slice(0, min(len(rows), n - lo))
+            total += float(per_sample[estimates].sum())
+            if lo + len(rows) > n:  # the last row: all masked
+                argmax = out.logits[-1].argmax(-1).cpu()
+                greedy = bool((argmax[response] == x0[response]).all())
+        return total / n, greedy
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        raise NotImplementedError("the dmoe model has no rolling log-likelihood (perplexity)")
+
+    def routing_report(self) -> dict:
+        """Unique experts per block over every decoding forward (summed over processes) and what
+        they cost in expert bytes."""
+        stats = torch.tensor([self.unique_sum, float(self.forwards)], dtype=torch.float64)
+        if self.accelerator is not None:
+            stats = self.accelerator.reduce(stats.to(self._device), reduction="sum").cpu()
+        unique = float(stats[0] / stats[1]) if stats[1] else float("nan")
+        cfg = self.model.config
+        param = next(self.model.parameters())
+        expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * param.element_size()
+        return {
+            "routing": self.policy.describe(),
+            "processes": self.world_size,
+            "unique_experts_per_block": unique,
+            "num_experts": cfg.num_experts,
+            "expert_bytes_per_block": unique * expert_bytes,
+            "decoding": asdict(self.settings),
+        }
+
+
+def _pick(values: dict, keys: set[str]) -> dict:
+    return {k: v for k, v in values.items() if k in keys}
+
+
+def format_report(report: dict) -> str:
+    return (
+        "| routing | unique experts/block | of | expert MB/block |\n|---|---|---|---|\n"
+        f"| {report['routing']} | {report['unique_experts_per_block']:.2f} | "
+        f"{report['num_experts']} | {report['expert_bytes_per_block'] / 2**20:.2f} |"
+    )
+
+
+def main() -> None:
+    """`dmoe-lm-eval`: lm-eval's CLI with the `dmoe` model registered; then the routing report
+    (also written beside lm-eval's results under `--output_path`)."""
+    import json
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+    lm = DiffusionLM.latest
+    if lm is None:
+        return
+    report = lm.routing_report()
+    if lm.rank == 0:
+        print(format_report(report))
+        if "--output_path" in sys.argv:
+            out = sys.argv[sys.argv.index("--output_path") + 1]
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "dmoe_routing.json"), "w") as f:
+                json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
