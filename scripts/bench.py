@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
+from dmoe_train.diffusion import block_diffusion_block_mask
 from dmoe_train.grouped_experts import expert_mlp
 from dmoe_train.models import build_model
 from dmoe_train.routing import route_in_coreset, token_topk, topp_coreset
@@ -219,6 +220,28 @@ def train_rows(presets: list[str], steps: int) -> list[dict]:
     return rows
 
 
+def attention_mask_rows(lengths: list[int], block: int) -> list[dict]:
+    """The block-diffusion mask of a training sequence of n tokens ([x_t ; x_0]: 2n x 2n): the
+    dense additive fp32 mask (what the dense path builds, and copies to the compute dtype)
+    against flex_attention's BlockMask (measured: the bytes of its index tensors)."""
+    rows = []
+    for n in lengths:
+        block_mask = block_diffusion_block_mask(n, block)
+        tensors = [t for t in block_mask.as_tuple() if isinstance(t, torch.Tensor)]
+        flex = sum(t.numel() * t.element_size() for t in tensors)
+        dense = 4 * (2 * n) ** 2
+        rows.append(
+            {
+                "tokens": n,
+                "dense_mask_MiB": round(dense / 2**20, 3),
+                "block_mask_KiB": round(flex / 2**10, 2),
+                "ratio": round(dense / flex),
+                "tiles_computed": f"{1 - block_mask.sparsity() / 100:.0%}",
+            }
+        )
+    return rows
+
+
 def bounds(layer: list[dict]) -> str:
     """Fit time = fixed + per_expert * unique over the MoE-layer rows and say what it means."""
     n = torch.tensor([r["unique_experts"] for r in layer], dtype=torch.float64)
@@ -283,6 +306,7 @@ def main() -> None:
         "expert_compute": compute_rows(s, repeat, gen),
         "routing_overhead": routing_rows(s, repeat, gen, layer[0]["ms"]),
         "train_step": train,
+        "attention_mask": attention_mask_rows([16, 512] if args.quick else [512, 2048, 8192], 32),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

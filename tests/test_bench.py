@@ -25,5 +25,9 @@ def test_bench_quick_writes_both_files(tmp_path):
     assert [(r["model"], r["mode"]) for r in train] == [("tiny", "router"), ("tiny", "full")]
     assert train[0]["trainable_params"] == 3 * 32 * 128  # the three routers only
     md = (tmp_path / "results.md").read_text()
-    for section in ("moe_layer", "expert_compute", "routing_overhead", "train_step"):
+    masks = results["attention_mask"]
+    assert [r["tokens"] for r in masks] == [16, 512]
+    assert masks[1]["dense_mask_MiB"] == 4 and masks[1]["ratio"] > 1000  # [1024, 1024] fp32
+    sections = ("moe_layer", "expert_compute", "routing_overhead", "train_step", "attention_mask")
+    for section in sections:
         assert f"## {section}" in md

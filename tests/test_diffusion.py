@@ -2,11 +2,15 @@ import pytest
 import torch
 
 from dmoe_train.diffusion import (
+    block_diffusion_block_mask,
     block_diffusion_mask,
+    denoise,
     mask_tokens,
     masked_diffusion_loss,
     row_uniforms,
 )
+from dmoe_train.models import build_model
+from dmoe_train.routing import RoutingPolicy
 
 
 def test_block_diffusion_mask_by_hand():
@@ -58,3 +62,37 @@ def test_row_noise_depends_on_its_key_alone():
     assert batch.shape == (3, 6) and ((batch >= 0) & (batch < 1)).all()
     assert torch.equal(row_uniforms([8], 5)[0], batch[1])  # another batch, rank or world size
     assert not torch.equal(batch[0], batch[1])
+
+
+def test_flex_block_mask_is_the_dense_mask():
+    from torch.nn.attention.flex_attention import create_mask
+
+    for n, block in ((16, 8), (24, 4), (130, 32)):  # 260 positions: partial 128-tiles too
+        block_mask = block_diffusion_block_mask(n, block)
+        dense = create_mask(block_mask.mask_mod, None, None, 2 * n, 2 * n, device="cpu")
+        assert torch.equal(dense[0, 0], block_diffusion_mask(n, block))
+
+
+@pytest.mark.parametrize("policy", ["token", "topp"])
+def test_flex_attention_gives_the_dense_outputs(policy):
+    model = build_model("tiny", seed=0)
+    model.set_routing(RoutingPolicy(policy, block_size=8, top_p=0.6, min_experts=4))
+    x0 = torch.randint(3, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    response = torch.zeros_like(x0, dtype=torch.bool)
+    response[:, 5:] = True
+    uniforms = torch.rand(2, 17, generator=torch.Generator().manual_seed(1))
+    args = (model, x0, response, model.config.mask_token_id, 0.3, 0.8)
+    with torch.no_grad():  # flex_attention itself (it has no backward on the CPU)
+        dense = denoise(*args, "block_diffusion", 8, uniforms)
+        flex = denoise(*args, "block_diffusion_flex", 8, uniforms)
+    torch.testing.assert_close(flex.logits, dense.logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(flex.routing, dense.routing, strict=True):
+        assert torch.equal(a.ids, b.ids)
+    # with gradients on the CPU: the dense fallback, the same loss and router gradients
+    grads = []
+    for mode in ("block_diffusion", "block_diffusion_flex"):
+        model.zero_grad()
+        out = denoise(*args, mode, 8, uniforms)
+        masked_diffusion_loss(out.logits, x0, out.masked, out.t, "none").backward()
+        grads.append(model.model.layers[1].mlp.gate.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)

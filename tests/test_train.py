@@ -104,3 +104,15 @@ def test_regularizer_lowers_unique_experts(tmp_path):
     union = train(compose_train(tmp_path / "union", *common, "regularizer.weight=0.3"))
     assert union["unique_experts_before"] == plain["unique_experts_before"]  # same start
     assert union["unique_experts_after"] < plain["unique_experts_after"] - 0.5
+
+
+def test_flex_attention_trains_as_the_dense_mask(tmp_path):
+    """module.attention=block_diffusion_flex: validation through flex_attention, training
+    through its dense fallback on the CPU; the same run as the dense mask, to float rounding."""
+    runs = {
+        mode: train(compose_train(tmp_path / mode, *steps(3), f"module.attention={mode}"))
+        for mode in ("block_diffusion", "block_diffusion_flex")
+    }
+    dense, flex = runs["block_diffusion"], runs["block_diffusion_flex"]
+    for key in ("val_loss_token", "val_loss_before", "val_loss_after", "unique_experts_after"):
+        assert flex[key] == pytest.approx(dense[key], rel=1e-4), key

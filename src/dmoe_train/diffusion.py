@@ -16,7 +16,9 @@ from torch import Tensor
 
 from dmoe_train.routing import Routing
 
-AttentionMode = Literal["block_diffusion", "full"]
+# block_diffusion_flex: the same mask as flex_attention's BlockMask (no dense [2L, 2L] tensor)
+AttentionMode = Literal["block_diffusion", "block_diffusion_flex", "full"]
+ATTENTION_MODES = ("block_diffusion", "block_diffusion_flex", "full")
 
 
 def row_uniforms(keys: list[int], n: int, device: torch.device | str | None = None) -> Tensor:
@@ -53,6 +55,21 @@ def block_diffusion_mask(n: int, block_size: int, device: torch.device | None = 
     return torch.cat([top, bottom], dim=0)
 
 
+def block_diffusion_block_mask(n: int, block_size: int, device: torch.device | None = None):
+    """`block_diffusion_mask` as flex_attention's `BlockMask`: per 128 x 128 tile, whether it is
+    empty, full or partial (evaluated by the rule below), so O((2n / 128)^2) integers stand in
+    for the dense [2n, 2n] mask, and empty tiles are never computed."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        q_t, kv_t = q < n, kv < n  # which half: x_t or x_0
+        q_block, kv_block = (q % n) // block_size, (kv % n) // block_size
+        x_t_rows = q_t & ((kv_t & (kv_block == q_block)) | (~kv_t & (kv_block < q_block)))
+        return x_t_rows | (~q_t & ~kv_t & (kv_block <= q_block))
+
+    return create_block_mask(mask_mod, None, None, 2 * n, 2 * n, device=device or "cpu")
+
+
 def as_additive(allowed: Tensor) -> Tensor:
     """Boolean keep-mask `[q, kv]` or `[B, q, kv]` -> additive float `[B or 1, 1, q, kv]`."""
     mask = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))
@@ -65,11 +82,14 @@ def diffusion_inputs(
     """Model inputs (input_ids, additive attention mask, position ids) for one attention mode."""
     if mode == "full":
         return xt, None, None
-    if mode != "block_diffusion":
-        raise ValueError(f"attention={mode!r}: must be 'block_diffusion' or 'full'")
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention={mode!r}: must be one of {ATTENTION_MODES}")
     b, n = xt.shape
     positions = torch.arange(n, device=xt.device).repeat(2).expand(b, 2 * n)
-    mask = as_additive(block_diffusion_mask(n, block_size, xt.device))
+    if mode == "block_diffusion_flex":
+        mask = block_diffusion_block_mask(n, block_size, xt.device)
+    else:
+        mask = as_additive(block_diffusion_mask(n, block_size, xt.device))
     return torch.cat([xt, x0], dim=1), mask, positions
 
 

@@ -63,7 +63,7 @@ def measure(
 
 def check_data(cfg: DictConfig, policy: RoutingPolicy, data) -> None:
     """Data settings that must fit the routing, checked before the model is loaded."""
-    if cfg.module.attention == "block_diffusion" and data.max_seq_len % policy.block_size:
+    if cfg.module.attention.startswith("block_diffusion") and data.max_seq_len % policy.block_size:
         raise ValueError(
             f"data.max_seq_len={data.max_seq_len} is not a multiple of router.block_size="
             f"{policy.block_size}: the block-diffusion mask needs whole blocks"

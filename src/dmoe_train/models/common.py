@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from dmoe_train.grouped_experts import expert_mlp
@@ -119,10 +122,29 @@ def attend(
     keys, values = (
         (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
     )
-    out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=None if mask is None else mask.to(q.dtype), enable_gqa=True
-    )
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys, values))
+    if isinstance(mask, BlockMask) and q.device.type == "cpu" and grad:
+        # flex_attention has no backward on the CPU: the dense mask it stands for, there
+        mask = _dense_additive(mask, q.device)
+    if isinstance(mask, BlockMask):  # block diffusion without a dense mask
+        out = _flex_attention(q.is_cuda)(q, keys, values, block_mask=mask, enable_gqa=True)
+    else:
+        attn_mask = None if mask is None else mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=True)
     return out.transpose(1, 2).reshape(b, n, -1), (k, v)
+
+
+def _dense_additive(mask: BlockMask, device: torch.device) -> Tensor:
+    q_len, kv_len = mask.seq_lengths
+    allowed = create_mask(mask.mask_mod, None, None, q_len, kv_len, device=device)
+    return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+
+
+@cache
+def _flex_attention(cuda: bool) -> Callable[..., Tensor]:
+    """flex_attention compiled where it has a fused kernel (CUDA, as torchtitan runs it); the
+    CPU runs it eagerly (slower, but the same result)."""
+    return torch.compile(flex_attention) if cuda else flex_attention
 
 
 class SwiGLU(nn.Module):
@@ -306,15 +328,16 @@ class MoeDiffusionLM(nn.Module):
         past_key_values: list[KV] | None = None,
         mask_ratio: Tensor | None = None,
     ) -> LMOutput:
-        """`attention_mask`: `[B, L]` padding mask (also the routing `valid` mask) or additive
-        `[B, 1, q, kv]` (0 attend, -inf block; kv covers the past too). `valid` `[B, L]`:
+        """`attention_mask`: `[B, L]` padding mask (also the routing `valid` mask), additive
+        `[B, 1, q, kv]` (0 attend, -inf block; kv covers the past too) or a flex_attention
+        `BlockMask`. `valid` `[B, L]`:
         positions that vote in routing. `past_key_values`: a prefix's `key_values`, attended
         before the input (the input's routing blocks start at its first position).
         `mask_ratio` `[B, L]`: each position's noise level for expert choice's capacity schedule
         (training passes the sample's t; default: the block's masked fraction, as in decoding)."""
         b, n = input_ids.shape
         cfg = self.config
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2:
             valid = attention_mask.bool() if valid is None else valid
             attention_mask = additive_mask(attention_mask)
         if position_ids is None:
