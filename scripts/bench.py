@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_full_width import run_all as run_full_width
 from torch.utils.benchmark import Timer
 
 from dmoe_train.diffusion import block_diffusion_block_mask
@@ -299,6 +300,8 @@ def main() -> None:
     train = train_rows(
         ["tiny"] if args.quick else ["tiny", "llada2_mini_2layer"], 1 if args.quick else 3
     )
+    # full width (a 2-layer LLaDA2.0-mini slice written to disk): not in --quick
+    full_width = {} if args.quick else run_full_width()
     layer = moe_layer_rows(s, repeat, gen)
     results = {
         "environment": env,
@@ -307,13 +310,14 @@ def main() -> None:
         "routing_overhead": routing_rows(s, repeat, gen, layer[0]["ms"]),
         "train_step": train,
         "attention_mask": attention_mask_rows([16, 512] if args.quick else [512, 2048, 8192], 32),
+        **{f"full_width_{case}": rows for case, rows in full_width.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     md = [f"# dmoe-train benchmarks\n\n`{json.dumps(env)}`\n"]
     for section, rows in results.items():
         if section != "environment":
-            md += [f"## {section}\n", table(rows), ""]
+            md += [f"## {section}\n", table(rows if isinstance(rows, list) else [rows]), ""]
     md += ["## What bounds the MoE layer\n", bounds(layer)]
     (args.out / "results.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
