@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from dmoe_train.diffusion import as_additive
 from dmoe_train.grouped_experts import expert_mlp
 from dmoe_train.routing import (
     Routing,
@@ -136,8 +137,7 @@ def attend(
 
 def _dense_additive(mask: BlockMask, device: torch.device) -> Tensor:
     q_len, kv_len = mask.seq_lengths
-    allowed = create_mask(mask.mask_mod, None, None, q_len, kv_len, device=device)
-    return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+    return as_additive(create_mask(mask.mask_mod, None, None, q_len, kv_len, device=device)[0, 0])
 
 
 @cache
