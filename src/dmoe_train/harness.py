@@ -238,8 +238,8 @@ class DiffusionLM(LM):
         raise NotImplementedError("the dmoe model has no rolling log-likelihood (perplexity)")
 
     def routing_report(self) -> dict:
-        """Unique experts per block over every decoding forward (summed over processes) and what
-        they cost in expert bytes."""
+        """Unique experts per block over every sample's own decoding forwards (summed over
+        processes) and what they cost in expert bytes."""
         stats = torch.tensor([self.unique_sum, float(self.forwards)], dtype=torch.float64)
         if self.accelerator is not None:
             stats = self.accelerator.reduce(stats.to(self._device), reduction="sum").cpu()
