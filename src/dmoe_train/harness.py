@@ -289,6 +289,9 @@ def main() -> None:
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, "dmoe_routing.json"), "w") as f:
                 json.dump(report, f, indent=2)
+    if torch.distributed.is_initialized():  # gloo's threads must not outlive the group
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
