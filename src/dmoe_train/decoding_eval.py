@@ -97,6 +97,23 @@ class MoeTimer:
             h.remove()
 
 
+def batch_prompts(batch: dict) -> list[list[int]]:
+    """The prompt token ids of a data-module batch."""
+    pairs = zip(batch["input_ids"], batch["prompt_len"], strict=True)
+    return [ids[:n].tolist() for ids, n in pairs]
+
+
+def decode(
+    model: torch.nn.Module, prompts: list[list[int]], gen_length: int, settings: GenerationSettings
+) -> Generation:
+    """`generate` under `settings`, with the model's mask and eos tokens."""
+    cfg = model.config
+    return generate(
+        model, prompts, gen_length, settings.block_length, settings.steps,
+        cfg.mask_token_id, cfg.eos_token_id, settings.threshold, settings.cache,
+    )  # fmt: skip
+
+
 @dataclass
 class _Tally:
     """What the decoded batches of a split add up to."""
@@ -125,27 +142,14 @@ def evaluate_generation(
     model: torch.nn.Module, data: DiffusionDataModule, settings: GenerationSettings, split: str
 ) -> dict:
     """Decode a split and measure experts per block, accuracy, expert bytes and latency."""
-    cfg = model.config
     loader = data.test_dataloader() if split == "test" else data.val_dataloader()
     tally, timer = _Tally(), MoeTimer(model)
     for batch in loader:
-        prompts = [
-            ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_len"], strict=True)
-        ][: settings.max_samples - tally.samples]
+        prompts = batch_prompts(batch)[: settings.max_samples - tally.samples]
         if not prompts:
             break
         gen_length = settings.gen_length or data.max_seq_len - min(len(p) for p in prompts)
-        out = generate(
-            model,
-            prompts,
-            gen_length,
-            settings.block_length,
-            settings.steps,
-            cfg.mask_token_id,
-            cfg.eos_token_id,
-            settings.threshold,
-            settings.cache,
-        )
+        out = decode(model, prompts, gen_length, settings)
         texts = data.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
         correct = sum(answer_correct(t, a) for t, a in zip(texts, batch["answer"], strict=False))
         tally.add(out, correct, gen_length)
@@ -161,8 +165,7 @@ def first_prompts(
     loader = data.test_dataloader() if split == "test" else data.val_dataloader()
     prompts = []
     for batch in loader:
-        pairs = zip(batch["input_ids"], batch["prompt_len"], strict=True)
-        prompts += [ids[:k].tolist() for ids, k in pairs][: n - len(prompts)]
+        prompts += batch_prompts(batch)[: n - len(prompts)]
         if len(prompts) == n:
             break
     return prompts, settings.gen_length or data.max_seq_len - min(len(p) for p in prompts)
@@ -172,14 +175,10 @@ def time_decode(
     model: torch.nn.Module, prompts: list[list[int]], gen_length: int, settings: GenerationSettings
 ) -> float:
     """Wall seconds of one greedy decode of `prompts` (CUDA synchronised)."""
-    cfg = model.config
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     began = time.perf_counter()
-    generate(
-        model, prompts, gen_length, settings.block_length, settings.steps,
-        cfg.mask_token_id, cfg.eos_token_id, settings.threshold, settings.cache,
-    )  # fmt: skip
+    decode(model, prompts, gen_length, settings)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - began

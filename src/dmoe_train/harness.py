@@ -35,9 +35,8 @@ from tqdm import tqdm
 
 from dmoe_train.cli.common import CONFIG_DIR
 from dmoe_train.data.tokenizer import load_tokenizer
-from dmoe_train.decoding_eval import GenerationSettings
+from dmoe_train.decoding_eval import GenerationSettings, decode
 from dmoe_train.diffusion import denoise
-from dmoe_train.generate import generate
 from dmoe_train.models import load_model
 from dmoe_train.models.placement import parse_max_memory, place_model
 from dmoe_train.router_io import load_router
@@ -162,7 +161,7 @@ class DiffusionLM(LM):
     @torch.no_grad()
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Greedy block-diffusion decoding (the `decoding` preset), cut at the stop sequences."""
-        s, cfg, out = self.settings, self.model.config, []
+        s, out = self.settings, []
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="generate")
         for lo in range(0, len(requests), self.batch_size):
             batch = [r.args for r in requests[lo : lo + self.batch_size]]
@@ -170,17 +169,7 @@ class DiffusionLM(LM):
                 if kwargs.get("do_sample") or kwargs.get("temperature", 0.0) > 0:
                     raise ValueError(f"gen_kwargs {kwargs}: the dmoe model decodes greedily")
             lengths = [int(k.get("max_gen_toks", s.gen_length or 256)) for _, k in batch]
-            gen = generate(
-                self.model,
-                [self.encode(context) for context, _ in batch],
-                max(lengths),
-                s.block_length,
-                s.steps,
-                cfg.mask_token_id,
-                cfg.eos_token_id,
-                s.threshold,
-                s.cache,
-            )
+            gen = decode(self.model, [self.encode(c) for c, _ in batch], max(lengths), s)
             # over every sample's own decoding forwards, as dMoE counts
             self.unique_sum += float((gen.unique_experts.mean(-1) * gen.counted).sum())
             self.forwards += int(gen.counted.sum())

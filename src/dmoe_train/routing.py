@@ -38,6 +38,8 @@ RULES: dict[str, dict[str, str]] = {
 }
 EC_GROUPS = ("block", "sequence")
 EC_CORESETS = ("none", "topp", "capacity")
+# the policies that route tokens inside a block coreset: where every rule setting applies
+CORESET_POLICIES = ("topp", "des_vote", "capacity_max")
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ class RoutingPolicy:
 
     @property
     def uses_blocks(self) -> bool:
-        return self.name in ("des_vote", "capacity_max", "topp", "expert_choice")
+        return self.name in (*CORESET_POLICIES, "expert_choice")
 
     @property
     def coreset_kind(self) -> str:
@@ -150,7 +152,7 @@ class RoutingPolicy:
             "vote": kind != "none",
             "vote_mass": kind in ("topp", "sum"),
             "guard_ties": kind == "topp",
-            "in_coreset": self.name in ("topp", "des_vote", "capacity_max"),
+            "in_coreset": self.name in CORESET_POLICIES,
         }
         return {key: getattr(self, key) for key, used in applies.items() if used}
 
@@ -158,9 +160,9 @@ class RoutingPolicy:
     def rule(self) -> str:
         """The block rule by name: `dmoe` or `llada22` where the settings are that published
         rule's, `dmoe-train` for ours, else `custom`; other policies give their name."""
-        settings = self.rule_settings()
-        if self.name not in ("topp", "des_vote", "capacity_max"):
+        if self.name not in CORESET_POLICIES:
             return self.name
+        settings = self.rule_settings()
         if self.name == "topp" and settings == RULES["dmoe"]:
             return "dmoe"
         if self.name == "capacity_max" and settings == RULES["llada22"]:
@@ -248,11 +250,16 @@ def group_limited(selection: Tensor, n_group: int, topk_group: int) -> Tensor:
     return selection.masked_fill(~_expand_groups(kept, selection), float("-inf"))
 
 
+def _group_scores(selection: Tensor, n_group: int) -> Tensor:
+    """Each group's score `[..., G]`: the sum of its two best selection scores (-inf with fewer
+    than two finite ones)."""
+    grouped = selection.unflatten(-1, (n_group, -1))
+    return grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+
+
 def _group_rank(selection: Tensor, n_group: int) -> Tensor:
     """Rank `[..., G]` of each group by its top-2 score sum (0 = best)."""
-    grouped = selection.unflatten(-1, (n_group, -1))
-    group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-    order = group_score.argsort(dim=-1, descending=True, stable=True)
+    order = _group_scores(selection, n_group).argsort(dim=-1, descending=True, stable=True)
     return order.argsort(dim=-1)
 
 
@@ -340,8 +347,7 @@ def _masked_groups(
 ) -> tuple[Tensor, Tensor]:
     """dMoE's selection inside the coreset, without its leak (`RoutingPolicy.in_coreset`)."""
     constrained = selection.masked_fill(~coreset, float("-inf"))
-    grouped = constrained.unflatten(-1, (n_group, -1))
-    group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+    group_score = _group_scores(constrained, n_group)
     # topk (not a stable sort): its order decides among -inf groups, as in dMoE
     kept_groups = group_score.topk(topk_group, dim=-1, sorted=False).indices
     kept = torch.zeros_like(group_score, dtype=torch.bool).scatter(-1, kept_groups, True)
