@@ -1,6 +1,6 @@
 """`make compare`: the same test prompts under every routing policy and the trained router.
 
-Writes `results/compare.md`, `results/compare.csv` and the Pareto plot `results/pareto.png`
+Writes `results/compare.md`, `results/compare.csv` and the Pareto plot `results/compare.png`
 (unique experts per block against accuracy retained relative to token routing).
 """
 
@@ -139,7 +139,7 @@ def main() -> None:
         f"# Routing policies on the embedded default\n\ntrained router: `{shown}`\n\n{table}\n"
     )
     write_csv(results, args.out / "compare.csv")
-    plot(results, args.out / "pareto.png")
+    plot(results, args.out / "compare.png")
     print(table)
 
 

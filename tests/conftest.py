@@ -109,3 +109,13 @@ def write_published(path: Path, cfg: dict, tensors: dict, shards: int = 1) -> Pa
 @pytest.fixture
 def tiny_cfg() -> dict:
     return dict(TINY)
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path):
+    """A model directory holding only what data needs: the tokenizer and a config.json."""
+    from dmoe_train.data.tokenizer import char_tokenizer
+
+    char_tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "tok" / "config.json").write_text(json.dumps({"model_type": "llada2_moe"}))
+    return tmp_path / "tok"

@@ -132,3 +132,12 @@ class SaveRankRouter(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         state = pl_module.trainable_state()  # a collective under FSDP: every rank calls it
         torch.save(state, self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+class RecordTopP(L.Callback):
+    """Records the top_p each training batch ran under (a curriculum moves it)."""
+
+    seen: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        RecordTopP.seen.append(pl_module.model.config.routing.top_p)

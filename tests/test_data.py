@@ -8,14 +8,6 @@ from dmoe_train.data.module import DiffusionDataModule, StreamSampler
 from dmoe_train.data.tokenizer import char_tokenizer
 
 
-@pytest.fixture
-def tokenizer_dir(tmp_path):
-    """A model directory holding only what data needs: the tokenizer and a config.json."""
-    char_tokenizer().save_pretrained(tmp_path / "tok")
-    (tmp_path / "tok" / "config.json").write_text(json.dumps({"model_type": "llada2_moe"}))
-    return tmp_path / "tok"
-
-
 def test_arithmetic_splits_never_overlap_and_are_seeded():
     splits = {
         s: arithmetic_split(s, 300, max_digits=2, seed=3) for s in ("train", "validation", "test")

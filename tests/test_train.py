@@ -47,8 +47,17 @@ def test_fast_dev_run(tmp_path, router, regularizer):
     assert set(load_file(written["router_checkpoint"])) == {k.removeprefix("model.") for k in GATES}
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    common = [*steps(12, checkpoint_every=3), "trainer.val_check_interval=6"]
+@pytest.mark.parametrize(
+    "objective",
+    [
+        [],
+        # the teacher must stay the base's router across the resume, the curriculum its step's
+        ["module.distill_weight=0.5", "module.curriculum_start=1.0", "router.top_p=0.6"],
+    ],
+    ids=["plain", "distill+curriculum"],
+)
+def test_resume_equals_uninterrupted_run(tmp_path, objective):
+    common = [*steps(12, checkpoint_every=3), "trainer.val_check_interval=6", *objective]
     full = train(compose_train(tmp_path / "full", *common))
     stopped = compose_train(
         tmp_path / "resumed",

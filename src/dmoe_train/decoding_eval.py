@@ -120,17 +120,19 @@ class _Tally:
 
     unique: list[Tensor] = field(default_factory=list)  # [B, layers] per batch
     unique_masked: list[Tensor] = field(default_factory=list)
-    correct: int = 0
+    correct: list[bool] = field(default_factory=list)  # per sample, in test order
+    skills: list[str] = field(default_factory=list)
     samples: int = 0
     tokens_out: int = 0
     seconds: float = 0.0
     load: Tensor | int = 0  # [layers, E]
     routed: int = 0
 
-    def add(self, out: Generation, correct: int, gen_length: int) -> None:
+    def add(self, out: Generation, correct: list[bool], skills: list[str], gen_length: int) -> None:
         self.unique.append(out.per_sample(out.unique_experts))  # mean over its forwards
         self.unique_masked.append(out.per_sample(out.unique_experts_masked))
         self.correct += correct
+        self.skills += skills
         self.samples += out.tokens.shape[0]
         self.tokens_out += out.tokens.shape[0] * gen_length
         self.seconds += out.seconds
@@ -151,8 +153,8 @@ def evaluate_generation(
         gen_length = settings.gen_length or data.max_seq_len - min(len(p) for p in prompts)
         out = decode(model, prompts, gen_length, settings)
         texts = data.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
-        correct = sum(answer_correct(t, a) for t, a in zip(texts, batch["answer"], strict=False))
-        tally.add(out, correct, gen_length)
+        correct = [answer_correct(t, a) for t, a in zip(texts, batch["answer"], strict=False)]
+        tally.add(out, correct, batch.get("skill", [])[: len(prompts)], gen_length)
     timer.remove()
     return _metrics(model, settings, tally, timer)
 
@@ -214,6 +216,13 @@ def interleaved_latency(
     }
 
 
+def _by_skill(tally: _Tally) -> dict[str, float]:
+    hits: dict[str, list[bool]] = {}
+    for skill, ok in zip(tally.skills, tally.correct, strict=True):
+        hits.setdefault(skill, []).append(ok)
+    return {skill: sum(h) / len(h) for skill, h in sorted(hits.items())}
+
+
 def _metrics(
     model: torch.nn.Module, settings: GenerationSettings, tally: _Tally, timer: MoeTimer
 ) -> dict:
@@ -228,7 +237,9 @@ def _metrics(
     return {
         "policy": cfg.routing.to_dict(),
         "samples": tally.samples,
-        "accuracy": tally.correct / max(tally.samples, 1),
+        "accuracy": sum(tally.correct) / max(tally.samples, 1),
+        "correct": [int(c) for c in tally.correct],  # per sample: intervals, paired comparisons
+        **({"accuracy_by_skill": _by_skill(tally)} if tally.skills else {}),
         "unique_experts_per_block": float(per_layer.mean()),
         "unique_experts_per_block_per_layer": per_layer.tolist(),
         "unique_experts_per_block_masked": float(torch.cat(tally.unique_masked).mean()),

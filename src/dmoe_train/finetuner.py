@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -20,7 +22,7 @@ from dmoe_train.metrics import unique_experts_per_block
 from dmoe_train.models import is_router_param
 from dmoe_train.models.sharding import full_tensor, gathered, load_shards, shard_model
 from dmoe_train.regularizers import CoresetRegularizer
-from dmoe_train.routing import Routing
+from dmoe_train.routing import Routing, RoutingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,37 @@ def router_z_loss(routing: list[Routing]) -> Tensor:
     return torch.stack([r.logits.logsumexp(-1).pow(2).mean() for r in routing]).mean()
 
 
+def masked_kl(
+    teacher_logits: Tensor, student_logits: Tensor, masked: Tensor, count: Tensor
+) -> Tensor:
+    """KL(teacher || student) of the token distributions, summed over masked positions and divided
+    by `count` (the masked-token count, as the diffusion loss is normalised)."""
+    log_t = teacher_logits[masked].float().log_softmax(-1)
+    log_s = student_logits[masked].float().log_softmax(-1)
+    return (log_t.exp() * (log_t - log_s)).sum() / count.clamp_min(1)
+
+
+def curriculum_policy(policy: RoutingPolicy, start: float, progress: float) -> RoutingPolicy:
+    """The policy `progress` (0..1) of the way from `start` to its own coreset setting: top_p for
+    `topp`, the capacity for capacity policies (rounded to whole experts)."""
+    progress = min(max(progress, 0.0), 1.0)
+    if policy.name == "topp":
+        return replace(policy, top_p=start + (policy.top_p - start) * progress)
+    if policy.name in ("des_vote", "capacity_max"):
+        return replace(policy, capacity=round(start + (policy.capacity - start) * progress))
+    raise ValueError(
+        f"module.curriculum_start={start} with router.name={policy.name!r}: a curriculum moves "
+        "the top_p of topp or the capacity of des_vote / capacity_max"
+    )
+
+
 class RouterFineTuner(L.LightningModule):
+    """Router fine-tuning. Objectives beside the diffusion loss: the coreset-size `regularizer`;
+    `distill_weight`: self-distillation from the run's starting model under token routing (one
+    forward without gradients on the same noised input; KL on the masked positions); a curriculum
+    that moves the coreset from `curriculum_start` to the policy's own setting over the first
+    `curriculum_fraction` of the steps (validation always runs the policy's own setting)."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -61,8 +93,15 @@ class RouterFineTuner(L.LightningModule):
         seed: int = 0,
         max_bad_batches: int = 0,
         z_loss_weight: float = 0.0,
+        distill_weight: float = 0.0,
+        curriculum_start: float | None = None,
+        curriculum_fraction: float = 0.5,
     ) -> None:
         super().__init__()
+        if distill_weight < 0:
+            raise ValueError(f"module.distill_weight={distill_weight}: must be >= 0")
+        if not 0.0 < curriculum_fraction <= 1.0:
+            raise ValueError(f"module.curriculum_fraction={curriculum_fraction}: must be in (0, 1]")
         if not 0.0 <= t_low <= t_high <= 1.0:
             raise ValueError(
                 f"module.t_low={t_low}, t_high={t_high}: need 0 <= t_low <= t_high <= 1"
@@ -77,6 +116,11 @@ class RouterFineTuner(L.LightningModule):
         self.train_expert_bias = train_expert_bias
         self.seed = seed
         self.z_loss_weight = z_loss_weight
+        self.distill_weight = distill_weight
+        self.target_policy = model.config.routing
+        self.curriculum_start, self.curriculum_fraction = curriculum_start, curriculum_fraction
+        if curriculum_start is not None:
+            curriculum_policy(self.target_policy, curriculum_start, 0.0)  # fails early if unfit
         self.max_bad_batches, self.bad_batches = max_bad_batches, 0
         model.activation_checkpointing = activation_checkpointing
         model.train()  # loaded models come in eval mode; ours has no dropout, but be explicit
@@ -88,6 +132,17 @@ class RouterFineTuner(L.LightningModule):
             if is_router_param(name):  # fp32 master weights (routers compute in fp32 anyway)
                 p.data = p.data.float()
         self.sharded = False
+        self.teacher_router: dict[str, Tensor] = {}
+        self.keep_teacher_router()
+
+    def keep_teacher_router(self) -> None:
+        """A copy of the starting router: the distillation teacher is the starting model (not the
+        router being trained) under token routing. On the meta device (FSDP) it is taken once the
+        shards are loaded; on resume, before the checkpoint's router replaces the base's."""
+        if self.distill_weight and not self.teacher_router:
+            params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            if not any(p.is_meta for p in params.values()):
+                self.teacher_router = {n: p.detach().clone() for n, p in params.items()}
 
     def is_trainable(self, name: str) -> bool:
         """The one predicate for what trains and what every checkpoint of ours saves."""
@@ -122,6 +177,7 @@ class RouterFineTuner(L.LightningModule):
         shard_model(self.model, self.device_mesh)
         load_shards(self.model, self.model.name_or_path, self.trainer.strategy.root_device)
         self.sharded = True
+        self.keep_teacher_router()
 
     def trainable_state(self) -> dict[str, Tensor]:
         """The trainable tensors, whole: a collective under sharding, every rank calls it."""
@@ -144,30 +200,71 @@ class RouterFineTuner(L.LightningModule):
         cfg = self.model.config
         x0 = batch["input_ids"]
         keys = [hash((self.seed, *key, int(i))) % 2**63 for i in batch["index"]]
-        out = denoise(
-            self.model,
-            x0,
-            batch["response_mask"],
-            cfg.mask_token_id,
-            self.t_low,
-            self.t_high,
-            self.attention,
-            self.block_size,
-            row_uniforms(keys, x0.shape[1], x0.device),
+        noised = partial(
+            denoise,
+            x0=x0,
+            response_mask=batch["response_mask"],
+            mask_id=cfg.mask_token_id,
+            t_low=self.t_low,
+            t_high=self.t_high,
+            mode=self.attention,
+            block_size=self.block_size,
+            uniforms=row_uniforms(keys, x0.shape[1], x0.device),
         )
-        lm = masked_diffusion_loss(
-            out.logits, x0, out.masked, out.t, self.loss_weighting, self.mean_count(out.masked)
-        )
+        out = noised(self.model)
+        count = self.mean_count(out.masked)
+        lm = masked_diffusion_loss(out.logits, x0, out.masked, out.t, self.loss_weighting, count)
         reg = self.regularizer.size(out.routing, self.block_size, cfg.num_experts_per_tok)
         z = router_z_loss(out.routing)
-        loss = lm + self.regularizer.weight * reg / cfg.num_experts + self.z_loss_weight * z
+        kl = self.distillation(noised, out.logits, out.masked, count)
+        loss = (
+            lm
+            + self.regularizer.weight * reg / cfg.num_experts
+            + self.z_loss_weight * z
+            + self.distill_weight * kl
+        )
         return {
             "loss": loss,
             "lm_loss": lm,
             "regularizer": reg,
             "z_loss": z,
+            "distill_kl": kl,
             **routing_stats(out.routing, self.block_size),
         }
+
+    def distillation(
+        self, noised: Callable, logits: Tensor, masked: Tensor, count: Tensor
+    ) -> Tensor:
+        """KL from the starting model under token routing to this forward, on its masked
+        positions (0 without distillation)."""
+        if not self.distill_weight:
+            return logits.new_zeros(())
+        policy = self.model.config.routing
+        self.model.set_routing(RoutingPolicy("token", block_size=policy.block_size))
+        with torch.no_grad():
+            teacher = noised(
+                lambda *a, **kw: functional_call(self.model, self.teacher_router, a, kw)
+            )
+        self.model.set_routing(policy)
+        return masked_kl(teacher.logits, logits, masked, count)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.curriculum_start is not None:
+            total = max(1, self.trainer.max_steps) * self.curriculum_fraction
+            progress = self.global_step / total
+            self.model.set_routing(
+                curriculum_policy(self.target_policy, self.curriculum_start, progress)
+            )
+
+    def on_validation_start(self) -> None:
+        # validation inside fit runs the policy's own setting (a standalone `validate`, as
+        # `dmoe-train` measures token routing, keeps the policy it was given)
+        if self.curriculum_start is not None and self.trainer.state.fn == "fit":
+            self.model.set_routing(self.target_policy)
+
+    def on_train_end(self) -> None:
+        if self.curriculum_start is not None:
+            self.model.set_routing(self.target_policy)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         accumulate = self.trainer.accumulate_grad_batches

@@ -17,8 +17,11 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from dmoe_train.data.arithmetic import arithmetic_split
+from dmoe_train.data.skills import skills_split
 from dmoe_train.data.tokenizer import load_tokenizer
 
+# text columns that travel with a sample to evaluation (`skill`: per-skill accuracy)
+KEPT_COLUMNS = ("prompt", "response", "skill")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -83,8 +86,8 @@ class StreamSampler(Sampler[int]):
 
 
 class DiffusionDataModule(L.LightningDataModule):
-    """`source`: `arithmetic` (embedded), a local .jsonl/.json/.parquet file or folder of them,
-    or a hub dataset name (needs network)."""
+    """`source`: `arithmetic` or `skills` (embedded, see their modules), a local
+    .jsonl/.json/.parquet file or folder of them, or a hub dataset name (needs network)."""
 
     def __init__(
         self,
@@ -125,7 +128,7 @@ class DiffusionDataModule(L.LightningDataModule):
                     "index": i,
                 },
                 with_indices=True,
-                remove_columns=[c for c in ds.column_names if c not in ("prompt", "response")],
+                remove_columns=[c for c in ds.column_names if c not in KEPT_COLUMNS],
             )
             self.splits[split] = encoded.with_format(
                 "torch", columns=columns, output_all_columns=True
@@ -135,6 +138,11 @@ class DiffusionDataModule(L.LightningDataModule):
         if self.source == "arithmetic":
             return {
                 split: Dataset.from_list(arithmetic_split(split, size, self.max_digits, self.seed))
+                for split, size in self.sizes.items()
+            }
+        if self.source == "skills":
+            return {
+                split: Dataset.from_list(skills_split(split, size, self.seed))
                 for split, size in self.sizes.items()
             }
         path = Path(self.source)
@@ -222,4 +230,5 @@ def collate(rows: list[dict]) -> dict:
         "index": torch.stack([r["index"] for r in rows]),
         "prompt": [r["prompt"] for r in rows],
         "answer": [r["response"] for r in rows],
+        **({"skill": [r["skill"] for r in rows]} if "skill" in rows[0] else {}),
     }

@@ -107,6 +107,17 @@ PRESETS: dict[str, dict] = {
         mask_token_id=1,
     ),
 }
+# LLaDA2.0-mini's routing regime (256 experts, top-8, 4 of 8 groups, one shared expert, first
+# layer dense, scaling 2.5) at the tiny base's width: the base of `experiment=regime256_*`
+PRESETS["tiny256"] = {
+    **PRESETS["tiny"],
+    "num_hidden_layers": 5,
+    "num_experts": 256,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 16,
+    "n_group": 8,
+    "topk_group": 4,
+}
 
 
 class Attention(nn.Module):

@@ -1,0 +1,309 @@
+"""`make pareto`: accuracy against unique experts per block for every routing method on the
+256-expert base (LLaDA2.0-mini's routing regime), on the same test prompts.
+
+Training-free methods at several coreset sizes, the published rules (dMoE, LLaDA2.2) and routers
+trained by `dmoe-train experiment=tiny256_topp` at several settings. Every point is stored under
+`results/pareto/` as it finishes (a trained point's run resumes from its last checkpoint), so a
+rerun recomputes nothing that is done. Writes `results/pareto.{csv,md,png}`: the points with 95%
+paired-bootstrap intervals, dominated points marked, the fewest experts per block at >= 99% and
+>= 95% retained per method, and whether the trained frontier lies above every training-free one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dmoe_train.cli.common import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
+from dmoe_train.cli.eval import run_eval  # noqa: E402
+from dmoe_train.frontier import (  # noqa: E402
+    Point,
+    bootstrap_intervals,
+    dominated,
+    fewest_experts,
+    strictly_above,
+)
+from dmoe_train.routing import RoutingPolicy  # noqa: E402
+
+BASE = PROJECT_ROOT / "assets" / "tiny256-llada2"
+# every evaluation: the base, the skills test split (no training data needed), LLaDA2.0 decoding
+EVAL = ["model=tiny256", "data=skills", "data.train_size=64", "generation=tiny256"]
+CAPACITIES = (8, 12, 16, 24, 32, 48)
+
+
+@dataclass
+class Spec:
+    method: str
+    label: str
+    eval_overrides: list[str] = field(default_factory=list)
+    train_overrides: list[str] | None = None  # a trained point: `dmoe-train` with these first
+
+    @property
+    def slug(self) -> str:
+        return f"{self.method}__{self.label}".replace(" ", "_").replace("=", "")
+
+
+def training_free() -> list[Spec]:
+    blocks = "router.block_size=32"
+    return [
+        Spec("token", "token", ["router=token", blocks]),
+        *(
+            Spec(
+                "topp",
+                f"p={p}",
+                ["router=topp", blocks, "router.min_experts=8", f"router.top_p={p}"],
+            )
+            for p in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+        ),
+        *(
+            Spec(name, f"c={c}", [f"router={name}", blocks, f"router.capacity={c}"])
+            for name in ("des_vote", "capacity_max")
+            for c in CAPACITIES
+        ),
+        *(
+            Spec("topk_cap", f"k={k}", ["router=topk_cap", blocks, f"router.top_k={k}"])
+            for k in range(2, 8)
+        ),
+        *(Spec("dmoe", f"p={p}", ["router=dmoe", f"router.top_p={p}"]) for p in (0.3, 0.6, 0.9)),
+        *(
+            Spec("llada22", f"c={c}", ["router=llada22", f"router.capacity={c}"])
+            for c in (16, 32, 48)
+        ),
+    ]
+
+
+# trained routers: top_p x regularizer weight x objective (experiment=tiny256_topp)
+TRAINED = [
+    Spec("trained", "p=0.7 union 0.1", train_overrides=["router.top_p=0.7"]),
+    Spec("trained", "p=0.5 union 0.1", train_overrides=["router.top_p=0.5"]),
+    Spec(
+        "trained",
+        "p=0.5 distill",
+        train_overrides=["router.top_p=0.5", "regularizer=none", "module.distill_weight=1.0"],
+    ),
+    Spec(
+        "trained",
+        "p=0.3 union 0.1 curriculum",
+        train_overrides=["router.top_p=0.3", "module.curriculum_start=0.9"],
+    ),
+]
+
+
+def train_point(spec: Spec, runs: Path) -> tuple[Path, float]:
+    """Train (or resume, or reuse) the spec's router; its checkpoint and training seconds."""
+    run_dir = runs / spec.slug
+    cost_file = run_dir / "cost.json"
+    if not cost_file.is_file():
+        began = time.time()
+        cmd = [sys.executable, "-m", "dmoe_train.cli.train", "experiment=tiny256_topp"]
+        cmd += [*spec.train_overrides, f"hydra.run.dir={run_dir}"]
+        cmd += ["trainer.enable_progress_bar=false"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        # a resumed run counts only its own last part: the cost of an uninterrupted one is
+        # what the README reports, from a run that was not interrupted
+        cost_file.write_text(json.dumps({"train_seconds": time.time() - began}) + "\n")
+    return run_dir / "checkpoints" / "router.safetensors", json.loads(cost_file.read_text())[
+        "train_seconds"
+    ]
+
+
+def measure_point(spec: Spec, out: Path) -> dict:
+    """The spec's metrics on the test split, computed once and kept in `out/points/<slug>`."""
+    point_dir = out / "points" / spec.slug
+    stored = point_dir / "point.json"  # beside run_eval's metrics.json, written once complete
+    if stored.is_file():
+        return json.loads(stored.read_text())
+    overrides = [*EVAL, *spec.eval_overrides, f"paths.output_dir={point_dir}"]
+    overrides.append("reference_token=false")
+    extra = {}
+    if spec.train_overrides is not None:
+        router, seconds = train_point(spec, out / "runs")
+        overrides.append(f"router_checkpoint={router}")
+        extra["train_seconds"] = seconds
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        metrics = run_eval(compose("eval", overrides)) | extra
+    stored.write_text(json.dumps(metrics) + "\n")
+    return metrics
+
+
+def analyse(specs: list[Spec], metrics: list[dict]) -> list[dict]:
+    """One row per point: intervals against token routing (paired bootstrap), domination."""
+    points = [
+        Point(s.method, s.label, m["unique_experts_per_block"], np.array(m["correct"]))
+        for s, m in zip(specs, metrics, strict=True)
+    ]
+    token = next(p for p in points if p.method == "token")
+    ci = bootstrap_intervals(points, token)
+    experts = np.array([p.experts for p in points])
+    accuracy = np.array([p.accuracy for p in points])
+    beaten = dominated(experts, accuracy)
+    rows = []
+    for i, (p, m) in enumerate(zip(points, metrics, strict=True)):
+        rows.append(
+            {
+                "method": p.method,
+                "label": p.label,
+                "rule": RoutingPolicy(**m["policy"]).rule,
+                "experts": p.experts,
+                "experts_share_of_token": p.experts / token.experts,
+                "accuracy": p.accuracy,
+                "accuracy_lo": ci["accuracy"][i, 0],
+                "accuracy_hi": ci["accuracy"][i, 1],
+                "retained": p.accuracy / max(token.accuracy, 1e-9),
+                "retained_lo": ci["retained"][i, 0],
+                "retained_hi": ci["retained"][i, 1],
+                "dominated": bool(beaten[i]),
+                "train_seconds": m.get("train_seconds"),
+                "accuracy_by_skill": m.get("accuracy_by_skill", {}),
+            }
+        )
+    return rows
+
+
+def by_method(rows: list[dict]) -> dict[str, list[dict]]:
+    methods: dict[str, list[dict]] = {}
+    for r in rows:
+        methods.setdefault(r["method"], []).append(r)
+    return {m: sorted(rs, key=lambda r: r["experts"]) for m, rs in methods.items()}
+
+
+def goal(rows: list[dict]) -> list[str]:
+    """The two measured goals of `make pareto`, as report lines."""
+    methods = by_method(rows)
+    trained = methods.get("trained", [])
+    token = methods["token"][0]
+    lines = []
+    for t in trained:
+        below = [
+            m
+            for m, rs in methods.items()
+            if m not in ("trained", "token")
+            and not strictly_above(
+                (t["experts"], t["accuracy_lo"]),
+                np.array([r["experts"] for r in rs]),
+                np.array([r["accuracy_hi"] for r in rs]),
+            )
+        ]
+        verdict = "above every training-free method" if not below else f"not above {below}"
+        lines.append(f"- trained {t['label']} ({t['experts']:.1f} experts): {verdict}")
+    hit = [t for t in trained if t["retained"] >= 0.99 and t["experts"] <= 0.2 * token["experts"]]
+    lines.append(
+        f"- >= 99% retained at <= 20% of token routing's {token['experts']:.1f} experts: "
+        + (", ".join(t["label"] for t in hit) if hit else "not reached")
+    )
+    return lines
+
+
+def markdown(rows: list[dict]) -> str:
+    head = (
+        "method", "point", "rule", "experts/block", "share of token", "exact match [95% CI]",
+        "retained [95% CI]", "dominated", "train s",
+    )  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
+        lines.append(
+            f"| {r['method']} | {r['label']} | {r['rule']} | {r['experts']:.2f} | "
+            f"{r['experts_share_of_token']:.0%} | {r['accuracy']:.3f} "
+            f"[{r['accuracy_lo']:.3f}, {r['accuracy_hi']:.3f}] | {r['retained']:.3f} "
+            f"[{r['retained_lo']:.3f}, {r['retained_hi']:.3f}] | "
+            f"{'yes' if r['dominated'] else ''} | {secs} |"
+        )
+    lines += ["", "Fewest experts per block at a retained share, per method:", ""]
+    lines += ["| method | >= 99% retained | >= 95% retained |", "|---|---|---|"]
+    for method, rs in by_method(rows).items():
+        cells = []
+        for threshold in (0.99, 0.95):
+            found = fewest_experts(
+                np.array([r["experts"] for r in rs]),
+                np.array([r["retained"] for r in rs]),
+                threshold,
+            )
+            cells.append("-" if found is None else f"{found[0]:.2f} ({rs[found[1]]['label']})")
+        lines.append(f"| {method} | {cells[0]} | {cells[1]} |")
+    return "\n".join([*lines, "", "Goal:", "", *goal(rows)])
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    token = by_method(rows)["token"][0]
+    for method, rs in by_method(rows).items():
+        x = [r["experts"] for r in rs]
+        y = [r["accuracy"] for r in rs]
+        err = [
+            [r["accuracy"] - r["accuracy_lo"] for r in rs],
+            [r["accuracy_hi"] - r["accuracy"] for r in rs],
+        ]
+        line = ax.errorbar(
+            x,
+            y,
+            yerr=err,
+            marker="o",
+            ms=4,
+            capsize=2,
+            lw=2 if method == "trained" else 1,
+            label=method,
+        )
+        hollow = [r for r in rs if r["dominated"]]
+        ax.scatter(
+            [r["experts"] for r in hollow],
+            [r["accuracy"] for r in hollow],
+            s=40,
+            facecolors="white",
+            edgecolors=line[0].get_color(),
+            zorder=3,
+        )
+    ax.axhline(0.99 * token["accuracy"], ls="--", c="grey", lw=0.8, label="99% of token routing")
+    ax.axvline(0.2 * token["experts"], ls=":", c="grey", lw=0.8, label="20% of token's experts")
+    ax.set_xlabel("unique experts per block (mean over MoE layers, forwards, prompts)")
+    ax.set_ylabel("exact match (95% bootstrap CI); hollow: dominated")
+    ax.set_title("256 experts, top-8, blocks of 32: the same test prompts for every point")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "results")
+    ap.add_argument("--no-trained", action="store_true", help="training-free points only")
+    args = ap.parse_args()
+    if not (BASE / "model.safetensors").is_file():
+        raise SystemExit(
+            f"{BASE}: the 256-expert base is missing (scripts/make_base.py --base tiny256)"
+        )
+    specs = training_free() + ([] if args.no_trained else TRAINED)
+    metrics = [
+        measure_point(s, args.out / "pareto")
+        for s in tqdm(specs, desc="pareto points", unit="point")
+    ]
+    rows = analyse(specs, metrics)
+    with open(args.out / "pareto.csv", "w", newline="") as f:
+        w = csv.DictWriter(
+            f, fieldnames=[k for k in rows[0] if k != "accuracy_by_skill"], extrasaction="ignore"
+        )
+        w.writeheader()
+        w.writerows(rows)
+    table = markdown(rows)
+    (args.out / "pareto.md").write_text(f"# Pareto frontiers on the 256-expert base\n\n{table}\n")
+    plot(rows, args.out / "pareto.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

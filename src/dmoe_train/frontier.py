@@ -1,0 +1,84 @@
+"""Accuracy-versus-experts frontiers: paired bootstrap intervals on the same prompts, dominated
+points, a method's accuracy between its measured points, and the dominance test `make pareto`
+reports. Pure functions of per-prompt correctness and expert counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Point:
+    method: str
+    label: str
+    experts: float  # unique experts per block, mean over MoE layers, forwards and samples
+    correct: np.ndarray  # [N] 0/1 per test prompt, the same prompts for every point
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean())
+
+
+def bootstrap_intervals(
+    points: list[Point], reference: Point, samples: int = 2000, level: float = 0.95, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Percentile intervals of every point's accuracy and of its accuracy retained against
+    `reference`, resampling prompts jointly (paired: one resample serves every point), so that
+    points are compared on the same draws. Returns `[points, 2]` arrays `accuracy`, `retained`."""
+    n = len(reference.correct)
+    for p in points:
+        if len(p.correct) != n:
+            raise ValueError(
+                f"point {p.method}/{p.label}: {len(p.correct)} prompts, the reference has {n}: "
+                "every point must be measured on the same prompts"
+            )
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(samples, n))
+    acc = np.stack([p.correct[idx].mean(1) for p in points])  # [points, samples]
+    ref = reference.correct[idx].mean(1)
+    retained = acc / np.maximum(ref, 1e-9)
+    tail = (1 - level) / 2 * 100
+    return {
+        "accuracy": np.percentile(acc, [tail, 100 - tail], axis=1).T,
+        "retained": np.percentile(retained, [tail, 100 - tail], axis=1).T,
+    }
+
+
+def dominated(experts: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+    """Points some other point beats: no more experts and no less accuracy, one of them strictly."""
+    mine_e, mine_a = np.asarray(experts)[:, None], np.asarray(accuracy)[:, None]
+    other_e, other_a = mine_e.T, mine_a.T  # [i, j]: does point j beat point i
+    no_worse = (other_e <= mine_e) & (other_a >= mine_a)
+    return (no_worse & ((other_e < mine_e) | (other_a > mine_a))).any(1)
+
+
+def accuracy_at(experts: np.ndarray, accuracy: np.ndarray, at: float) -> float:
+    """A method's accuracy at `at` experts, linear between its neighbouring points; outside its
+    range, its nearest end (a method that never goes as low is credited with its fewest-expert
+    accuracy: generous to it)."""
+    order = np.argsort(experts)
+    return float(np.interp(at, np.asarray(experts)[order], np.asarray(accuracy)[order]))
+
+
+def fewest_experts(
+    experts: np.ndarray, retained: np.ndarray, threshold: float
+) -> tuple[float, int] | None:
+    """The fewest experts per block among points keeping >= `threshold` of the reference's
+    accuracy, and that point's index; None if none does."""
+    keep = np.flatnonzero(np.asarray(retained) >= threshold)
+    if not len(keep):
+        return None
+    best = keep[np.argmin(np.asarray(experts)[keep])]
+    return float(experts[best]), int(best)
+
+
+def strictly_above(
+    trained: tuple[float, float], others_experts: np.ndarray, others_upper: np.ndarray
+) -> bool:
+    """A trained point (experts, lower bound of its accuracy interval) lies above another method
+    by more than the intervals: its lower bound beats that method's upper bound, interpolated
+    at the trained point's expert count."""
+    experts, lower = trained
+    return lower > accuracy_at(others_experts, others_upper, experts)

@@ -1,0 +1,70 @@
+"""Self-distillation from the starting model under token routing, and the coreset curriculum."""
+
+import math
+
+import pytest
+import torch
+from helpers import RecordTopP, compose_train, steps
+
+from dmoe_train.cli.train import build, train
+from dmoe_train.finetuner import curriculum_policy, masked_kl
+from dmoe_train.routing import RoutingPolicy
+
+
+def test_masked_kl_by_hand():
+    teacher = torch.tensor([[[0.0, 0.0], [5.0, -5.0]]])  # [1, 2, 2]: position 0 uniform
+    student = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])  # position 0: (3/4, 1/4)
+    masked = torch.tensor([[True, False]])
+    want = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert masked_kl(teacher, student, masked, torch.tensor(1.0)).item() == pytest.approx(want)
+    assert masked_kl(student, student, masked | True, torch.tensor(2.0)).item() == pytest.approx(0)
+
+
+def _batch(run):
+    return next(iter(run.data.stream_loader(1)))
+
+
+def test_teacher_is_the_starting_router_under_token_routing(tmp_path):
+    token = build(compose_train(tmp_path / "t", "router=token", "module.distill_weight=1.0"))
+    batch = _batch(token)
+    assert token.module.step_stats(batch, 0)["distill_kl"].item() == pytest.approx(0, abs=1e-6)
+    with torch.no_grad():  # a trained router: the teacher stays the starting one
+        for p in token.module.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    assert token.module.step_stats(batch, 0)["distill_kl"].item() > 1e-3
+    block = build(compose_train(tmp_path / "b", "router.top_p=0.5", "module.distill_weight=1.0"))
+    stats = block.module.step_stats(batch, 0)
+    assert stats["distill_kl"].item() > 1e-3
+    assert stats["loss"].item() == pytest.approx(
+        (stats["lm_loss"] + stats["distill_kl"]).item()
+        + 0.03 * stats["regularizer"].item() / 32,  # the default's union weight, 32 experts
+        rel=1e-5,
+    )
+
+
+def test_curriculum_values_by_hand():
+    topp = RoutingPolicy("topp", block_size=8, top_p=0.5, min_experts=4)
+    assert curriculum_policy(topp, 0.9, 0.0).top_p == pytest.approx(0.9)
+    assert curriculum_policy(topp, 0.9, 0.25).top_p == pytest.approx(0.8)
+    assert curriculum_policy(topp, 0.9, 7.0).top_p == pytest.approx(0.5)  # done: the target
+    cap = RoutingPolicy("des_vote", block_size=8, capacity=8, min_experts=4)
+    assert curriculum_policy(cap, 24, 0.5).capacity == 16
+    with pytest.raises(ValueError, match="curriculum_start"):
+        curriculum_policy(RoutingPolicy("token"), 0.9, 0.5)
+
+
+def test_a_curriculum_run_ends_under_its_own_policy(tmp_path):
+    RecordTopP.seen.clear()
+    summary = train(
+        compose_train(
+            tmp_path, *steps(4), "router.top_p=0.5", "module.curriculum_start=0.9",
+            "module.curriculum_fraction=0.5", "+callbacks.record._target_=helpers.RecordTopP",
+        )
+    )  # fmt: skip
+    # steps 0, 1 move 0.9 -> 0.5 over half of the 4 steps; then the target
+    assert RecordTopP.seen == pytest.approx([0.9, 0.7, 0.5, 0.5])
+    assert summary["policy"]["top_p"] == 0.5
+    assert summary["unique_experts_after"] <= summary["unique_experts_token"]
+    with pytest.raises(ValueError, match="curriculum_start"):
+        build(compose_train(tmp_path / "bad", "router=token", "module.curriculum_start=0.9"))

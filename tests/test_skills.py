@@ -1,0 +1,74 @@
+import random
+import re
+
+import pytest
+
+from dmoe_train.data.module import DiffusionDataModule
+from dmoe_train.data.skills import GENERATORS, SKILLS, skills_split
+
+
+def test_splits_are_disjoint_seeded_and_hold_1000_test_problems():
+    splits = {
+        s: skills_split(s, n, seed=1)
+        for s, n in [("train", 4000), ("validation", 500), ("test", 1000)]
+    }
+    prompts = {s: {r["prompt"] for r in rows} for s, rows in splits.items()}
+    assert [len(p) for p in prompts.values()] == [4000, 500, 1000]  # distinct within a split
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["validation"]
+    assert not prompts["validation"] & prompts["test"]
+    assert skills_split("test", 100, seed=1) == splits["test"][:100]
+    assert skills_split("test", 100, seed=2) != splits["test"][:100]
+    assert [r["skill"] for r in splits["test"][:8]] == [*SKILLS, *SKILLS]  # interleaved
+
+
+def test_every_answer_spans_two_blocks_of_32_and_fits_96_tokens():
+    for row in skills_split("test", 1000):
+        assert len(row["response"]) >= 33 and len(row["prompt"]) + len(row["response"]) < 96
+
+
+def test_addition_writes_every_column_with_its_carry():
+    class Fixed(random.Random):  # draws 4821 then 937
+        values = iter([4821, 937])
+
+        def randrange(self, *_):
+            return next(self.values)
+
+    prompt, answer = GENERATORS["add"](Fixed())
+    assert prompt == "add 004821+000937="
+    assert answer == "1+7+0=08 2+3+0=05 8+9+0=17 4+0+1=05 0+0+0=00 0+0+0=00"
+
+
+@pytest.mark.parametrize("skill", SKILLS)
+def test_answers_follow_their_skill(skill):
+    for row in [r for r in skills_split("validation", 200) if r["skill"] == skill]:
+        body = row["prompt"].split(" ", 1)[1].rstrip("=")
+        if skill == "add":
+            a, b = body.split("+")
+            columns = row["response"].split(" ")
+            sums = [int(c[-2:]) for c in columns]
+            digits = "".join(str(s % 10) for s in reversed(sums))
+            assert int(str(sums[-1] // 10) + digits) == int(a) + int(b)
+        elif skill == "sort":
+            assert row["response"].split(" ") == sorted(body)
+        elif skill == "reverse":
+            assert row["response"].split(" ") == list(reversed(body))
+        else:
+            table, queries = body.split(":")
+            values = dict(zip(table[::2], table[1::2], strict=True))
+            assert row["response"].split(" ") == [f"{q}={values[q]}" for q in queries]
+            assert re.fullmatch(r"[a-z]{12}", queries)
+
+
+def test_the_data_module_serves_skills_with_their_names(tokenizer_dir):
+    dm = DiffusionDataModule(
+        str(tokenizer_dir),
+        "skills",
+        max_seq_len=96,
+        train_size=40,
+        test_size=12,
+        eval_batch_size=12,
+    )
+    dm.setup()
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["skill"] == [*SKILLS] * 3
+    assert batch["input_ids"].shape == (12, 96)
