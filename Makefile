@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare sweep bench
+.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare pareto sweep bench
 
 venv: $(VENV)/.installed
 
@@ -51,6 +51,12 @@ compare: venv
 	ls outputs/*/checkpoints/router.safetensors >/dev/null 2>&1 || $(MAKE) train
 	test -f outputs/retrofit_ec/checkpoints/router.safetensors || $(MAKE) retrofit
 	$(BIN)/python scripts/compare.py
+
+# the 256-expert base (LLaDA2.0-mini's routing regime): every training-free method at several
+# coreset sizes, the published rules and trained routers on the same 1000 test prompts ->
+# results/pareto.{csv,md,png}; finished points are kept under results/pareto/ and not recomputed
+pareto: venv
+	$(BIN)/python scripts/pareto.py $(ARGS)
 
 # Hydra multirun over top_p and the regularizer weight; each run trains, then decodes the test
 # split; the summary table and plot land in the sweep directory

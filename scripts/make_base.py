@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--lr", type=float)
+    ap.add_argument("--train-size", type=int)
     ap.add_argument("--test-size", type=int)
     ap.add_argument("--bias-rate", type=float, default=1e-3)
     ap.add_argument("--eval-every", type=int, default=1000, help="exact match on 64 test prompts")

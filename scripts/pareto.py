@@ -136,6 +136,7 @@ def measure_point(spec: Spec, out: Path) -> dict:
         extra["train_seconds"] = seconds
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         metrics = run_eval(compose("eval", overrides)) | extra
+    point_dir.mkdir(parents=True, exist_ok=True)
     stored.write_text(json.dumps(metrics) + "\n")
     return metrics
 

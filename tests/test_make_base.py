@@ -11,9 +11,9 @@ from dmoe_train.models import load_model
 
 @pytest.mark.slow
 def test_a_few_steps_write_a_base_that_loads(tmp_path):
-    script = PROJECT_ROOT / "scripts" / "make_tiny_base.py"
+    script = PROJECT_ROOT / "scripts" / "make_base.py"
     out = tmp_path / "base"
-    run = [sys.executable, str(script), "--steps", "3", "--out", str(out)]
+    run = [sys.executable, str(script), "--steps", "3", "--out", str(out), "--eval-every", "0"]
     done = subprocess.run(run, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     quality = json.loads((out / "quality.json").read_text())
@@ -21,3 +21,21 @@ def test_a_few_steps_write_a_base_that_loads(tmp_path):
     model = load_model(out)
     assert next(model.parameters()).dtype == torch.bfloat16  # saved as shipped
     assert model.config.num_experts == 32 and model.config.routing.name == "token"
+
+
+@pytest.mark.slow
+def test_the_256_expert_recipe_writes_its_regime_and_per_skill_quality(tmp_path):
+    script = PROJECT_ROOT / "scripts" / "make_base.py"
+    out = tmp_path / "base256"
+    run = [sys.executable, str(script), "--base", "tiny256", "--steps", "2", "--test-size", "8"]
+    run += ["--train-size", "200"]
+    run += ["--eval-every", "0", "--out", str(out)]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    quality = json.loads((out / "quality.json").read_text())
+    assert set(quality["exact_match_by_skill"]) == {"add", "sort", "reverse", "lookup"}
+    assert quality["test_problems"] == 8 and quality["decoding"]["threshold"] == 0.95
+    cfg = load_model(out).config
+    regime = (cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group)
+    assert regime == (256, 8, 8, 4) and cfg.num_shared_experts == 1
+    assert cfg.first_k_dense_replace == 1 and cfg.routed_scaling_factor == 2.5

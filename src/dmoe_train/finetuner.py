@@ -239,6 +239,8 @@ class RouterFineTuner(L.LightningModule):
         positions (0 without distillation)."""
         if not self.distill_weight:
             return logits.new_zeros(())
+        device = logits.device  # the copy stays where it was taken; Lightning moves the model
+        self.teacher_router = {n: t.to(device) for n, t in self.teacher_router.items()}
         policy = self.model.config.routing
         self.model.set_routing(RoutingPolicy("token", block_size=policy.block_size))
         with torch.no_grad():

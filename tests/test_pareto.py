@@ -1,0 +1,79 @@
+"""`make pareto`'s bookkeeping on fake evaluations: points are kept and never recomputed, and the
+report marks dominated points, the fewest experts per retained share and the goal verdicts."""
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+from helpers import PROJECT_ROOT
+
+spec = importlib.util.spec_from_file_location("pareto", PROJECT_ROOT / "scripts" / "pareto.py")
+pareto = importlib.util.module_from_spec(spec)
+sys.modules["pareto"] = pareto  # dataclasses look their module up
+spec.loader.exec_module(pareto)
+
+
+def fake_metrics(experts: float, hits: int, n: int = 100) -> dict:
+    correct = [1] * hits + [0] * (n - hits)
+    return {
+        "unique_experts_per_block": experts,
+        "correct": correct,
+        "policy": {"name": "topp", "block_size": 32},
+    }
+
+
+def test_a_finished_point_is_not_recomputed(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_eval(cfg):
+        calls.append(cfg.paths.output_dir)
+        return fake_metrics(10.0, 50)
+
+    monkeypatch.setattr(pareto, "run_eval", fake_eval)
+    point = pareto.Spec("topp", "p=0.5", ["router=topp", "router.block_size=32"])
+    first = pareto.measure_point(point, tmp_path)
+    again = pareto.measure_point(point, tmp_path)
+    assert first == again and len(calls) == 1
+    assert json.loads((tmp_path / "points" / "topp__p0.5" / "point.json").read_text()) == first
+
+
+def test_report_marks_domination_thresholds_and_the_goal():
+    specs = [
+        pareto.Spec("token", "token"),
+        pareto.Spec("topp", "p=0.5"),
+        pareto.Spec("topp", "p=0.9"),
+        pareto.Spec("trained", "a"),
+        pareto.Spec("trained", "b"),
+    ]
+    metrics = [
+        fake_metrics(60.0, 80),
+        fake_metrics(10.0, 20),
+        fake_metrics(30.0, 60),
+        fake_metrics(11.0, 80),  # 99%+ retained at 18% of token's experts, far above topp
+        fake_metrics(35.0, 50),  # dominated by trained a
+    ]
+    rows = pareto.analyse(specs, metrics)
+    assert [r["dominated"] for r in rows] == [True, False, True, False, True]
+    assert rows[3]["retained"] == 1.0 and rows[3]["experts_share_of_token"] == pytest.approx(
+        11 / 60
+    )
+    lo, hi = rows[1]["accuracy_lo"], rows[1]["accuracy_hi"]
+    assert lo < 0.2 < hi
+    report = pareto.markdown(rows)
+    assert "| trained | 11.00 (a) | 11.00 (a) |" in report
+    assert "| topp | - | - |" in report
+    assert "- trained a (11.0 experts): above every training-free method" in report
+    assert "- trained b (35.0 experts): not above ['topp']" in report
+    assert "retained at <= 20% of token routing's 60.0 experts: a" in report
+
+
+def test_plot_writes_a_figure(tmp_path):
+    rows = pareto.analyse(
+        [pareto.Spec("token", "token"), pareto.Spec("topp", "p=0.5")],
+        [fake_metrics(60.0, 80), fake_metrics(10.0, 20)],
+    )
+    pareto.plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    assert np.isfinite([r["accuracy_lo"] for r in rows]).all()
