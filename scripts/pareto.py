@@ -86,20 +86,31 @@ def training_free() -> list[Spec]:
     ]
 
 
-# trained routers: top_p x regularizer weight x objective (experiment=tiny256_topp)
+# trained routers, the frontier: top_p x objective (experiment=tiny256_topp: union 0.1, 500 steps)
+DISTILL = ["regularizer=none", "module.distill_weight=1.0"]
 TRAINED = [
     Spec("trained", "p=0.7 union 0.1", train_overrides=["router.top_p=0.7"]),
     Spec("trained", "p=0.5 union 0.1", train_overrides=["router.top_p=0.5"]),
-    Spec(
-        "trained",
-        "p=0.5 distill",
-        train_overrides=["router.top_p=0.5", "regularizer=none", "module.distill_weight=1.0"],
-    ),
+    Spec("trained", "p=0.7 distill", train_overrides=["router.top_p=0.7", *DISTILL]),
+    Spec("trained", "p=0.5 distill", train_overrides=["router.top_p=0.5", *DISTILL]),
+    Spec("trained", "p=0.3 distill", train_overrides=["router.top_p=0.3", *DISTILL]),
     Spec(
         "trained",
         "p=0.3 union 0.1 curriculum",
         train_overrides=["router.top_p=0.3", "module.curriculum_start=0.9"],
     ),
+]
+# the ablation: one switch at a time against "p=0.5 union 0.1" (and "p=0.5 distill") above
+ABLATION = [
+    Spec("ablation", f"p=0.5 {label}", train_overrides=["router.top_p=0.5", *switch])
+    for label, switch in (
+        ("none", ["regularizer=none"]),
+        ("union 0.3", ["regularizer.weight=0.3"]),
+        ("entropy 0.1", ["regularizer=entropy"]),
+        ("union 0.1 expert bias", ["module.train_expert_bias=true"]),
+        ("union 0.1 curriculum", ["module.curriculum_start=0.9"]),
+        ("distill + union 0.1", ["module.distill_weight=1.0"]),
+    )
 ]
 
 
@@ -192,7 +203,7 @@ def goal(rows: list[dict]) -> list[str]:
         below = [
             m
             for m, rs in methods.items()
-            if m not in ("trained", "token")
+            if m not in ("trained", "token", "ablation")
             and not strictly_above(
                 (t["experts"], t["accuracy_lo"]),
                 np.array([r["experts"] for r in rs]),
@@ -236,13 +247,35 @@ def markdown(rows: list[dict]) -> str:
             )
             cells.append("-" if found is None else f"{found[0]:.2f} ({rs[found[1]]['label']})")
         lines.append(f"| {method} | {cells[0]} | {cells[1]} |")
-    return "\n".join([*lines, "", "Goal:", "", *goal(rows)])
+    return "\n".join([*lines, "", *ablation(rows), "", "Goal:", "", *goal(rows)])
+
+
+def ablation(rows: list[dict]) -> list[str]:
+    """Every top_p 0.5 router, one objective switch per row, as report lines."""
+    runs = [r for r in rows if r["method"] in ("trained", "ablation") and "p=0.5" in r["label"]]
+    if not runs:
+        return []
+    lines = [
+        "Ablation (trained routers at top_p 0.5, 500 steps; one switch at a time):",
+        "",
+        "| setting | experts/block | exact match [95% CI] | retained | train s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['label']} | {r['experts']:.2f} | {r['accuracy']:.3f} "
+            f"[{r['accuracy_lo']:.3f}, {r['accuracy_hi']:.3f}] | {r['retained']:.3f} | "
+            f"{r['train_seconds']:.0f} |"
+        )
+    return lines
 
 
 def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     token = by_method(rows)["token"][0]
     for method, rs in by_method(rows).items():
+        if method == "ablation":  # its own table; the figure shows frontiers
+            continue
         x = [r["experts"] for r in rs]
         y = [r["accuracy"] for r in rs]
         err = [
@@ -283,16 +316,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "results")
     ap.add_argument("--no-trained", action="store_true", help="training-free points only")
+    ap.add_argument(
+        "--report-only", action="store_true", help="report the finished points, compute none"
+    )
     args = ap.parse_args()
     if not (BASE / "model.safetensors").is_file():
         raise SystemExit(
             f"{BASE}: the 256-expert base is missing (scripts/make_base.py --base tiny256)"
         )
-    specs = training_free() + ([] if args.no_trained else TRAINED)
-    metrics = [
-        measure_point(s, args.out / "pareto")
-        for s in tqdm(specs, desc="pareto points", unit="point")
-    ]
+    free = training_free()  # token routing first: the reference of every other point
+    specs = free[:1] + ([] if args.no_trained else TRAINED + ABLATION) + free[1:]
+    store = args.out / "pareto"
+    if args.report_only:  # the points finished so far, nothing computed
+        specs = [s for s in specs if (store / "points" / s.slug / "point.json").is_file()]
+    metrics = [measure_point(s, store) for s in tqdm(specs, desc="pareto points", unit="point")]
     rows = analyse(specs, metrics)
     with open(args.out / "pareto.csv", "w", newline="") as f:
         w = csv.DictWriter(

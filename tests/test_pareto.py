@@ -77,3 +77,25 @@ def test_plot_writes_a_figure(tmp_path):
     pareto.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
     assert np.isfinite([r["accuracy_lo"] for r in rows]).all()
+
+
+def test_ablation_rows_are_tabled_not_judged_against_the_goal():
+    specs = [
+        pareto.Spec("token", "token"),
+        pareto.Spec("topp", "p=0.5"),
+        pareto.Spec("trained", "p=0.5 union 0.1"),
+        pareto.Spec("trained", "p=0.7 union 0.1"),
+        pareto.Spec("ablation", "p=0.5 none"),
+    ]
+    metrics = [
+        fake_metrics(60.0, 80),
+        fake_metrics(10.0, 20),
+        fake_metrics(12.0, 40) | {"train_seconds": 300.0},
+        fake_metrics(20.0, 50) | {"train_seconds": 310.0},
+        fake_metrics(30.0, 10) | {"train_seconds": 290.0},  # below topp: no verdict for it
+    ]
+    report = pareto.markdown(pareto.analyse(specs, metrics))
+    table = report[report.index("Ablation") : report.index("Goal:")]
+    assert "| p=0.5 union 0.1 | 12.00 | 0.400" in table
+    assert "| p=0.5 none | 30.00 | 0.100" in table and "p=0.7" not in table
+    assert "p=0.5 none" not in report[report.index("Goal:") :]
