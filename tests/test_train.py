@@ -3,14 +3,17 @@ import struct
 
 import pytest
 import torch
-from helpers import compose_train, router_of, run_cli, steps
+from helpers import TINY_BASE, compose_train, router_of, run_cli, steps
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from dmoe_train.cli.train import train
+from dmoe_train.models import load_model
+from dmoe_train.router_io import load_router
 
 MOE_LAYERS = (1, 2, 3)
 GATES = {f"model.model.layers.{i}.mlp.gate.weight" for i in MOE_LAYERS}
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @pytest.mark.parametrize(
@@ -33,8 +36,10 @@ def test_fast_dev_run(tmp_path, router, regularizer):
     assert summary["steps"] == 1
     token, before = summary["unique_experts_token"], summary["unique_experts_before"]
     assert 4 <= token <= 32  # the tiny base: top-4 of 32 experts per token
-    if router == "token":  # the same routing: the same validation numbers
-        assert (before, summary["val_loss_before"]) == (token, summary["val_loss_token"])
+    if router == "token":  # the same routing: the same validation numbers, up to the rare
+        # near-tie a threaded CPU reduction breaks the other way (seen once in CI-like runs)
+        assert before == pytest.approx(token, rel=1e-2)
+        assert summary["val_loss_before"] == pytest.approx(summary["val_loss_token"], rel=1e-3)
     elif router == "topk_cap":
         assert before < token
     elif router in ("des_vote", "capacity_max"):
@@ -125,3 +130,28 @@ def test_flex_attention_trains_as_the_dense_mask(tmp_path):
     dense, flex = runs["block_diffusion"], runs["block_diffusion_flex"]
     for key in ("val_loss_token", "val_loss_before", "val_loss_after", "unique_experts_after"):
         assert flex[key] == pytest.approx(dense[key], rel=1e-4), key
+
+
+@pytest.mark.parametrize("trainable", ["router+experts", "all"])
+def test_trainable_set_trains_and_saves_exactly_its_weights(tmp_path, trainable):
+    base = load_model(TINY_BASE, dtype=torch.float32)
+    names = {n for n, _ in base.named_parameters()}
+    experts = {f"model.layers.{i}.mlp.experts.{w}" for i in MOE_LAYERS for w in PROJECTIONS}
+    expected = {k.removeprefix("model.") for k in GATES} | experts
+    if trainable == "all":  # everything but LLaDA2's balancing state
+        expected = {n for n in names if not n.endswith("expert_bias")}
+    cfg = compose_train(tmp_path, f"module.trainable={trainable}", *steps(3))
+    train(cfg)
+    saved = router_of(tmp_path)
+    assert set(saved) == expected
+    start = dict(base.named_parameters())
+    assert all(not torch.equal(saved[n], start[n]) for n in experts)  # the experts moved
+    tuned = load_model(TINY_BASE, dtype=torch.float32)
+    load_router(tuned, tmp_path / "checkpoints" / "router.safetensors")
+    for n, p in tuned.named_parameters():  # the checkpoint is the whole difference
+        assert torch.equal(p, saved[n] if n in saved else start[n]), n
+
+
+def test_an_unknown_trainable_set_is_named(tmp_path):
+    with pytest.raises(ValueError, match="module.trainable='experts'"):
+        train(compose_train(tmp_path, "module.trainable=experts", *steps(1)))

@@ -1,6 +1,7 @@
 """Router fine-tuning as a LightningModule: the masked-diffusion loss plus a coreset-size
-regularizer, under the model's routing policy. Only the router trains; Lightning's checkpoints
-hold only the trainable tensors and their optimizer state, never the frozen base."""
+regularizer, under the model's routing policy. The router trains (`trainable` widens that to the
+experts or every weight); Lightning's checkpoints hold only the trainable tensors and their
+optimizer state, never the frozen base."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from dmoe_train.diffusion import AttentionMode, denoise, masked_diffusion_loss, row_uniforms
 from dmoe_train.metrics import unique_experts_per_block
-from dmoe_train.models import is_router_param
+from dmoe_train.models import TRAINABLE_SETS, TrainableSet, in_trainable_set, is_router_param
 from dmoe_train.models.sharding import full_tensor, gathered, load_shards, shard_model
 from dmoe_train.regularizers import CoresetRegularizer
+from dmoe_train.router_io import base_fingerprint
 from dmoe_train.routing import Routing, RoutingPolicy
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,7 @@ class RouterFineTuner(L.LightningModule):
         loss_weighting: str = "none",
         attention: AttentionMode = "block_diffusion",
         train_expert_bias: bool = False,
+        trainable: TrainableSet = "router",
         activation_checkpointing: bool = False,
         seed: int = 0,
         max_bad_batches: int = 0,
@@ -98,6 +101,8 @@ class RouterFineTuner(L.LightningModule):
         curriculum_fraction: float = 0.5,
     ) -> None:
         super().__init__()
+        if trainable not in TRAINABLE_SETS:
+            raise ValueError(f"module.trainable={trainable!r}: must be one of {TRAINABLE_SETS}")
         if distill_weight < 0:
             raise ValueError(f"module.distill_weight={distill_weight}: must be >= 0")
         if not 0.0 < curriculum_fraction <= 1.0:
@@ -113,7 +118,7 @@ class RouterFineTuner(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.t_low, self.t_high, self.loss_weighting = t_low, t_high, loss_weighting
         self.attention = attention
-        self.train_expert_bias = train_expert_bias
+        self.train_expert_bias, self.trainable = train_expert_bias, trainable
         self.seed = seed
         self.z_loss_weight = z_loss_weight
         self.distill_weight = distill_weight
@@ -129,27 +134,38 @@ class RouterFineTuner(L.LightningModule):
         self.eval_label = "val"  # the metric prefix of validation runs (see `train.measure`)
         for name, p in self.model.named_parameters():
             p.requires_grad_(self.is_trainable(name))
-            if is_router_param(name):  # fp32 master weights (routers compute in fp32 anyway)
+            if self.is_master_fp32(name):
                 p.data = p.data.float()
         self.sharded = False
-        self.teacher_router: dict[str, Tensor] = {}
-        self.keep_teacher_router()
+        self.start_fingerprint = None if self.on_meta() else base_fingerprint(model)
+        self.teacher_weights: dict[str, Tensor] = {}
+        self.keep_teacher_weights()
 
-    def keep_teacher_router(self) -> None:
-        """A copy of the starting router: the distillation teacher is the starting model (not the
-        router being trained) under token routing. On the meta device (FSDP) it is taken once the
-        shards are loaded; on resume, before the checkpoint's router replaces the base's."""
-        if self.distill_weight and not self.teacher_router:
+    def keep_teacher_weights(self) -> None:
+        """A copy of the starting trainable weights: the distillation teacher is the starting model
+        (not the one being trained) under token routing. On the meta device (FSDP) it is taken
+        once the shards are loaded; on resume, before the checkpoint's weights replace the base's.
+        """
+        if self.distill_weight and not self.teacher_weights:
             params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-            if not any(p.is_meta for p in params.values()):
-                self.teacher_router = {n: p.detach().clone() for n, p in params.items()}
+            if not self.on_meta():
+                self.teacher_weights = {n: p.detach().clone() for n, p in params.items()}
+
+    def on_meta(self) -> bool:
+        """Whether the model still waits for its shards (FSDP builds it on the meta device)."""
+        return any(p.is_meta for p in self.model.parameters())
 
     def is_trainable(self, name: str) -> bool:
-        """The one predicate for what trains and what every checkpoint of ours saves."""
+        """The one predicate for what trains and what every checkpoint of ours saves. The expert
+        bias is LLaDA2's balancing state, not a weight: it trains only when asked to."""
         name = name.removeprefix("model.")
-        return is_router_param(name) and (
-            self.train_expert_bias or not name.endswith("expert_bias")
-        )
+        if name.endswith("expert_bias"):
+            return self.train_expert_bias and is_router_param(name)
+        return in_trainable_set(name, self.trainable)
+
+    def is_master_fp32(self, name: str) -> bool:
+        """Weights kept in fp32: the router (it computes in fp32 anyway) and whatever trains."""
+        return is_router_param(name) or self.is_trainable(name)
 
     @property
     def block_size(self) -> int:
@@ -174,10 +190,13 @@ class RouterFineTuner(L.LightningModule):
         it over the device mesh (FSDP2), then each rank loads its shards of the base weights."""
         if self.device_mesh is None or self.sharded:
             return
-        shard_model(self.model, self.device_mesh)
+        # a full fine-tune is fp32 throughout: its layers need no units of their own
+        own_unit = is_router_param if self.trainable == "all" else self.is_master_fp32
+        shard_model(self.model, self.device_mesh, own_unit)
         load_shards(self.model, self.model.name_or_path, self.trainer.strategy.root_device)
         self.sharded = True
-        self.keep_teacher_router()
+        self.start_fingerprint = base_fingerprint(self.model)
+        self.keep_teacher_weights()
 
     def trainable_state(self) -> dict[str, Tensor]:
         """The trainable tensors, whole: a collective under sharding, every rank calls it."""
@@ -240,12 +259,12 @@ class RouterFineTuner(L.LightningModule):
         if not self.distill_weight:
             return logits.new_zeros(())
         device = logits.device  # the copy stays where it was taken; Lightning moves the model
-        self.teacher_router = {n: t.to(device) for n, t in self.teacher_router.items()}
+        self.teacher_weights = {n: t.to(device) for n, t in self.teacher_weights.items()}
         policy = self.model.config.routing
         self.model.set_routing(RoutingPolicy("token", block_size=policy.block_size))
         with torch.no_grad():
             teacher = noised(
-                lambda *a, **kw: functional_call(self.model, self.teacher_router, a, kw)
+                lambda *a, **kw: functional_call(self.model, self.teacher_weights, a, kw)
             )
         self.model.set_routing(policy)
         return masked_kl(teacher.logits, logits, masked, count)

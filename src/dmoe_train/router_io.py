@@ -40,11 +40,12 @@ def base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def router_manifest(model: nn.Module, **fields) -> dict:
-    """What a router checkpoint records about its base and routing, plus `fields`."""
+def router_manifest(model: nn.Module, fingerprint: str | None = None, **fields) -> dict:
+    """What a router checkpoint records about its base (`fingerprint`: the base's, taken before
+    training; default: the model's now) and routing, plus `fields`."""
     return {
         **fields,
-        "base_fingerprint": base_fingerprint(model),
+        "base_fingerprint": fingerprint or base_fingerprint(model),
         "routing": model.config.routing.to_dict(),
     }
 
@@ -126,6 +127,7 @@ def export_router(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     manifest = router_manifest(
         pl_module.model,
+        pl_module.start_fingerprint,  # a full fine-tune changes the tensors it hashes
         base_path=str(base_path),
         step=trainer.global_step,
         metrics=metrics,

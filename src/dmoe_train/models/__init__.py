@@ -8,7 +8,14 @@ from pathlib import Path
 import torch
 
 from dmoe_train.models.checkpoint import require_model_dir
-from dmoe_train.models.common import MoeDiffusionLM, init_weights, is_router_param
+from dmoe_train.models.common import (
+    TRAINABLE_SETS,
+    MoeDiffusionLM,
+    TrainableSet,
+    in_trainable_set,
+    init_weights,
+    is_router_param,
+)
 from dmoe_train.models.llada2_moe import PRESETS as LLADA2_PRESETS
 from dmoe_train.models.llada2_moe import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dmoe_train.models.llada_moe import MODEL_TYPES as LLADA_MOE_TYPES
@@ -18,6 +25,9 @@ from dmoe_train.routing import RoutingPolicy
 
 __all__ = [
     "FAMILIES",
+    "TRAINABLE_SETS",
+    "TrainableSet",
+    "in_trainable_set",
     "LLaDA2MoeConfig",
     "LLaDA2MoeModelLM",
     "LLaDAMoeConfig",

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -380,6 +380,18 @@ class MoeDiffusionLM(nn.Module):
 def is_router_param(name: str) -> bool:
     """The router's tensors: what router fine-tuning trains and a router checkpoint holds."""
     return name.endswith((".mlp.gate.weight", ".mlp.gate.expert_bias"))
+
+
+TrainableSet = Literal["router", "router+experts", "all"]
+TRAINABLE_SETS: tuple[str, ...] = get_args(TrainableSet)
+
+
+def in_trainable_set(name: str, trainable: TrainableSet) -> bool:
+    """Whether a weight trains under `module.trainable`: the router (the default), the router and
+    the routed experts, or every weight (a full fine-tune)."""
+    if trainable == "all" or is_router_param(name):
+        return True
+    return trainable == "router+experts" and ".mlp.experts." in name
 
 
 @torch.no_grad()

@@ -1,13 +1,15 @@
 """FSDP2 for router fine-tuning: shard a frozen base over a device mesh and load it shard by shard.
 
-Units: each router on its own (fp32 and trainable, while the base is bf16 and frozen; an FSDP2
-unit gathers one dtype), each decoder layer, then the rest (embeddings, final norm, head). The
+Units: each module of fp32 master weights on its own (the router, and the experts when they
+train, while the frozen base is bf16; an FSDP2 unit gathers one dtype), each decoder layer, then
+the rest (embeddings, final norm, head). The
 model arrives on the meta device; each rank reads one whole tensor at a time and keeps its shard,
 so no process ever holds the whole model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -21,15 +23,18 @@ from dmoe_train.models.checkpoint import read_state_dict
 from dmoe_train.models.common import is_router_param
 
 
-def router_modules(model: nn.Module) -> list[nn.Module]:
-    names = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if is_router_param(n)}
+def owning_modules(model: nn.Module, own_unit: Callable[[str], bool]) -> list[nn.Module]:
+    names = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if own_unit(n)}
     return [model.get_submodule(n) for n in sorted(names)]
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh) -> None:
+def shard_model(
+    model: nn.Module, mesh: DeviceMesh, own_unit: Callable[[str], bool] = is_router_param
+) -> None:
     """FSDP2 over `mesh`: a 1-D mesh shards across all ranks; a 2-D (nodes x GPUs) mesh shards
-    within a node and replicates across nodes (HSDP), keeping all-gathers on the fast links."""
-    for module in [*router_modules(model), *model.model.layers, model]:
+    within a node and replicates across nodes (HSDP), keeping all-gathers on the fast links. The
+    modules owning the weights `own_unit` names are units of their own."""
+    for module in [*owning_modules(model, own_unit), *model.model.layers, model]:
         fully_shard(module, mesh=mesh)
 
 
