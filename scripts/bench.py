@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_full_width import run_all as run_full_width
+from bench_full_width import train_rows as strategy_train_rows
 from torch.utils.benchmark import Timer
 
 from dmoe_train.diffusion import block_diffusion_block_mask
@@ -33,6 +34,7 @@ from dmoe_train.routing import route_in_coreset, token_topk, topp_coreset
 
 MINI = dict(hidden=2048, inter=512, experts=256, top_k=8, block=32, token_unique=70)
 QUICK = dict(hidden=64, inter=32, experts=32, top_k=4, block=8, token_unique=16)
+TINY_BASE = Path(__file__).resolve().parents[1] / "assets" / "tiny-llada2"
 
 
 def timeit(fn: Callable[[], object], repeat: int) -> float:
@@ -300,8 +302,10 @@ def main() -> None:
     train = train_rows(
         ["tiny"] if args.quick else ["tiny", "llada2_mini_2layer"], 1 if args.quick else 3
     )
-    # full width (a 2-layer LLaDA2.0-mini slice written to disk): not in --quick
+    # full width (a 2-layer LLaDA2.0-mini slice written to disk); --quick trains the tiny base
+    # through the same trainer configs instead
     full_width = {} if args.quick else run_full_width()
+    strategies = full_width.pop("train", None) or strategy_train_rows(TINY_BASE)
     layer = moe_layer_rows(s, repeat, gen)
     results = {
         "environment": env,
@@ -309,6 +313,7 @@ def main() -> None:
         "expert_compute": compute_rows(s, repeat, gen),
         "routing_overhead": routing_rows(s, repeat, gen, layer[0]["ms"]),
         "train_step": train,
+        "train_strategies": strategies,
         "attention_mask": attention_mask_rows([16, 512] if args.quick else [512, 2048, 8192], 32),
         **{f"full_width_{case}": rows for case, rows in full_width.items()},
     }

@@ -1,7 +1,11 @@
 """Full-width LLaDA2.0-mini measurements on a 2-layer slice (`full_width_checkpoint.py`): the
-memory of `load_model` in bfloat16, and end-to-end decode speed under block coresets of 8, 16,
-32, 48 and 70 experts against token routing. Each case runs in a process of its own (a clean
-peak), called by `bench.py`; `python scripts/bench_full_width.py --case load|decode DIR` runs one.
+memory of `load_model` in bfloat16; end-to-end decode speed under block coresets of 8, 16, 32, 48
+and 70 experts against token routing; and training through the shipped trainer configs (cpu,
+ddp_cpu and fsdp with two CPU processes): each rank's peak resident memory once loaded and after
+the steps, tokens per second, router-only against training the experts too, and the memory
+estimate of `estimate_memory.py` beside the measurement. Each case runs in a process (or process
+group) of its own, for a clean peak, called by `bench.py`;
+`python scripts/bench_full_width.py --case load|decode DIR` runs one.
 """
 
 from __future__ import annotations
@@ -16,8 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
+from estimate_memory import Layout, estimate, read_config
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader
 
+from dmoe_train.callbacks import StepResources
+from dmoe_train.cli.common import CONFIG_DIR
 from dmoe_train.generate import generate
 from dmoe_train.models import load_model
 from dmoe_train.routing import RULES, RoutingPolicy
@@ -123,6 +135,101 @@ def decode_case(path: Path, rounds: int = 3) -> list[dict]:
     return rows
 
 
+# (trainer config, what trains): DDP replicates the fp32 expert state (~13 GB at this width) in
+# each rank, which two ranks cannot fit in a 24 GiB machine. FSDP with the experts training
+# exited with an error at this width (not yet investigated; it runs on the tiny base)
+TRAIN_CASES = (
+    ("cpu", "router"),
+    ("ddp_cpu", "router"),
+    ("fsdp", "router"),
+    ("cpu", "router+experts"),
+)
+TRAIN_SEQ, TRAIN_STEPS = 64, 3  # per rank: one sequence of 64 tokens ([x_t ; x_0]: 128)
+
+
+def train_case(path: Path, trainer_name: str, trainable: str, out: Path) -> None:
+    """A few training steps on the slice through the shipped configs (trainer=<name> on the
+    CPU, the model, module and router as `dmoe-train` builds them); each rank's
+    `StepResources` writes its figures to `out`. Lightning launches the other rank by running
+    this command again."""
+    overrides = [
+        f"paths.output_dir={out}",
+        "model=llada2_mini",
+        f"model.path={path}",
+        f"trainer={trainer_name}",
+        "trainer.accelerator=cpu",
+        f"trainer.devices={1 if trainer_name == 'cpu' else 2}",
+        "trainer.precision=32-true",  # the base computes in its bf16, the trainable set in fp32
+        "trainer.deterministic=false",
+        f"trainer.max_steps={TRAIN_STEPS}",
+        "+trainer.enable_checkpointing=false",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "router.block_size=32",
+        f"module.trainable={trainable}",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[StepResources(str(out))], logger=False)
+    policy = instantiate(cfg.router)
+    sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+    model = instantiate(cfg.model, _partial_=True)(
+        routing=policy, **({"device": "meta"} if sharded else {})
+    )
+    module = instantiate(cfg.module, _partial_=True)(
+        model=model, regularizer=instantiate(cfg.regularizer)
+    )
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "input_ids": torch.randint(0, model.config.vocab_size, (1, TRAIN_SEQ), generator=g),
+            "response_mask": torch.ones(1, TRAIN_SEQ, dtype=torch.bool),
+            "index": torch.tensor([i]),
+        }
+        for i in range(TRAIN_STEPS)
+    ]
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+
+
+def train_rows(path: Path) -> list[dict]:
+    """Every training case in its own process group: each rank's peak memory (once loaded, and
+    after the steps) against one process, tokens per second, and the estimate of
+    `estimate_memory.py` for the layout (its activations for one sequence of TRAIN_SEQ)."""
+    cfg = read_config(path)
+    rows, alone = [], {}
+    for trainer_name, trainable in TRAIN_CASES:
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, __file__, "--case", "train", str(path)]
+            cmd += ["--trainer", trainer_name, "--trainable", trainable, "--out", out]
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            ranks = [json.loads(f.read_text()) for f in sorted(Path(out).glob("resources.*"))]
+        shard = 2 if trainer_name == "fsdp" else 1
+        estimated = estimate(cfg, TRAIN_SEQ, 1, Layout(trainer_name, shard), trainable)["total"]
+        for r in ranks:
+            peak = r["peak_bytes"] / 2**30
+            alone.setdefault(trainable, peak)  # the cpu case of each trainable set comes first
+            rows.append(
+                {
+                    "model": path.name,
+                    "trainer": trainer_name,
+                    "trainable": trainable,
+                    "rank": f"{r['rank']} of {r['world_size']}",
+                    "tokens_per_s": round(r["tokens_per_s"], 1),
+                    "step_s": round(r["step_s"], 2),
+                    "loaded_peak_GiB": round(r["loaded_peak_bytes"] / 2**30, 2),
+                    "peak_GiB": round(peak, 2),
+                    "peak_vs_one_process": round(peak / alone[trainable], 2),
+                    "start_GiB": round(r["start_rss_bytes"] / 2**30, 2),
+                    "estimate_GiB": round(estimated / 2**30, 2),
+                    # what the run added to the process, against the estimate of what it holds
+                    "added_vs_estimate": round(
+                        (r["peak_bytes"] - r["start_rss_bytes"]) / estimated, 2
+                    ),
+                }
+            )
+    return rows
+
+
 def run_all() -> dict:
     """Write the 2-layer slice to a temporary directory and run every case on it."""
     from full_width_checkpoint import write_full_width
@@ -130,7 +237,7 @@ def run_all() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "llada2-mini-2layer"
         write_full_width(path, layers=2)
-        return {
+        results = {
             case: json.loads(
                 subprocess.run(
                     [sys.executable, __file__, "--case", case, str(path)],
@@ -143,13 +250,20 @@ def run_all() -> dict:
             )
             for case in ("load", "decode")
         }
+        return results | {"train": train_rows(path)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--case", choices=("load", "decode"), required=True)
+    ap.add_argument("--case", choices=("load", "decode", "train"), required=True)
     ap.add_argument("path", type=Path)
+    ap.add_argument("--trainer", choices=sorted({t for t, _ in TRAIN_CASES}), default="cpu")
+    ap.add_argument("--trainable", default="router")
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.case == "train":
+        train_case(args.path, args.trainer, args.trainable, args.out)
+        return
     result = load_case(args.path) if args.case == "load" else decode_case(args.path)
     print(json.dumps(result))
 

@@ -1,11 +1,12 @@
-"""Per-GPU memory of router fine-tuning, from a model config: weights, router optimizer state,
-activations with and without per-layer checkpointing, for DDP and FSDP layouts.
+"""Per-GPU memory of router fine-tuning, from a model config: weights, the trainable set's
+optimizer state, activations with and without per-layer checkpointing, for DDP and FSDP layouts.
 
     python scripts/estimate_memory.py [--config DIR/config.json] [--seq 2048] [--out FILE.md]
+        [--trainable router|router+experts|all]
 
-An estimate from shapes (bf16 base, fp32 router with AdamW, block diffusion's [x_t ; x_0] input of
-2 x seq tokens, memory-efficient attention: no seq^2 scores kept); allocator slack and CUDA context
-(~1-2 GB) are not included.
+An estimate from shapes (bf16 frozen base, the trainable set in fp32 with AdamW, block
+diffusion's [x_t ; x_0] input of 2 x seq tokens, memory-efficient attention: no seq^2 scores
+kept); allocator slack and CUDA context (~1-2 GB) are not included.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from typing import Any
 
 import torch
 
-from dmoe_train.models import FAMILIES, LLaDA2MoeModelLM, MoeDiffusionLM, is_router_param
+from dmoe_train.models import (
+    FAMILIES,
+    TRAINABLE_SETS,
+    LLaDA2MoeModelLM,
+    MoeDiffusionLM,
+    TrainableSet,
+    in_trainable_set,
+)
 
 GB = 1e9
 BF16, FP32 = 2, 4
@@ -27,18 +35,25 @@ BF16, FP32 = 2, 4
 @dataclass
 class Layout:
     name: str
-    shard: int  # ranks one copy of the weights and router state is spread over
+    shard: int  # ranks one copy of the weights and trainable state is spread over
 
 
-def parameter_counts(cfg: Any) -> tuple[int, int, int]:
-    """(all, router, largest decoder layer) parameter counts, from the model built on meta."""
+def read_config(path: Path) -> Any:
+    """A model directory's (or a config.json's) config, any family."""
+    file = path / "config.json" if path.is_dir() else path
+    raw = json.loads(file.read_text())
+    return FAMILIES[raw.get("model_type", "llada2_moe")].config_class.from_dict(raw)
+
+
+def parameter_counts(cfg: Any, trainable: TrainableSet = "router") -> tuple[int, int, int]:
+    """(all, trainable, largest decoder layer) parameter counts, from the model built on meta."""
     family: type[MoeDiffusionLM] = FAMILIES[cfg.model_type]
     with torch.device("meta"):
         model = family(cfg)
     total = sum(p.numel() for p in model.parameters())
-    router = sum(p.numel() for n, p in model.named_parameters() if is_router_param(n))
+    trained = sum(p.numel() for n, p in model.named_parameters() if in_trainable_set(n, trainable))
     layer = max(sum(p.numel() for p in block.parameters()) for block in model.model.layers)
-    return total, router, layer
+    return total, trained, layer
 
 
 def layer_activations(cfg: Any, tokens: int) -> float:
@@ -56,19 +71,22 @@ def layer_activations(cfg: Any, tokens: int) -> float:
     return attention + router + routed + shared + 2 * tokens * h * BF16  # residual, norm
 
 
-def estimate(cfg: Any, seq: int, micro_batch: int, layout: Layout) -> dict[str, float]:
-    total, router, layer = parameter_counts(cfg)
+def estimate(
+    cfg: Any, seq: int, micro_batch: int, layout: Layout, trainable: TrainableSet = "router"
+) -> dict[str, float]:
+    total, trained, layer = parameter_counts(cfg, trainable)
     tokens = 2 * seq * micro_batch  # [x_t ; x_0]
-    weights = total * BF16 / layout.shard
-    gathered = 2 * layer * BF16 if layout.shard > 1 else 0  # FSDP: current + prefetched layer
-    optimizer = router * (FP32 * 4) / layout.shard  # fp32 master + grad + Adam m, v
+    weights = (total - trained) * BF16 / layout.shard  # the frozen base
+    # FSDP: the current and the prefetched layer, whole (fp32 where its experts train)
+    gathered = 2 * layer * (BF16 if trainable == "router" else FP32) if layout.shard > 1 else 0
+    optimizer = trained * (FP32 * 4) / layout.shard  # fp32 master + grad + Adam m, v
     per_layer = layer_activations(cfg, tokens)
     logits = seq * micro_batch * cfg.vocab_size * (BF16 + 2 * FP32)  # x_t half, fp32 CE + grad
     full = cfg.num_hidden_layers * per_layer + logits
     checkpointed = cfg.num_hidden_layers * tokens * cfg.hidden_size * BF16 + per_layer + logits
     return {
         "weights": weights + gathered,
-        "router_state": optimizer,
+        "trainable_state": optimizer,
         "activations": full,
         "activations_ckpt": checkpointed,
         "total": weights + gathered + optimizer + full,
@@ -76,27 +94,29 @@ def estimate(cfg: Any, seq: int, micro_batch: int, layout: Layout) -> dict[str, 
     }
 
 
-def table(cfg: Any, seq: int, micro_batch: int, layouts: list[Layout]) -> str:
-    total, router, _ = parameter_counts(cfg)
+def table(
+    cfg: Any, seq: int, micro_batch: int, layouts: list[Layout], trainable: TrainableSet
+) -> str:
+    total, trained, _ = parameter_counts(cfg, trainable)
     lines = [
-        f"Per-GPU memory (GB), {total / 1e9:.2f}B parameters ({router / 1e6:.1f}M trainable "
-        f"router), seq {seq}, micro batch {micro_batch}: weights bf16 (+2 gathered layers "
-        "under FSDP), router fp32 + grad + AdamW, activations of [x_t ; x_0] with and without "
-        "per-layer checkpointing.",
+        f"Per-GPU memory (GB), {total / 1e9:.2f}B parameters ({trained / 1e6:.1f}M trainable: "
+        f"{trainable}), seq {seq}, micro batch {micro_batch}: frozen weights bf16 (+2 gathered "
+        "layers under FSDP), the trainable set fp32 + grad + AdamW, activations of [x_t ; x_0] "
+        "with and without per-layer checkpointing.",
         "",
-        "| layout | weights | router state | activations | activations (ckpt) | total "
+        "| layout | weights | trainable state | activations | activations (ckpt) | total "
         "| total (ckpt) |",
         "|---|---|---|---|---|---|---|",
     ]
     for lay in layouts:
-        e = estimate(cfg, seq, micro_batch, lay)
+        e = estimate(cfg, seq, micro_batch, lay, trainable)
         lines.append(
             f"| {lay.name} | "
             + " | ".join(
                 f"{e[k] / GB:.1f}"
                 for k in (
                     "weights",
-                    "router_state",
+                    "trainable_state",
                     "activations",
                     "activations_ckpt",
                     "total",
@@ -115,20 +135,17 @@ def main() -> None:
     )
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--trainable", choices=TRAINABLE_SETS, default="router")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
-    if args.config:
-        raw = json.loads(Path(args.config).read_text())
-        cfg = FAMILIES[raw.get("model_type", "llada2_moe")].config_class.from_dict(raw)
-    else:
-        cfg = LLaDA2MoeModelLM.config_class()
+    cfg = read_config(Path(args.config)) if args.config else LLaDA2MoeModelLM.config_class()
     layouts = [
         Layout("1 GPU", 1),
         Layout("DDP, 1 node x 8", 1),
         Layout("FSDP, 1 node x 8", 8),
         Layout("FSDP (HSDP), 2 nodes x 8", 8),  # shards within a node, replicates across nodes
     ]
-    text = table(cfg, args.seq, args.micro_batch, layouts)
+    text = table(cfg, args.seq, args.micro_batch, layouts, args.trainable)
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -74,14 +74,17 @@ def training_free() -> list[Spec]:
             for name in ("des_vote", "capacity_max")
             for c in CAPACITIES
         ),
-        *(
+        *(  # k=1 too: the frontier then reaches the budgets of the trained points
             Spec("topk_cap", f"k={k}", ["router=topk_cap", blocks, f"router.top_k={k}"])
-            for k in range(2, 8)
+            for k in range(1, 8)
         ),
-        *(Spec("dmoe", f"p={p}", ["router=dmoe", f"router.top_p={p}"]) for p in (0.3, 0.6, 0.9)),
+        *(
+            Spec("dmoe", f"p={p}", ["router=dmoe", f"router.top_p={p}"])
+            for p in (0.3, 0.45, 0.6, 0.75, 0.9)
+        ),
         *(
             Spec("llada22", f"c={c}", ["router=llada22", f"router.capacity={c}"])
-            for c in (16, 32, 48)
+            for c in CAPACITIES
         ),
     ]
 
@@ -99,6 +102,14 @@ TRAINED = [
         "p=0.3 union 0.1 curriculum",
         train_overrides=["router.top_p=0.3", "module.curriculum_start=0.9"],
     ),
+]
+# not router-only: the routed experts train too (module.trainable), its own line, outside the goal
+WITH_EXPERTS = [
+    Spec(
+        "trained+experts",
+        "p=0.5 union 0.1",
+        train_overrides=["router.top_p=0.5", "module.trainable=router+experts"],
+    )
 ]
 # the ablation: one switch at a time against "p=0.5 union 0.1" (and "p=0.5 distill") above
 ABLATION = [
@@ -198,12 +209,13 @@ def goal(rows: list[dict]) -> list[str]:
     methods = by_method(rows)
     trained = methods.get("trained", [])
     token = methods["token"][0]
+    free = {s.method for s in training_free()} - {"token"}
     lines = []
     for t in trained:
         below = [
             m
             for m, rs in methods.items()
-            if m not in ("trained", "token", "ablation")
+            if m in free
             and not strictly_above(
                 (t["experts"], t["accuracy_lo"]),
                 np.array([r["experts"] for r in rs]),
@@ -252,7 +264,8 @@ def markdown(rows: list[dict]) -> str:
 
 def ablation(rows: list[dict]) -> list[str]:
     """Every top_p 0.5 router, one objective switch per row, as report lines."""
-    runs = [r for r in rows if r["method"] in ("trained", "ablation") and "p=0.5" in r["label"]]
+    trained = ("trained", "ablation", "trained+experts")
+    runs = [r for r in rows if r["method"] in trained and "p=0.5" in r["label"]]
     if not runs:
         return []
     lines = [
@@ -262,8 +275,9 @@ def ablation(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for r in runs:
+        label = r["label"] + (" (router+experts)" if r["method"] == "trained+experts" else "")
         lines.append(
-            f"| {r['label']} | {r['experts']:.2f} | {r['accuracy']:.3f} "
+            f"| {label} | {r['experts']:.2f} | {r['accuracy']:.3f} "
             f"[{r['accuracy_lo']:.3f}, {r['accuracy_hi']:.3f}] | {r['retained']:.3f} | "
             f"{r['train_seconds']:.0f} |"
         )
@@ -325,7 +339,7 @@ def main() -> None:
             f"{BASE}: the 256-expert base is missing (scripts/make_base.py --base tiny256)"
         )
     free = training_free()  # token routing first: the reference of every other point
-    specs = free[:1] + ([] if args.no_trained else TRAINED + ABLATION) + free[1:]
+    specs = free[:1] + ([] if args.no_trained else TRAINED + ABLATION + WITH_EXPERTS) + free[1:]
     store = args.out / "pareto"
     if args.report_only:  # the points finished so far, nothing computed
         specs = [s for s in specs if (store / "points" / s.slug / "point.json").is_file()]

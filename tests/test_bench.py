@@ -28,6 +28,25 @@ def test_bench_quick_writes_both_files(tmp_path):
     masks = results["attention_mask"]
     assert [r["tokens"] for r in masks] == [16, 512]
     assert masks[1]["dense_mask_MiB"] == 4 and masks[1]["ratio"] > 1000  # [1024, 1024] fp32
-    sections = ("moe_layer", "expert_compute", "routing_overhead", "train_step", "attention_mask")
+    # the tiny base through the shipped trainer configs: one row per rank, per trainable set
+    runs = [(r["trainer"], r["trainable"], r["rank"]) for r in results["train_strategies"]]
+    assert runs == [
+        ("cpu", "router", "0 of 1"),
+        ("ddp_cpu", "router", "0 of 2"),
+        ("ddp_cpu", "router", "1 of 2"),
+        ("fsdp", "router", "0 of 2"),
+        ("fsdp", "router", "1 of 2"),
+        ("cpu", "router+experts", "0 of 1"),
+    ]
+    for r in results["train_strategies"]:
+        assert 0 < r["loaded_peak_GiB"] <= r["peak_GiB"] and r["tokens_per_s"] > 0
+    sections = (
+        "moe_layer",
+        "expert_compute",
+        "routing_overhead",
+        "train_step",
+        "attention_mask",
+        "train_strategies",
+    )
     for section in sections:
         assert f"## {section}" in md

@@ -62,6 +62,14 @@ def test_two_ranks_match_one_process_and_resume(tmp_path, one_process, strategy)
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # replicas never drift
         torch.testing.assert_close(ranks[0][name], reference[name], rtol=0, atol=ATOL)
     single = json.loads((one_process / "summary.json").read_text())
+    # each rank reports its own throughput and peak memory; the global batch is one process's
+    used = [json.loads((tmp_path / "full" / f"resources.rank{r}.json").read_text()) for r in (0, 1)]
+    alone = json.loads((one_process / "resources.rank0.json").read_text())
+    assert [u["rank"] for u in used] == [0, 1] and {u["world_size"] for u in used} == {2}
+    assert {u["batches"] for u in used} == {alone["batches"]} == {6}
+    for u in used:
+        assert 0 < u["loaded_peak_bytes"] <= u["peak_bytes"]
+        assert u["tokens_per_s"] == pytest.approx(32 * 16 / u["step_s"], rel=1e-6)
     assert full["val_loss_after"] == pytest.approx(single["val_loss_after"], abs=ATOL)
     assert full["unique_experts_after"] == pytest.approx(single["unique_experts_after"], abs=1e-4)
 

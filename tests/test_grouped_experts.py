@@ -74,3 +74,17 @@ def test_grouped_matches_loop(seed, path, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     # the unused expert gets exactly zero gradient: it was never touched
     assert (grads[2][5] == 0).all() and (grads[4][5] == 0).all()
+
+
+def test_fp32_experts_under_a_bf16_stream():
+    """Training the experts beside a frozen bf16 base: fp32 expert weights, bf16 activations.
+    The experts compute in fp32, return bf16, and their fp32 gradients are the fp32 ones."""
+    x, ids, weights, *params = _case(0)
+    out, grads = _forward_and_grads(expert_mlp, [x.bfloat16(), ids, weights, *params])
+    ref, ref_grads = _forward_and_grads(expert_mlp, [x.bfloat16().float(), ids, weights, *params])
+    assert out.dtype == torch.bfloat16 and grads[2].dtype == torch.float32
+    scale = ref.abs().max().item()  # the k slots are summed in bf16: its rounding, no more
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2 * scale)
+    # the gradient reaching them passed through bf16: its rounding, relative to its scale
+    g_scale = ref_grads[2].abs().max().item()
+    torch.testing.assert_close(grads[2], ref_grads[2], rtol=1e-2, atol=1e-2 * g_scale)

@@ -86,6 +86,7 @@ def test_ablation_rows_are_tabled_not_judged_against_the_goal():
         pareto.Spec("trained", "p=0.5 union 0.1"),
         pareto.Spec("trained", "p=0.7 union 0.1"),
         pareto.Spec("ablation", "p=0.5 none"),
+        pareto.Spec("trained+experts", "p=0.5 union 0.1"),
     ]
     metrics = [
         fake_metrics(60.0, 80),
@@ -93,9 +94,13 @@ def test_ablation_rows_are_tabled_not_judged_against_the_goal():
         fake_metrics(12.0, 40) | {"train_seconds": 300.0},
         fake_metrics(20.0, 50) | {"train_seconds": 310.0},
         fake_metrics(30.0, 10) | {"train_seconds": 290.0},  # below topp: no verdict for it
+        fake_metrics(12.0, 79) | {"train_seconds": 400.0},  # not a competitor of the trained
     ]
     report = pareto.markdown(pareto.analyse(specs, metrics))
     table = report[report.index("Ablation") : report.index("Goal:")]
     assert "| p=0.5 union 0.1 | 12.00 | 0.400" in table
     assert "| p=0.5 none | 30.00 | 0.100" in table and "p=0.7" not in table
-    assert "p=0.5 none" not in report[report.index("Goal:") :]
+    assert "| p=0.5 union 0.1 (router+experts) | 12.00 | 0.790" in table
+    verdicts = report[report.index("Goal:") :]
+    assert "p=0.5 none" not in verdicts and "router+experts" not in verdicts
+    assert "- trained p=0.5 union 0.1 (12.0 experts): above every training-free method" in verdicts

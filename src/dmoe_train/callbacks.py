@@ -1,11 +1,18 @@
-"""Lightning callbacks of ours: save on SIGTERM, write the router with every checkpoint."""
+"""Lightning callbacks of ours: save on SIGTERM, write the router with every checkpoint, report
+training throughput and peak memory."""
 
 from __future__ import annotations
 
+import json
+import re
+import resource
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dmoe_train.router_io import export_router
@@ -34,3 +41,76 @@ class RouterCheckpoint(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         export_router(trainer, pl_module, self.dirpath, self.base_path)
+
+
+def peak_memory_bytes(device: torch.device, key: str = "VmHWM") -> int:
+    """This process's peak memory: the CUDA allocator's peak on a GPU, else the peak resident set
+    (Linux: VmHWM, which an exec resets; elsewhere ru_maxrss, in bytes on macOS). `key="VmRSS"`:
+    the resident set now (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status")
+    if status.is_file():
+        return int(re.search(rf"{key}:\s+(\d+) kB", status.read_text())[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+class StepResources(L.Callback):
+    """Training throughput and peak memory, per rank: each batch's tokens per second (this rank's
+    tokens x world size over the batch's wall time: ranks step together) and the process's peak
+    memory, logged as `perf/tokens_per_s` and `perf/peak_mem_GiB`. At the end of fit each rank
+    writes `<dirpath>/resources.rank<r>.json`: the resident memory when this callback was built
+    (before the model, in `dmoe-train`'s build order), the peak once the model is loaded (FSDP
+    loads its shards in setup) and after training, and the median step (the first, a warm-up,
+    left out when there are others)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.start_rss = peak_memory_bytes(torch.device("cpu"), "VmRSS")
+        self.seconds: list[float] = []
+        self.tokens: list[int] = []
+        self.loaded_peak = 0
+        self._began = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.loaded_peak = peak_memory_bytes(pl_module.device)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._began = time.perf_counter()
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.seconds.append(time.perf_counter() - self._began)
+        self.tokens.append(batch["input_ids"].numel() * trainer.world_size)
+        peak = peak_memory_bytes(pl_module.device)
+        pl_module.log("perf/tokens_per_s", self.tokens[-1] / self.seconds[-1], rank_zero_only=True)
+        pl_module.log("perf/peak_mem_GiB", peak / 2**30, rank_zero_only=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.seconds:
+            return
+        steady = slice(1, None) if len(self.seconds) > 1 else slice(None)
+        step_s = statistics.median(self.seconds[steady])
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "batches": len(self.seconds),
+            "step_s": step_s,
+            "tokens_per_s": statistics.median(self.tokens[steady]) / step_s,
+            "start_rss_bytes": self.start_rss,
+            "loaded_peak_bytes": self.loaded_peak,
+            "peak_bytes": peak_memory_bytes(pl_module.device),
+        }
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / f"resources.rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")

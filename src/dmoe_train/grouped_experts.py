@@ -57,7 +57,9 @@ def expert_mlp(
 ) -> Tensor:
     """Sum over each token's chosen experts of weight * SwiGLU expert(x).
 
-    `x` `[N, H]`; `ids`/`weights` `[N, k]`, id -1 = empty slot (contributes nothing).
+    `x` `[N, H]`; `ids`/`weights` `[N, k]`, id -1 = empty slot (contributes nothing). Computed
+    in the experts' dtype (fp32 master weights when they train beside a bf16 base), returned in
+    the caller's.
     """
     n, k = ids.shape
     flat_ids = ids.reshape(-1)
@@ -66,7 +68,8 @@ def expert_mlp(
     counts = torch.bincount(flat_ids[order], minlength=gate_proj.shape[0])
     # one row per (token, slot), sorted by expert; every index is unique, so the gradients of
     # these gathers and of index_copy below need no accumulation
-    xs = x.repeat_interleave(k, dim=0).index_select(0, order)
+    xs = x.repeat_interleave(k, dim=0).index_select(0, order).to(gate_proj.dtype)
     hidden = F.silu(grouped_linear(xs, gate_proj, counts)) * grouped_linear(xs, up_proj, counts)
-    ys = grouped_linear(hidden, down_proj, counts) * weights.reshape(-1)[order, None].to(x.dtype)
+    ys = grouped_linear(hidden, down_proj, counts) * weights.reshape(-1)[order, None].to(xs.dtype)
+    ys = ys.to(x.dtype)
     return x.new_zeros(n * k, x.shape[1]).index_copy(0, order, ys).view(n, k, -1).sum(1)
