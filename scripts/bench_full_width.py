@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -25,11 +24,11 @@ import torch
 from estimate_memory import Layout, estimate, read_config
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
-from dmoe_train.callbacks import StepResources
+from dmoe_train.callbacks import StepResources, resident_bytes
 from dmoe_train.cli.common import CONFIG_DIR
+from dmoe_train.cli.train import build_model, build_module
 from dmoe_train.generate import generate
 from dmoe_train.models import load_model
 from dmoe_train.routing import RULES, RoutingPolicy
@@ -38,18 +37,14 @@ CORESETS = (8, 16, 32, 48, 70)  # 70: what token routing touches per block on th
 PROMPTS, PROMPT_LEN, BLOCK = 1, 32, 32  # one sequence: the 157k-vocabulary head dominates
 
 
-def _status(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
-
-
 def load_case(path: Path) -> dict:
     """Peak resident memory of `load_model(dtype=bfloat16)` against the weights it holds."""
-    before = _status("VmRSS")  # torch and our modules imported
+    before = resident_bytes("VmRSS")  # torch and our modules imported
     began = time.perf_counter()
     model = load_model(path, dtype=torch.bfloat16)
     seconds = time.perf_counter() - began
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    peak = _status("VmHWM")
+    peak = resident_bytes("VmHWM")
     return {
         "weights_GiB": round(weights / 2**30, 3),
         "process_before_GiB": round(before / 2**30, 3),
@@ -171,14 +166,8 @@ def train_case(path: Path, trainer_name: str, trainable: str, out: Path) -> None
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[StepResources(str(out))], logger=False)
-    policy = instantiate(cfg.router)
-    sharded = isinstance(trainer.strategy, ModelParallelStrategy)
-    model = instantiate(cfg.model, _partial_=True)(
-        routing=policy, **({"device": "meta"} if sharded else {})
-    )
-    module = instantiate(cfg.module, _partial_=True)(
-        model=model, regularizer=instantiate(cfg.regularizer)
-    )
+    model = build_model(cfg, instantiate(cfg.router), trainer)
+    module = build_module(cfg, model)
     g = torch.Generator().manual_seed(0)
     batches = [
         {

@@ -43,16 +43,21 @@ class RouterCheckpoint(L.Callback):
         export_router(trainer, pl_module, self.dirpath, self.base_path)
 
 
-def peak_memory_bytes(device: torch.device, key: str = "VmHWM") -> int:
-    """This process's peak memory: the CUDA allocator's peak on a GPU, else the peak resident set
-    (Linux: VmHWM, which an exec resets; elsewhere ru_maxrss, in bytes on macOS). `key="VmRSS"`:
-    the resident set now (Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+def resident_bytes(key: str = "VmHWM") -> int:
+    """This process's resident memory: its peak (`VmHWM`, which an exec resets) or now (`VmRSS`),
+    from Linux's /proc; elsewhere the peak, ru_maxrss (in bytes on macOS)."""
     status = Path("/proc/self/status")
     if status.is_file():
         return int(re.search(rf"{key}:\s+(\d+) kB", status.read_text())[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory: the CUDA allocator's peak on a GPU, else the peak resident
+    set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resident_bytes("VmHWM")
 
 
 class StepResources(L.Callback):
@@ -66,7 +71,7 @@ class StepResources(L.Callback):
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
-        self.start_rss = peak_memory_bytes(torch.device("cpu"), "VmRSS")
+        self.start_rss = resident_bytes("VmRSS")
         self.seconds: list[float] = []
         self.tokens: list[int] = []
         self.loaded_peak = 0

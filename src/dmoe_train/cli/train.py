@@ -125,8 +125,6 @@ def build(cfg: DictConfig) -> Run:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    # FSDP: every rank builds the model on the meta device and loads only its shards later
-    sharded = isinstance(trainer.strategy, ModelParallelStrategy)
     if cfg.evaluate_after and isinstance(
         trainer.strategy, ModelParallelStrategy | DeepSpeedStrategy
     ):
@@ -138,16 +136,27 @@ def build(cfg: DictConfig) -> Run:
     if trainer.is_global_zero:
         info = json.dumps(run_info(cfg), indent=2) + "\n"
         (output_dir / "checkpoints" / "run_info.json").write_text(info)
-    # objects go through partials: Hydra would turn a dataclass argument into a config node
-    model = instantiate(cfg.model, _partial_=True)(
-        routing=policy, **({"device": "meta"} if sharded else {})
-    )
+    model = build_model(cfg, policy, trainer)
     check_tokenizer(cfg, model, data)
     if cfg.init_router:
         load_router(model, cfg.init_router, policy)
+    return Run(trainer, build_module(cfg, model), data, policy, output_dir, ckpt_path)
+
+
+def build_model(cfg: DictConfig, policy: RoutingPolicy, trainer: L.Trainer):
+    """The config's model under `policy`; under FSDP on the meta device (every rank loads only
+    its shards later). Objects go through partials: Hydra would turn a dataclass argument into a
+    config node."""
+    sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+    return instantiate(cfg.model, _partial_=True)(
+        routing=policy, **({"device": "meta"} if sharded else {})
+    )
+
+
+def build_module(cfg: DictConfig, model) -> RouterFineTuner:
+    """The config's LightningModule around `model`, with its regularizer."""
     regularizer = instantiate(cfg.regularizer)
-    module = instantiate(cfg.module, _partial_=True)(model=model, regularizer=regularizer)
-    return Run(trainer, module, data, policy, output_dir, ckpt_path)
+    return instantiate(cfg.module, _partial_=True)(model=model, regularizer=regularizer)
 
 
 def fit(run: Run) -> bool:
