@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare pareto sweep bench
+.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare pareto ec-study sweep bench
 
 venv: $(VENV)/.installed
 
@@ -57,6 +57,12 @@ compare: venv
 # results/pareto.{csv,md,png}; finished points are kept under results/pareto/ and not recomputed
 pareto: venv
 	$(BIN)/python scripts/pareto.py $(ARGS)
+
+# expert choice against token choice on the tiny base's task: from-scratch bases (validation loss
+# against tokens and seconds, the capacity schedules at matched FLOPs) and retrofits of the tiny
+# base by trainable set -> results/ec_vs_tc.{md,png}; finished points kept under results/ec_vs_tc/
+ec-study: venv
+	$(BIN)/python scripts/ec_study.py $(ARGS)
 
 # Hydra multirun over top_p and the regularizer weight; each run trains, then decodes the test
 # split; the summary table and plot land in the sweep directory

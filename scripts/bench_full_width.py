@@ -130,9 +130,11 @@ def decode_case(path: Path, rounds: int = 3) -> list[dict]:
     return rows
 
 
-# (trainer config, what trains): DDP replicates the fp32 expert state (~13 GB at this width) in
-# each rank, which two ranks cannot fit in a 24 GiB machine. FSDP with the experts training
-# exited with an error at this width (not yet investigated; it runs on the tiny base)
+# (trainer config, what trains): with the experts training, neither two-rank layout fits a
+# 24 GiB machine at this width. DDP replicates the fp32 expert state (estimate 13.4 GiB a rank);
+# FSDP shards it but gathers the MoE layer's fp32 experts (3 GiB) for compute: estimate 12.9 GiB
+# a rank, measured 13.0 GiB on rank 0 when the kernel's OOM killer stopped rank 1 at 12.5 GiB
+# (what the earlier "error" was: the surviving rank saw its peer close the connection)
 TRAIN_CASES = (
     ("cpu", "router"),
     ("ddp_cpu", "router"),

@@ -79,7 +79,11 @@ def estimate(
     weights = (total - trained) * BF16 / layout.shard  # the frozen base
     # FSDP: the current and the prefetched layer, whole (fp32 where its experts train)
     gathered = 2 * layer * (BF16 if trainable == "router" else FP32) if layout.shard > 1 else 0
-    optimizer = trained * (FP32 * 4) / layout.shard  # fp32 master + grad + Adam m, v
+    # fp32 master + grad + Adam m, v, and the step's temporaries: AdamW computes sqrt(v) / c
+    # out of place, one more fp32 copy of the trainable set (all at once under foreach, the
+    # CUDA default; two of the largest tensor at a time on the CPU: measured 16.6 GiB added
+    # against 13.4 estimated without this term, for the 2-layer full-width slice's experts)
+    optimizer = trained * (FP32 * 5) / layout.shard
     per_layer = layer_activations(cfg, tokens)
     logits = seq * micro_batch * cfg.vocab_size * (BF16 + 2 * FP32)  # x_t half, fp32 CE + grad
     full = cfg.num_hidden_layers * per_layer + logits
@@ -101,7 +105,8 @@ def table(
     lines = [
         f"Per-GPU memory (GB), {total / 1e9:.2f}B parameters ({trained / 1e6:.1f}M trainable: "
         f"{trainable}), seq {seq}, micro batch {micro_batch}: frozen weights bf16 (+2 gathered "
-        "layers under FSDP), the trainable set fp32 + grad + AdamW, activations of [x_t ; x_0] "
+        "layers under FSDP), the trainable set fp32 + grad + AdamW + the step's fp32 temporaries, "
+        "activations of [x_t ; x_0] "
         "with and without per-layer checkpointing.",
         "",
         "| layout | weights | trainable state | activations | activations (ckpt) | total "

@@ -240,6 +240,10 @@ def test_retrofit_lowers_expert_choice_validation_loss(tmp_path):
     assert summary["regularizer"]["kind"] == "none"
     manifest = json.loads((tmp_path / "checkpoints" / "router.json").read_text())
     assert manifest["routing"]["name"] == "expert_choice"
+    # the recommended retrofit moves the routed experts with the router
+    saved = load_file(tmp_path / "checkpoints" / "router.safetensors")
+    assert any(".mlp.experts." in key for key in saved)
+    assert not any("self_attn" in key or "shared_experts" in key for key in saved)
 
 
 def test_router_z_loss_is_mean_squared_logsumexp():

@@ -39,3 +39,28 @@ def test_the_256_expert_recipe_writes_its_regime_and_per_skill_quality(tmp_path)
     regime = (cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group)
     assert regime == (256, 8, 8, 4) and cfg.num_shared_experts == 1
     assert cfg.first_k_dense_replace == 1 and cfg.routed_scaling_factor == 2.5
+
+
+@pytest.mark.slow
+def test_an_expert_choice_base_trains_balanced_and_records_its_curve(tmp_path):
+    script = PROJECT_ROOT / "scripts" / "make_base.py"
+    out = tmp_path / "ec"
+    run = [sys.executable, str(script), "--steps", "4", "--val-every", "2", "--eval-every", "0"]
+    run += ["--routing", "expert_choice", "--ec-group", "block", "--test-size", "8"]
+    run += ["--out", str(out)]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    quality = json.loads((out / "quality.json").read_text())
+    curve = quality["curve"]
+    assert [row["step"] for row in curve] == [2, 4]
+    assert curve[1]["tokens"] == 2 * curve[0]["tokens"] > 0
+    assert all(row["val_loss"] > 0 for row in curve)
+    # every expert takes k * T / E tokens of every block of x_t: perfectly even load
+    assert all(row["load_cv"] == pytest.approx(0.0, abs=1e-6) for row in curve)
+    assert len(quality["correct"]) == 8
+    model = load_model(out)
+    assert model.config.routing.name == "expert_choice"
+    assert model.config.routing.ec_group == "block"
+    # expert choice balances by construction: the bias is never moved
+    biases = [layer.mlp.gate.expert_bias for layer in model.model.layers[1:]]
+    assert all(float(b.float().abs().max()) == 0.0 for b in biases)

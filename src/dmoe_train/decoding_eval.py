@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from dmoe_train.data.module import DiffusionDataModule
-from dmoe_train.diffusion import denoise
+from dmoe_train.diffusion import denoise, masked_diffusion_loss
 from dmoe_train.generate import Generation, generate
 from dmoe_train.metrics import load_balance_cv
 
@@ -23,30 +23,33 @@ def content_positions(x0: torch.Tensor, response_mask: torch.Tensor, eos_id: int
 
 
 @torch.no_grad()
-def masked_token_accuracy(
-    model: torch.nn.Module, data: DiffusionDataModule, block_size: int, seed: int = 0
-) -> float:
-    """Argmax accuracy on masked answer tokens of the validation split, t ~ U[0.3, 0.8]."""
+def masked_token_metrics(
+    model: torch.nn.Module,
+    data: DiffusionDataModule,
+    block_size: int,
+    t_low: float = 0.3,
+    t_high: float = 0.8,
+    seed: int = 0,
+) -> dict[str, float]:
+    """On the validation split, noised by a seeded generator (the same noise for every model):
+    `loss`, the masked-diffusion cross-entropy per masked token, and `accuracy`, the argmax
+    accuracy on masked answer tokens (up to the first eos), t ~ U[t_low, t_high]."""
     cfg = model.config
     gen = torch.Generator().manual_seed(seed)
-    correct = total = 0
+    loss_sum = correct = total = masked = 0.0
     for batch in data.val_dataloader():
         x0 = batch["input_ids"]
         out = denoise(
-            model,
-            x0,
-            batch["response_mask"],
-            cfg.mask_token_id,
-            0.3,
-            0.8,
-            "block_diffusion",
-            block_size,
-            torch.rand(x0.shape[0], 1 + x0.shape[1], generator=gen),
-        )
+            model, x0, batch["response_mask"], cfg.mask_token_id, t_low, t_high,
+            "block_diffusion", block_size, torch.rand(x0.shape[0], 1 + x0.shape[1], generator=gen),
+        )  # fmt: skip
+        count = out.masked.sum()
+        loss_sum += float(masked_diffusion_loss(out.logits, x0, out.masked, out.t, "none") * count)
+        masked += int(count)
         scored = out.masked & content_positions(x0, batch["response_mask"], cfg.eos_token_id)
         correct += int((out.logits.argmax(-1) == x0)[scored].sum())
         total += int(scored.sum())
-    return correct / max(total, 1)
+    return {"loss": loss_sum / max(masked, 1), "accuracy": correct / max(total, 1)}
 
 
 def answer_correct(generated: str, reference: str) -> bool:

@@ -1,0 +1,260 @@
+"""`make ec-study`: expert choice against token choice on the tiny base's task (arXiv 2604.01622's
+three claims, at small scale).
+
+1. From scratch: a token-choice base and expert-choice bases (`scripts/make_base.py`), same data,
+   steps, seed and expert FLOPs per token (capacity factor 1: each expert takes k * T / E tokens of
+   a group, what top-k token choice computes); validation loss against training tokens and
+   wall-clock seconds, expert-load CV, training tokens per second, exact match.
+2. The capacity schedules at matched FLOPs: k(r) from `K_MIN` to `K_MAX` (mean k over r ~ U[0, 1]
+   is the base's top-k for every schedule), static at k.
+3. Retrofit of the shipped token-choice base (`experiment=retrofit_ec`), one token budget, by
+   trainable set; exact match retained against the base under token routing, same prompts.
+
+Every point is kept under `results/ec_vs_tc/` once finished and not recomputed; writes
+`results/ec_vs_tc.{md,png}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dmoe_train.cli.common import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
+from dmoe_train.cli.eval import run_eval  # noqa: E402
+from dmoe_train.frontier import Point, bootstrap_intervals  # noqa: E402
+
+TOP_K, K_MIN, K_MAX = 4, 2, 6  # the tiny base's top-k; the schedules' range, mean TOP_K
+SCHEDULES = ("static", "linear", "linear_reverse", "cosine")
+# every base: the tiny recipe (make_base.py --base tiny) shortened, z-loss 1e-3 as EC-DLM trains
+SCRATCH = ["--base", "tiny", "--val-every", "50", "--eval-every", "0", "--z-loss", "1e-3"]
+
+
+@dataclass
+class Base:
+    name: str
+    args: list[str] = field(default_factory=list)
+
+
+BASES = [
+    Base("token choice"),
+    *(
+        Base(
+            f"EC {s}",
+            ["--routing", "expert_choice", "--schedule", s]
+            + ([] if s == "static" else ["--k-min", str(K_MIN), "--k-max", str(K_MAX)]),
+        )
+        for s in SCHEDULES
+    ),
+]
+# retrofits of the shipped token-choice base (experiment=retrofit_ec, the recommended one: router
+# and experts, 3000 steps) by trainable set at one budget of 1000 steps, and the preset itself
+BUDGET = "trainer.max_steps=1000"
+RETROFITS = {
+    "router": ["module.trainable=router", BUDGET],
+    "router+experts": ["module.trainable=router+experts", BUDGET],
+    "all": ["module.trainable=all", BUDGET],
+    "router+experts, 3000 steps (make retrofit)": [],
+}
+EVAL = ["model=tiny", "data=arithmetic", "generation=tiny", "reference_token=false"]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def train_base(base: Base, store: Path, steps: int) -> dict:
+    """The base's quality.json (curve, exact match), trained once."""
+    out = store / "scratch" / slug(base.name)
+    if not (out / "quality.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "make_base.py"), *SCRATCH]
+        cmd += ["--steps", str(steps), "--out", str(out), *base.args]
+        with open(out / "train.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return json.loads((out / "quality.json").read_text())
+
+
+def evaluate(overrides: list[str], out: Path) -> dict:
+    """run_eval on the tiny base's test split, kept in `out/point.json`."""
+    stored = out / "point.json"
+    if not stored.is_file():
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("eval", [*EVAL, *overrides, f"paths.output_dir={out}"])
+            metrics = run_eval(cfg)
+        stored.write_text(json.dumps(metrics) + "\n")
+    return json.loads(stored.read_text())
+
+
+def retrofit(name: str, overrides: list[str], store: Path) -> dict:
+    """Train (or resume) one retrofit, then decode the test split with it."""
+    run_dir = store / "retrofit" / slug(name)
+    router = run_dir / "checkpoints" / "router.safetensors"
+    if not (run_dir / "point.json").is_file():
+        cmd = [sys.executable, "-m", "dmoe_train.cli.train", "experiment=retrofit_ec"]
+        cmd += [*overrides, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    metrics = evaluate([f"router_checkpoint={router}"], run_dir)
+    resources = json.loads((run_dir / "resources.rank0.json").read_text())
+    return metrics | {"train_seconds": resources["batches"] * resources["step_s"]}
+
+
+def steps_to_reach(curve: list[dict], loss: float) -> int | None:
+    """The first evaluated step whose validation loss is at most `loss`."""
+    return next((row["step"] for row in curve if row["val_loss"] <= loss), None)
+
+
+def scratch_table(bases: list[Base], quality: list[dict]) -> tuple[list[str], list[str]]:
+    """Markdown rows of the from-scratch bases and the verdicts of claims 1 and 2."""
+    token = quality[0]
+    target = token["curve"][-1]["val_loss"]
+    steps = token["curve"][-1]["step"]
+    points = [
+        Point(b.name, "", 0.0, np.array(q["correct"])) for b, q in zip(bases, quality, strict=True)
+    ]
+    ci = bootstrap_intervals(points, points[0])["accuracy"]
+    rows = [
+        "| base | final val loss | steps to token choice's final loss | exact match [95% CI] "
+        "| train tokens/s | load CV (training, x_t half) | experts/block (decoding) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, (b, q) in enumerate(zip(bases, quality, strict=True)):
+        reach = steps_to_reach(q["curve"], target)
+        reached = "never" if reach is None else f"{reach} ({reach / steps:.0%})"
+        cvs = [row["load_cv"] for row in q["curve"]]
+        rows.append(
+            f"| {b.name} | {q['curve'][-1]['val_loss']:.4f} | {reached} | "
+            f"{q['exact_match']:.1%} [{ci[i, 0]:.1%}, {ci[i, 1]:.1%}] | "
+            f"{q['train_tokens_per_s']:.0f} | {np.mean(cvs):.3f} | "
+            f"{q['unique_experts_per_block']:.2f} |"
+        )
+    ec = [(b, q) for b, q in zip(bases, quality, strict=True) if b.name != "token choice"]
+    static = next(q for b, q in ec if b.name == "EC static")
+    reach = steps_to_reach(static["curve"], target)
+    verdicts = [
+        f"- Claim 1 (EC trains faster): EC static reaches token choice's final validation loss "
+        f"({target:.4f}) "
+        + ("never" if reach is None else f"at step {reach} of {steps} ({reach / steps:.0%})")
+        + f"; target <= 80%: {'met' if reach is not None and reach <= 0.8 * steps else 'not met'}."
+        f" Throughput {static['train_tokens_per_s'] / token['train_tokens_per_s']:.2f}x token "
+        "choice's tokens/s.",
+    ]
+    ranked = sorted(ec, key=lambda bq: bq[1]["curve"][-1]["val_loss"])
+    (best, q1), (second, q2) = ranked[0], ranked[1]
+    loss1, loss2 = q1["curve"][-1]["val_loss"], q2["curve"][-1]["val_loss"]
+    by_match = sorted(ec, key=lambda bq: -bq[1]["exact_match"])
+    (top, m1), (runner, m2) = by_match[0], by_match[1]
+    idx = {b.name: i for i, b in enumerate(bases)}
+    verdicts.append(
+        f"- Claim 2 (best schedule at matched FLOPs): by final validation loss **{best.name}** "
+        f"({loss1:.4f}, {loss2 - loss1:.4f} below {second.name}); by exact match **{top.name}** "
+        f"({m1['exact_match']:.1%} [{ci[idx[top.name], 0]:.1%}, {ci[idx[top.name], 1]:.1%}] "
+        f"against {runner.name}'s {m2['exact_match']:.1%} "
+        f"[{ci[idx[runner.name], 0]:.1%}, {ci[idx[runner.name], 1]:.1%}])."
+    )
+    return rows, verdicts
+
+
+def retrofit_table(reference: dict, rows_in: dict[str, dict]) -> tuple[list[str], str]:
+    """Markdown rows of the retrofits (retained against the base under token routing)."""
+    names = list(rows_in)
+    points = [Point("token", "", 0.0, np.array(reference["correct"]))]
+    points += [Point(n, "", 0.0, np.array(rows_in[n]["correct"])) for n in names]
+    ci = bootstrap_intervals(points, points[0])
+    rows = [
+        "| retrofit (trainable) | exact match [95% CI] | retained [95% CI] | experts/block | "
+        "load CV | train seconds |",
+        "|---|---|---|---|---|---|",
+        f"| none: the base, token routing | {reference['accuracy']:.1%} | 100% | "
+        f"{reference['unique_experts_per_block']:.2f} | {reference['load_balance_cv']:.2f} | - |",
+    ]
+    for i, n in enumerate(names, start=1):
+        m = rows_in[n]
+        lo, hi = ci["retained"][i]
+        rows.append(
+            f"| {n} | {m['accuracy']:.1%} [{ci['accuracy'][i, 0]:.1%}, {ci['accuracy'][i, 1]:.1%}]"
+            f" | {m['accuracy'] / reference['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] | "
+            f"{m['unique_experts_per_block']:.2f} | {m['load_balance_cv']:.2f} | "
+            f"{m['train_seconds']:.0f} |"
+        )
+    best = max(names, key=lambda n: rows_in[n]["accuracy"])
+    kept = rows_in[best]["accuracy"] / reference["accuracy"]
+    verdict = (
+        f"- Claim 3 (retrofit): the best is **{best}**, {kept:.1%} of the base's exact match "
+        f"(target >= 95%: {'met' if kept >= 0.95 else 'not met'})."
+    )
+    return rows, verdict
+
+
+def plot(bases: list[Base], quality: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for b, q in zip(bases, quality, strict=True):
+        curve = q["curve"]
+        loss = [row["val_loss"] for row in curve]
+        axes[0].plot([row["tokens"] / 1e6 for row in curve], loss, label=b.name)
+        axes[1].plot([row["seconds"] for row in curve], loss, label=b.name)
+    axes[0].set_xlabel("training tokens (M)")
+    axes[1].set_xlabel("training wall-clock (s, 2 CPU cores)")
+    axes[0].set_ylabel("validation loss (masked tokens, t ~ U[0, 1])")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend()
+    fig.suptitle("Expert choice vs token choice from scratch (tiny base task, matched FLOPs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "results")
+    ap.add_argument("--steps", type=int, default=2000, help="steps of every from-scratch base")
+    args = ap.parse_args()
+    store = args.out / "ec_vs_tc"
+    work = [*BASES, *RETROFITS, "reference"]
+    quality, retrofits = [], {}
+    for item in tqdm(work, desc="ec study points", unit="point"):
+        if isinstance(item, Base):
+            quality.append(train_base(item, store, args.steps))
+        elif item in RETROFITS:
+            retrofits[item] = retrofit(item, RETROFITS[item], store)
+        else:
+            reference = evaluate(["router=token", "router.block_size=8"], store / "reference")
+    scratch_rows, verdicts = scratch_table(BASES, quality)
+    retro_rows, retro_verdict = retrofit_table(reference, retrofits)
+    report = "\n".join(
+        [
+            "# Expert choice vs token choice (`make ec-study`)",
+            "",
+            f"## From scratch: {args.steps} steps, same data and seed, matched expert FLOPs",
+            "",
+            *scratch_rows,
+            "",
+            "## Retrofit of the shipped token-choice base (experiment=retrofit_ec)",
+            "",
+            *retro_rows,
+            "",
+            "## Verdicts",
+            "",
+            *verdicts,
+            retro_verdict,
+            "",
+        ]
+    )
+    (args.out / "ec_vs_tc.md").write_text(report)
+    plot(BASES, quality, args.out / "ec_vs_tc.png")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
