@@ -35,11 +35,11 @@ from dmoe_train.routing import EC_GROUPS, SCHEDULES, RoutingPolicy
 
 
 @torch.no_grad()
-def balance_experts(routing: list, model: torch.nn.Module, rate: float) -> None:
-    """Raise the bias of under-loaded experts and lower it for over-loaded ones."""
+def balance_experts(loads: torch.Tensor, model: torch.nn.Module, rate: float) -> None:
+    """Raise the bias of under-loaded experts and lower it for over-loaded ones; `loads`
+    `[moe_layers, E]` tokens per expert."""
     moe_layers = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "gate")]
-    for r, moe in zip(routing, moe_layers, strict=True):
-        load = torch.bincount(r.ids[r.ids >= 0], minlength=model.config.num_experts).float()
+    for load, moe in zip(loads.float(), moe_layers, strict=True):
         moe.gate.expert_bias += rate * torch.sign(load.mean() - load)
 
 
@@ -102,13 +102,6 @@ def routing_of(args: argparse.Namespace) -> RoutingPolicy | None:
     )  # fmt: skip
 
 
-def load_cv(routing: list, num_experts: int) -> float:
-    """Coefficient of variation of the tokens per expert, mean over MoE layers."""
-    return float(
-        torch.stack([load_balance_cv(expert_load(r.ids, num_experts)) for r in routing]).mean()
-    )
-
-
 def train_base(
     model: torch.nn.Module, data: DiffusionDataModule, args: argparse.Namespace
 ) -> list[dict]:
@@ -141,11 +134,12 @@ def train_base(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        loads = torch.stack([expert_load(r.ids, cfg.num_experts) for r in out.routing])
         if args.routing == "token":
-            balance_experts(out.routing, model, args.bias_rate)
+            balance_experts(loads, model, args.bias_rate)
         seconds += time.perf_counter() - began
         tokens += ids.numel()
-        cvs.append(load_cv(out.routing, cfg.num_experts))
+        cvs.append(float(load_balance_cv(loads).mean()))  # mean over MoE layers
         if args.val_every and ((step + 1) % args.val_every == 0 or step + 1 == args.steps):
             model.eval()
             val = masked_token_metrics(model, data, args.block_size, 0.0, 1.0)
