@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -130,17 +131,20 @@ def decode_case(path: Path, rounds: int = 3) -> list[dict]:
     return rows
 
 
-# (trainer config, what trains): with the experts training, neither two-rank layout fits a
-# 24 GiB machine at this width. DDP replicates the fp32 expert state (estimate 13.4 GiB a rank);
-# FSDP shards it but gathers the MoE layer's fp32 experts (3 GiB) for compute: estimate 12.9 GiB
-# a rank, measured 13.0 GiB on rank 0 when the kernel's OOM killer stopped rank 1 at 12.5 GiB
-# (what the earlier "error" was: the surviving rank saw its peer close the connection)
+# (trainer config, what trains); the cpu case of each trainable set first (the one-process peak)
 TRAIN_CASES = (
     ("cpu", "router"),
     ("ddp_cpu", "router"),
     ("fsdp", "router"),
     ("cpu", "router+experts"),
+    ("ddp_cpu", "router+experts"),
+    ("fsdp", "router+experts"),
 )
+# A case runs only when its ranks fit the machine's available memory: each rank the estimate
+# with a margin (measured added/estimate at full width: 1.01-1.15) over a fresh process's 0.5 GiB.
+# The two-rank router+experts cases need about 37 and 35 GiB: a 24 GiB machine skips them (an
+# FSDP attempt was OOM-killed at 13.0 GiB on rank 0 and 12.5 on rank 1).
+MEMORY_MARGIN, PROCESS_BYTES = 1.1, 0.5 * 2**30
 TRAIN_SEQ, TRAIN_STEPS = 64, 3  # per rank: one sequence of 64 tokens ([x_t ; x_0]: 128)
 
 
@@ -182,28 +186,47 @@ def train_case(path: Path, trainer_name: str, trainable: str, out: Path) -> None
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
 
 
+def available_bytes() -> int:
+    """Memory the kernel could hand out now without swapping (Linux's MemAvailable)."""
+    meminfo = Path("/proc/meminfo").read_text()
+    return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo)[1]) * 1024
+
+
 def train_rows(path: Path) -> list[dict]:
     """Every training case in its own process group: each rank's peak memory (once loaded, and
     after the steps) against one process, tokens per second, and the estimate of
-    `estimate_memory.py` for the layout (its activations for one sequence of TRAIN_SEQ)."""
+    `estimate_memory.py` for the layout (its activations for one sequence of TRAIN_SEQ). A case
+    whose ranks would not fit the machine's memory is a row saying so, with what it needs."""
     cfg = read_config(path)
     rows, alone = [], {}
     for trainer_name, trainable in TRAIN_CASES:
+        ranks = 1 if trainer_name == "cpu" else 2
+        layout = Layout(trainer_name, 2 if trainer_name == "fsdp" else 1, trainer_name == "ddp_cpu")
+        estimated = estimate(cfg, TRAIN_SEQ, 1, layout, trainable)["total"]
+        case = {"model": path.name, "trainer": trainer_name, "trainable": trainable}
+        need = ranks * (estimated * MEMORY_MARGIN + PROCESS_BYTES)
+        if need > available_bytes():
+            rows.append(
+                case
+                | {
+                    "rank": f"- of {ranks}",
+                    "estimate_GiB": round(estimated / 2**30, 2),
+                    "skipped": f"needs ~{need / 2**30:.0f} GiB, "
+                    f"{available_bytes() / 2**30:.0f} GiB available",
+                }
+            )
+            continue
         with tempfile.TemporaryDirectory() as out:
             cmd = [sys.executable, __file__, "--case", "train", str(path)]
             cmd += ["--trainer", trainer_name, "--trainable", trainable, "--out", out]
             subprocess.run(cmd, check=True, capture_output=True, text=True)
-            ranks = [json.loads(f.read_text()) for f in sorted(Path(out).glob("resources.*"))]
-        shard = 2 if trainer_name == "fsdp" else 1
-        estimated = estimate(cfg, TRAIN_SEQ, 1, Layout(trainer_name, shard), trainable)["total"]
-        for r in ranks:
+            ranks_out = [json.loads(f.read_text()) for f in sorted(Path(out).glob("resources.*"))]
+        for r in ranks_out:
             peak = r["peak_bytes"] / 2**30
             alone.setdefault(trainable, peak)  # the cpu case of each trainable set comes first
             rows.append(
-                {
-                    "model": path.name,
-                    "trainer": trainer_name,
-                    "trainable": trainable,
+                case
+                | {
                     "rank": f"{r['rank']} of {r['world_size']}",
                     "tokens_per_s": round(r["tokens_per_s"], 1),
                     "step_s": round(r["step_s"], 2),

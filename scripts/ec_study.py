@@ -21,6 +21,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -28,11 +29,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+from study_points import evaluate, kept, train_run  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dmoe_train.cli.common import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
-from dmoe_train.cli.eval import run_eval  # noqa: E402
+from dmoe_train.cli.common import PROJECT_ROOT  # noqa: E402
 from dmoe_train.frontier import Point, bootstrap_intervals  # noqa: E402
 
 TOP_K, K_MIN, K_MAX = 4, 2, 6  # the tiny base's top-k; the schedules' range, mean TOP_K
@@ -86,28 +86,17 @@ def train_base(base: Base, store: Path, steps: int) -> dict:
     return json.loads((out / "quality.json").read_text())
 
 
-def evaluate(overrides: list[str], out: Path) -> dict:
-    """run_eval on the tiny base's test split, kept in `out/point.json`."""
-    stored = out / "point.json"
-    if not stored.is_file():
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("eval", [*EVAL, *overrides, f"paths.output_dir={out}"])
-            metrics = run_eval(cfg)
-        stored.write_text(json.dumps(metrics) + "\n")
-    return json.loads(stored.read_text())
-
-
 def retrofit(name: str, overrides: list[str], store: Path) -> dict:
-    """Train (or resume) one retrofit, then decode the test split with it."""
+    """Train (or resume) one retrofit, then decode the test split with it; kept in its run dir."""
     run_dir = store / "retrofit" / slug(name)
-    router = run_dir / "checkpoints" / "router.safetensors"
-    if not (run_dir / "point.json").is_file():
-        cmd = [sys.executable, "-m", "dmoe_train.cli.train", "experiment=retrofit_ec"]
-        cmd += [*overrides, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    metrics = evaluate([f"router_checkpoint={router}"], run_dir)
-    resources = json.loads((run_dir / "resources.rank0.json").read_text())
-    return metrics | {"train_seconds": resources["batches"] * resources["step_s"]}
+
+    def measure() -> dict:
+        router = train_run(run_dir, ["experiment=retrofit_ec", *overrides])
+        metrics = evaluate(run_dir, [*EVAL, f"router_checkpoint={router}"])
+        resources = json.loads((run_dir / "resources.rank0.json").read_text())
+        return metrics | {"train_seconds": resources["batches"] * resources["step_s"]}
+
+    return kept(run_dir / "point.json", measure)
 
 
 def steps_to_reach(curve: list[dict], loss: float) -> int | None:
@@ -229,7 +218,8 @@ def main() -> None:
         elif item in RETROFITS:
             retrofits[item] = retrofit(item, RETROFITS[item], store)
         else:
-            reference = evaluate(["router=token", "router.block_size=8"], store / "reference")
+            out, token = store / "reference", [*EVAL, "router=token", "router.block_size=8"]
+            reference = kept(out / "point.json", partial(evaluate, out, token))
     scratch_rows, verdicts = scratch_table(BASES, quality)
     retro_rows, retro_verdict = retrofit_table(reference, retrofits)
     report = "\n".join(

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +22,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+from study_points import evaluate, kept, train_run  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dmoe_train.cli.common import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
-from dmoe_train.cli.eval import run_eval  # noqa: E402
+from dmoe_train.cli.common import PROJECT_ROOT  # noqa: E402
 from dmoe_train.frontier import (  # noqa: E402
     Point,
     bootstrap_intervals,
@@ -128,39 +124,32 @@ ABLATION = [
 def train_point(spec: Spec, runs: Path) -> tuple[Path, float]:
     """Train (or resume, or reuse) the spec's router; its checkpoint and training seconds."""
     run_dir = runs / spec.slug
-    cost_file = run_dir / "cost.json"
-    if not cost_file.is_file():
+
+    def timed() -> dict:
+        # a resumed run counts only its own last part: the cost of an uninterrupted one is what
+        # the README reports, from a run that was not interrupted
         began = time.time()
-        cmd = [sys.executable, "-m", "dmoe_train.cli.train", "experiment=tiny256_topp"]
-        cmd += [*spec.train_overrides, f"hydra.run.dir={run_dir}"]
-        cmd += ["trainer.enable_progress_bar=false"]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        # a resumed run counts only its own last part: the cost of an uninterrupted one is
-        # what the README reports, from a run that was not interrupted
-        cost_file.write_text(json.dumps({"train_seconds": time.time() - began}) + "\n")
-    return run_dir / "checkpoints" / "router.safetensors", json.loads(cost_file.read_text())[
-        "train_seconds"
-    ]
+        train_run(run_dir, ["experiment=tiny256_topp", *spec.train_overrides])
+        return {"train_seconds": time.time() - began}
+
+    seconds = kept(run_dir / "cost.json", timed)["train_seconds"]
+    return run_dir / "checkpoints" / "router.safetensors", seconds
 
 
 def measure_point(spec: Spec, out: Path) -> dict:
-    """The spec's metrics on the test split, computed once and kept in `out/points/<slug>`."""
+    """The spec's metrics on the test split, computed once and kept in `out/points/<slug>`
+    (`point.json`, beside run_eval's `metrics.json`)."""
     point_dir = out / "points" / spec.slug
-    stored = point_dir / "point.json"  # beside run_eval's metrics.json, written once complete
-    if stored.is_file():
-        return json.loads(stored.read_text())
-    overrides = [*EVAL, *spec.eval_overrides, f"paths.output_dir={point_dir}"]
-    overrides.append("reference_token=false")
-    extra = {}
-    if spec.train_overrides is not None:
+
+    def measure() -> dict:
+        overrides = [*EVAL, *spec.eval_overrides, "reference_token=false"]
+        if spec.train_overrides is None:
+            return evaluate(point_dir, overrides)
         router, seconds = train_point(spec, out / "runs")
-        overrides.append(f"router_checkpoint={router}")
-        extra["train_seconds"] = seconds
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        metrics = run_eval(compose("eval", overrides)) | extra
-    point_dir.mkdir(parents=True, exist_ok=True)
-    stored.write_text(json.dumps(metrics) + "\n")
-    return metrics
+        metrics = evaluate(point_dir, [*overrides, f"router_checkpoint={router}"])
+        return metrics | {"train_seconds": seconds}
+
+    return kept(point_dir / "point.json", measure)
 
 
 def analyse(specs: list[Spec], metrics: list[dict]) -> list[dict]:

@@ -37,6 +37,10 @@ def test_bench_quick_writes_both_files(tmp_path):
         ("fsdp", "router", "0 of 2"),
         ("fsdp", "router", "1 of 2"),
         ("cpu", "router+experts", "0 of 1"),
+        ("ddp_cpu", "router+experts", "0 of 2"),
+        ("ddp_cpu", "router+experts", "1 of 2"),
+        ("fsdp", "router+experts", "0 of 2"),
+        ("fsdp", "router+experts", "1 of 2"),
     ]
     for r in results["train_strategies"]:
         assert 0 < r["loaded_peak_GiB"] <= r["peak_GiB"] and r["tokens_per_s"] > 0
@@ -50,3 +54,17 @@ def test_bench_quick_writes_both_files(tmp_path):
     )
     for section in sections:
         assert f"## {section}" in md
+
+
+def test_training_cases_that_would_not_fit_are_rows_saying_so(monkeypatch):
+    sys.path.insert(0, str(BENCH.parent))
+    import bench_full_width
+
+    monkeypatch.setattr(bench_full_width, "available_bytes", lambda: 0)
+    monkeypatch.setattr(bench_full_width.subprocess, "run", None)  # nothing may be launched
+    rows = bench_full_width.train_rows(BENCH.parents[1] / "assets" / "tiny-llada2")
+    assert [(r["trainer"], r["trainable"]) for r in rows] == list(bench_full_width.TRAIN_CASES)
+    for r in rows:
+        ranks = 1 if r["trainer"] == "cpu" else 2
+        assert r["rank"] == f"- of {ranks}" and r["skipped"].endswith(", 0 GiB available")
+        assert "peak_GiB" not in r

@@ -184,7 +184,8 @@ def test_estimate_memory_table(tmp_path):
     assert "16.26B parameters" in out.read_text()  # LLaDA2.0-mini's count
     ddp, fsdp = rows["DDP, 1 node x 8"], rows["FSDP, 1 node x 8"]
     assert ddp[0] == pytest.approx(16.26e9 * 2 / 1e9, abs=0.1)  # bf16 weights, replicated
-    assert fsdp[0] < ddp[0] / 4 and fsdp[3] < fsdp[2]  # sharded; checkpointing saves memory
+    # an eighth of the base, two gathered layers and the gathered embedding and head (1.3 GB)
+    assert fsdp[0] < ddp[0] / 3 and fsdp[3] < fsdp[2]  # checkpointing saves memory
 
 
 def test_decoding_after_training_is_refused_under_sharded_strategies(tmp_path):

@@ -1,7 +1,6 @@
 """`make ec-study`'s verdicts on fake curves and evaluations: steps to token choice's final loss,
 the best schedule, the recommended retrofit against its 95% target."""
 
-import importlib.util
 import sys
 
 import pytest
@@ -9,10 +8,8 @@ from helpers import PROJECT_ROOT
 
 from dmoe_train.models import build_model
 
-spec = importlib.util.spec_from_file_location("ec_study", PROJECT_ROOT / "scripts" / "ec_study.py")
-ec_study = importlib.util.module_from_spec(spec)
-sys.modules["ec_study"] = ec_study  # dataclasses look their module up
-spec.loader.exec_module(ec_study)
+sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
+import ec_study  # noqa: E402
 
 
 def fake_quality(losses: list[float], hits: int, n: int = 20) -> dict:

@@ -1,7 +1,6 @@
 """`make pareto`'s bookkeeping on fake evaluations: points are kept and never recomputed, and the
 report marks dominated points, the fewest experts per retained share and the goal verdicts."""
 
-import importlib.util
 import json
 import sys
 
@@ -9,10 +8,9 @@ import numpy as np
 import pytest
 from helpers import PROJECT_ROOT
 
-spec = importlib.util.spec_from_file_location("pareto", PROJECT_ROOT / "scripts" / "pareto.py")
-pareto = importlib.util.module_from_spec(spec)
-sys.modules["pareto"] = pareto  # dataclasses look their module up
-spec.loader.exec_module(pareto)
+sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
+import pareto  # noqa: E402
+import study_points  # noqa: E402
 
 
 def fake_metrics(experts: float, hits: int, n: int = 100) -> dict:
@@ -31,7 +29,7 @@ def test_a_finished_point_is_not_recomputed(tmp_path, monkeypatch):
         calls.append(cfg.paths.output_dir)
         return fake_metrics(10.0, 50)
 
-    monkeypatch.setattr(pareto, "run_eval", fake_eval)
+    monkeypatch.setattr(study_points, "run_eval", fake_eval)
     point = pareto.Spec("topp", "p=0.5", ["router=topp", "router.block_size=32"])
     first = pareto.measure_point(point, tmp_path)
     again = pareto.measure_point(point, tmp_path)

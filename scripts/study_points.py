@@ -1,0 +1,41 @@
+"""Resumable points of the studies (`make pareto`, `make ec-study`): a `dmoe-train` run trained
+once in its own directory, and a test-split evaluation computed once; each result is kept as JSON
+and read back when the study runs again, so an interrupted study redoes only its unfinished
+points."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from dmoe_train.cli.common import CONFIG_DIR
+from dmoe_train.cli.eval import run_eval
+
+
+def kept(stored: Path, compute: Callable[[], dict]) -> dict:
+    """`compute()` once: its result is written to `stored` (only once complete) and read back."""
+    if not stored.is_file():
+        result = compute()
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_text(json.dumps(result) + "\n")
+    return json.loads(stored.read_text())
+
+
+def train_run(run_dir: Path, overrides: list[str]) -> Path:
+    """`dmoe-train` with `overrides` in `run_dir` (resuming its last checkpoint, if any); the
+    trained router's checkpoint."""
+    cmd = [sys.executable, "-m", "dmoe_train.cli.train", *overrides]
+    cmd += [f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return run_dir / "checkpoints" / "router.safetensors"
+
+
+def evaluate(out: Path, overrides: list[str]) -> dict:
+    """`dmoe-eval`'s metrics with `overrides`, its files written under `out`."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return run_eval(compose("eval", [*overrides, f"paths.output_dir={out}"]))
