@@ -41,7 +41,7 @@ test-all: test test-slow
 train: venv
 	$(BIN)/dmoe-train $(ARGS)
 
-# retrofit the tiny token-choice base to expert choice by training only its router
+# retrofit the tiny token-choice base to expert choice (router and routed experts, experiment=retrofit_ec)
 retrofit: venv
 	$(BIN)/dmoe-train experiment=retrofit_ec hydra.run.dir=outputs/retrofit_ec $(ARGS)
 

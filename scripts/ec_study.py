@@ -59,13 +59,29 @@ BASES = [
     ),
 ]
 # retrofits of the shipped token-choice base (experiment=retrofit_ec, the recommended one: router
-# and experts, 3000 steps) by trainable set at one budget of 1000 steps, and the preset itself
+# and experts, 3000 steps) by trainable set at one budget of 1000 steps, the preset itself, and
+# what might close its gap: training on every noise level decoding meets, and twice the capacity
+# (c = round(2 k(r) x 8 / 32): 1-3 tokens per expert instead of 1-2; twice the expert FLOPs)
 BUDGET = "trainer.max_steps=1000"
 RETROFITS = {
     "router": ["module.trainable=router", BUDGET],
     "router+experts": ["module.trainable=router+experts", BUDGET],
     "all": ["module.trainable=all", BUDGET],
     "router+experts, 3000 steps (make retrofit)": [],
+    "router+experts, 3000 steps, t ~ U[0.05, 1]": ["module.t_low=0.05", "module.t_high=1.0"],
+    "router+experts, 3000 steps, capacity factor 2": ["router.capacity_factor=2.0"],
+    "router+experts, 6000 steps": ["trainer.max_steps=6000"],
+    "router+experts, 6000 steps, capacity factor 2": [
+        "router.capacity_factor=2.0",
+        "trainer.max_steps=6000",
+    ],
+    # the control: the same training under the base's own token routing (what the extra steps on
+    # the task give any routing); a row of the table, not a retrofit
+    "control: router+experts under token routing, 6000 steps": [
+        "router=token",
+        "router.block_size=8",
+        "trainer.max_steps=6000",
+    ],
 }
 EVAL = ["model=tiny", "data=arithmetic", "generation=tiny", "reference_token=false"]
 
@@ -156,17 +172,21 @@ def scratch_table(bases: list[Base], quality: list[dict]) -> tuple[list[str], li
 
 
 def retrofit_table(reference: dict, rows_in: dict[str, dict]) -> tuple[list[str], str]:
-    """Markdown rows of the retrofits (retained against the base under token routing)."""
+    """Markdown rows of the retrofits (retained against the base under token routing) and the
+    claim-3 verdict over the expert-choice rows: the target is judged at the base's expert FLOPs
+    (at most TOP_K experts per token, as EC-DLM compares); the best retrofit that spends more is
+    reported beside it."""
     names = list(rows_in)
     points = [Point("token", "", 0.0, np.array(reference["correct"]))]
     points += [Point(n, "", 0.0, np.array(rows_in[n]["correct"])) for n in names]
     ci = bootstrap_intervals(points, points[0])
     rows = [
         "| retrofit (trainable) | exact match [95% CI] | retained [95% CI] | experts/block | "
-        "load CV | train seconds |",
-        "|---|---|---|---|---|---|",
+        "experts/token | load CV | train seconds |",
+        "|---|---|---|---|---|---|---|",
         f"| none: the base, token routing | {reference['accuracy']:.1%} | 100% | "
-        f"{reference['unique_experts_per_block']:.2f} | {reference['load_balance_cv']:.2f} | - |",
+        f"{reference['unique_experts_per_block']:.2f} | {reference['experts_per_token']:.2f} | "
+        f"{reference['load_balance_cv']:.2f} | - |",
     ]
     for i, n in enumerate(names, start=1):
         m = rows_in[n]
@@ -174,15 +194,25 @@ def retrofit_table(reference: dict, rows_in: dict[str, dict]) -> tuple[list[str]
         rows.append(
             f"| {n} | {m['accuracy']:.1%} [{ci['accuracy'][i, 0]:.1%}, {ci['accuracy'][i, 1]:.1%}]"
             f" | {m['accuracy'] / reference['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] | "
-            f"{m['unique_experts_per_block']:.2f} | {m['load_balance_cv']:.2f} | "
-            f"{m['train_seconds']:.0f} |"
+            f"{m['unique_experts_per_block']:.2f} | {m['experts_per_token']:.2f} | "
+            f"{m['load_balance_cv']:.2f} | {m['train_seconds']:.0f} |"
         )
-    best = max(names, key=lambda n: rows_in[n]["accuracy"])
-    kept = rows_in[best]["accuracy"] / reference["accuracy"]
+    share = {n: rows_in[n]["accuracy"] / reference["accuracy"] for n in names}
+    retrofits = [n for n in names if rows_in[n]["policy"]["name"] == "expert_choice"]
+    matched = [n for n in retrofits if rows_in[n]["experts_per_token"] <= TOP_K * 1.01]
+    best = max(matched, key=share.get)
     verdict = (
-        f"- Claim 3 (retrofit): the best is **{best}**, {kept:.1%} of the base's exact match "
-        f"(target >= 95%: {'met' if kept >= 0.95 else 'not met'})."
+        f"- Claim 3 (retrofit): at the base's expert FLOPs the best is **{best}**, "
+        f"{share[best]:.1%} of the base's exact match (target >= 95%: "
+        f"{'met' if share[best] >= 0.95 else 'not met'})."
     )
+    more = [n for n in retrofits if n not in matched]
+    if more:
+        top = max(more, key=share.get)
+        verdict += (
+            f" Spending more: **{top}** keeps {share[top]:.1%} at "
+            f"{rows_in[top]['experts_per_token']:.2f} experts per token."
+        )
     return rows, verdict
 
 
