@@ -26,11 +26,12 @@ PROMISES = {
         "router.schedule": "linear_reverse",
         "router.k_min": 2,
         "router.k_max": 6,
+        "router.capacity_factor": 2.0,
         "regularizer.kind": "none",
         "module.trainable": "router+experts",
         "module.z_loss_weight": 1.0e-3,
         "module.optimizer.lr": 3.0e-3,
-        "trainer.max_steps": 3000,
+        "trainer.max_steps": 6000,
     },
     "tiny256_topp": {
         "model.path": str(TINY_BASE.parent / "tiny256-llada2"),
