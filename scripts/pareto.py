@@ -99,14 +99,22 @@ TRAINED = [
         train_overrides=["router.top_p=0.3", "module.curriculum_start=0.9"],
     ),
 ]
-# not router-only: the routed experts train too (module.trainable); its own line and goal verdict
+# not router-only: the routed experts train too (module.trainable); its own line and goal verdict.
+# At top_p 0.6 one switch each: distillation, 3x the steps, a 10x lower learning rate
+EXPERTS = "module.trainable=router+experts"
 WITH_EXPERTS = [
-    Spec(
-        "trained+experts",
-        f"p={p} union 0.1",
-        train_overrides=[f"router.top_p={p}", "module.trainable=router+experts"],
-    )
-    for p in (0.7, 0.6, 0.5)
+    *(
+        Spec("trained+experts", f"p={p} union 0.1", train_overrides=[f"router.top_p={p}", EXPERTS])
+        for p in (0.7, 0.6, 0.5)
+    ),
+    *(
+        Spec("trained+experts", f"p=0.6 {label}", train_overrides=["router.top_p=0.6", EXPERTS, *s])
+        for label, s in (
+            ("distill", DISTILL),
+            ("union 0.1 1500 steps", ["trainer.max_steps=1500"]),
+            ("union 0.1 lr 3e-4", ["module.optimizer.lr=3e-4"]),
+        )
+    ),
 ]
 # the ablation: one switch at a time against "p=0.5 union 0.1" (and "p=0.5 distill") above
 ABLATION = [
