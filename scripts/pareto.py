@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,24 @@ def measure_point(spec: Spec, out: Path) -> dict:
         return metrics | {"train_seconds": seconds}
 
     return kept(point_dir / "point.json", measure)
+
+
+def claim_store(store: Path, base: Path) -> None:
+    """Tie the point store to the base it measures (the sha256 of its weights in
+    `store/base.sha256`): points of another base are never mixed into this one's frontiers, and
+    are left untouched."""
+    digest = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    stamp = store / "base.sha256"
+    claimed = stamp.read_text().strip() if stamp.is_file() else None
+    if claimed is None and any((store / "points").glob("*/point.json")):
+        claimed = "unknown"
+    if claimed not in (None, digest):
+        raise SystemExit(
+            f"{store}: its points were measured on another base (sha256 {claimed[:12]}, "
+            f"{base} is {digest[:12]}); move {store} away to measure this base afresh"
+        )
+    store.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest + "\n")
 
 
 def analyse(specs: list[Spec], metrics: list[dict]) -> list[dict]:
@@ -345,6 +364,7 @@ def main() -> None:
     free = training_free()  # token routing first: the reference of every other point
     specs = free[:1] + ([] if args.no_trained else TRAINED + ABLATION + WITH_EXPERTS) + free[1:]
     store = args.out / "pareto"
+    claim_store(store, BASE)
     if args.report_only:  # the points finished so far, nothing computed
         specs = [s for s in specs if (store / "points" / s.slug / "point.json").is_file()]
     metrics = [measure_point(s, store) for s in tqdm(specs, desc="pareto points", unit="point")]

@@ -33,7 +33,7 @@ def test_the_256_expert_recipe_writes_its_regime_and_per_skill_quality(tmp_path)
     done = subprocess.run(run, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     quality = json.loads((out / "quality.json").read_text())
-    assert set(quality["exact_match_by_skill"]) == {"add", "sort", "reverse", "lookup"}
+    assert set(quality["exact_match_by_skill"]) == {"add", "sort", "reverse", "count"}
     assert quality["test_problems"] == 8 and quality["decoding"]["threshold"] == 0.95
     cfg = load_model(out).config
     regime = (cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group)

@@ -37,6 +37,24 @@ def test_a_finished_point_is_not_recomputed(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "points" / "topp__p0.5" / "point.json").read_text()) == first
 
 
+def test_points_of_another_base_are_refused_and_kept(tmp_path):
+    base, store = tmp_path / "base", tmp_path / "pareto"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights of the first base")
+    pareto.claim_store(store, base)
+    point = store / "points" / "topp__p0.5" / "point.json"
+    point.parent.mkdir(parents=True)
+    point.write_text("{}")
+    pareto.claim_store(store, base)  # the same base: its points are reused
+    (base / "model.safetensors").write_bytes(b"weights of a retrained base")
+    with pytest.raises(SystemExit, match="measured on another base"):
+        pareto.claim_store(store, base)
+    assert point.read_text() == "{}"
+    (store / "base.sha256").unlink()  # points with no record of their base: refused too
+    with pytest.raises(SystemExit, match=r"sha256 unknown"):
+        pareto.claim_store(store, base)
+
+
 def test_report_marks_domination_thresholds_and_the_goal():
     specs = [
         pareto.Spec("token", "token"),

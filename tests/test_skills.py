@@ -1,5 +1,4 @@
 import random
-import re
 
 import pytest
 
@@ -38,6 +37,18 @@ def test_addition_writes_every_column_with_its_carry():
     assert answer == "1+7+0=08 2+3+0=05 8+9+0=17 4+0+1=05 0+0+0=00 0+0+0=00"
 
 
+def test_counting_writes_every_digit_with_a_two_digit_count():
+    class Fixed(random.Random):  # draws 3 1 4 1 5 9 2 6 and then sixteen 0s
+        digits = iter("31415926" + "0" * 16)
+
+        def choice(self, _):
+            return next(self.digits)
+
+    prompt, answer = GENERATORS["count"](Fixed())
+    assert prompt == "cnt 314159260000000000000000="
+    assert answer == "0=16 1=02 2=01 3=01 4=01 5=01 6=01 7=00 8=00 9=01"
+
+
 @pytest.mark.parametrize("skill", SKILLS)
 def test_answers_follow_their_skill(skill):
     for row in [r for r in skills_split("validation", 200) if r["skill"] == skill]:
@@ -53,10 +64,10 @@ def test_answers_follow_their_skill(skill):
         elif skill == "reverse":
             assert row["response"].split(" ") == list(reversed(body))
         else:
-            table, queries = body.split(":")
-            values = dict(zip(table[::2], table[1::2], strict=True))
-            assert row["response"].split(" ") == [f"{q}={values[q]}" for q in queries]
-            assert re.fullmatch(r"[a-z]{12}", queries)
+            counts = dict(pair.split("=") for pair in row["response"].split(" "))
+            assert list(counts) == list("0123456789")  # every digit, in order, even if absent
+            assert {d: int(c) for d, c in counts.items()} == {d: body.count(d) for d in counts}
+            assert all(len(c) == 2 for c in counts.values()) and len(body) == 24
 
 
 def test_the_data_module_serves_skills_with_their_names(tokenizer_dir):
