@@ -101,7 +101,7 @@ TRAINED = [
     ),
 ]
 # not router-only: the routed experts train too (module.trainable); its own line and goal verdict.
-# At top_p 0.6 one switch each: 3x the steps, distillation, a 10x lower learning rate
+# At top_p 0.6 one switch each: 3x and 6x the steps, distillation, a 10x lower learning rate
 EXPERTS = "module.trainable=router+experts"
 WITH_EXPERTS = [
     *(
@@ -112,6 +112,7 @@ WITH_EXPERTS = [
         Spec("trained+experts", f"p=0.6 {label}", train_overrides=["router.top_p=0.6", EXPERTS, *s])
         for label, s in (
             ("union 0.1 1500 steps", ["trainer.max_steps=1500"]),
+            ("union 0.1 3000 steps", ["trainer.max_steps=3000"]),
             ("distill", DISTILL),
             ("union 0.1 lr 3e-4", ["module.optimizer.lr=3e-4"]),
         )
