@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from safetensors.torch import load_file
 
@@ -69,15 +70,16 @@ def compose_train(
         )
 
 
-class StopAtStep(L.Callback):
-    """Simulates an interrupted run: stop once `step` optimizer steps are done."""
+class InterruptAtStep(L.Callback):
+    """Simulates a SIGTERM once `step` optimizer steps are done, as Lightning's own handler
+    does (a run resumed at `step` passes it: relaunch with the same overrides)."""
 
     def __init__(self, step: int) -> None:
         self.step = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
+        if trainer.global_step == self.step:
+            raise SIGTERMException
 
 
 class PoisonRouter(L.Callback):

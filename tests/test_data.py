@@ -41,7 +41,10 @@ def test_gsm8k_jsonl_prompt_is_not_in_response(tmp_path, tokenizer_dir):
         str(tokenizer_dir), source=str(path), max_seq_len=48, val_fraction=0.25
     )
     dm.setup()
-    assert len(dm.splits["train"]) == 30 and len(dm.splits["validation"]) == 10
+    sizes = {split: len(rows) for split, rows in dm.splits.items()}
+    assert sizes == {"train": 28, "validation": 10, "test": 2}  # test_fraction 0.05 of 40
+    prompts = {split: set(rows["prompt"]) for split, rows in dm.splits.items()}
+    assert sum(map(len, prompts.values())) == 40 == len(set.union(*prompts.values()))
     batch = _rows(dm, "validation")
     tok = dm.tokenizer
     for ids, resp, n, prompt in zip(
@@ -84,13 +87,20 @@ def test_messages_parquet_uses_the_chat_template(tmp_path, tokenizer_dir):
     assert all(a.startswith("ok ") for a in batch["answer"])
 
 
-def test_sequences_are_padded_and_truncated(tokenizer_dir):
+def test_sequences_are_padded_and_truncated(tokenizer_dir, caplog):
+    # 2-digit problems are 7 to 10 tokens with their eos: 9 cuts a minority, which is logged
     dm = DiffusionDataModule(
-        str(tokenizer_dir), max_seq_len=5, train_size=16, val_size=16, test_size=16
+        str(tokenizer_dir), max_seq_len=9, train_size=64, val_size=64, test_size=64
     )
     dm.setup()
     batch = _rows(dm, "validation")
-    assert batch["input_ids"].shape == (16, 5)
+    assert batch["input_ids"].shape == (64, 9)
+    pairs = zip(batch["prompt"], batch["answer"], strict=True)
+    cut = sum(len(p) + len(a) + 1 > 9 for p, a in pairs)
+    assert 0 < cut < 32
+    assert f"{cut} of 64 validation samples lose response tokens to data.max_seq_len=9" in (
+        caplog.text
+    )
 
 
 def test_stream_sampler_resumes_and_shards():

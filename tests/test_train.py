@@ -64,16 +64,13 @@ def test_fast_dev_run(tmp_path, router, regularizer):
 def test_resume_equals_uninterrupted_run(tmp_path, objective):
     common = [*steps(12, checkpoint_every=3), "trainer.val_check_interval=6", *objective]
     full = train(compose_train(tmp_path / "full", *common))
-    stopped = compose_train(
-        tmp_path / "resumed",
-        *common,
-        "+callbacks.stop._target_=helpers.StopAtStep",
-        "+callbacks.stop.step=6",
-    )
-    assert train(stopped)["steps"] == 6
+    interrupt = ["+callbacks.stop._target_=helpers.InterruptAtStep", "+callbacks.stop.step=5"]
+    stopped = compose_train(tmp_path / "resumed", *common, *interrupt)
+    assert train(stopped) == {"interrupted_at_step": 5}
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert set(ckpt["state_dict"]) == GATES  # only the router: never the frozen base
-    resumed = train(compose_train(tmp_path / "resumed", *common))
+    assert ckpt["global_step"] == 5  # saved on the way out, between the periodic saves
+    resumed = train(compose_train(tmp_path / "resumed", *common, *interrupt))
     assert resumed["steps"] == 12
     a, b = router_of(tmp_path / "full"), router_of(tmp_path / "resumed")
     assert a.keys() == b.keys()

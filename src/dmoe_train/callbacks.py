@@ -4,6 +4,7 @@ training throughput and peak memory."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import resource
 import statistics
@@ -17,16 +18,29 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dmoe_train.router_io import export_router
 
+log = logging.getLogger(__name__)
+
 
 class SaveOnSigterm(L.Callback):
-    """SIGTERM (what SLURM sends before preemption): Lightning ends the current batch and raises;
-    this saves `last.ckpt` (and so the router) before the run exits."""
+    """SIGTERM (what SLURM sends before preemption) or Ctrl-C: Lightning ends the current batch
+    and raises; this saves `last.ckpt` (and so the router) before the run exits, and says how to
+    resume."""
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.checkpoint_callback is not None:
-            trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
+        stopped = isinstance(exception, SIGTERMException | KeyboardInterrupt)
+        if not stopped or trainer.checkpoint_callback is None or trainer.state.fn != "fit":
+            return
+        last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        trainer.save_checkpoint(last)
+        log.warning(
+            "%s at step %d: saved %s; relaunch with hydra.run.dir=%s to resume",
+            "SIGTERM" if isinstance(exception, SIGTERMException) else "interrupted (Ctrl-C)",
+            trainer.global_step,
+            last,
+            last.parent.parent,
+        )
 
 
 class RouterCheckpoint(L.Callback):

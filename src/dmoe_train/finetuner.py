@@ -141,12 +141,12 @@ class RouterFineTuner(L.LightningModule):
         self.teacher_weights: dict[str, Tensor] = {}
         self.keep_teacher_weights()
 
-    def keep_teacher_weights(self) -> None:
+    def keep_teacher_weights(self, refresh: bool = False) -> None:
         """A copy of the starting trainable weights: the distillation teacher is the starting model
         (not the one being trained) under token routing. On the meta device (FSDP) it is taken
-        once the shards are loaded; on resume, before the checkpoint's weights replace the base's.
-        """
-        if self.distill_weight and not self.teacher_weights:
+        once the shards are loaded; on resume, before the checkpoint's weights replace the base's;
+        `refresh`: again, once a starting router (`init_router`) replaced the base's."""
+        if self.distill_weight and (refresh or not self.teacher_weights):
             params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
             if not self.on_meta():
                 self.teacher_weights = {n: p.detach().clone() for n, p in params.items()}
@@ -184,6 +184,10 @@ class RouterFineTuner(L.LightningModule):
                 f"{total:,}",
                 100 * trainable / total,
             )
+
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path and self.trainer.is_global_zero:
+            log.info("resumed from %s at step %d", self.trainer.ckpt_path, self.global_step)
 
     def configure_model(self) -> None:
         """Under `ModelParallelStrategy` (trainer=fsdp) the model arrives on the meta device: shard

@@ -6,6 +6,7 @@ fingerprint of its config and of a few base tensors, and loading refuses a misma
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from dmoe_train.models.common import is_router_param
 from dmoe_train.models.sharding import full_tensor
 from dmoe_train.routing import ENGINE_KEYS, RoutingPolicy
 
@@ -51,12 +54,34 @@ def router_manifest(model: nn.Module, fingerprint: str | None = None, **fields) 
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    """Write to a temporary file in the same directory, fsync, then rename over `path`: a kill
+    or a full disk during the write leaves the previous `path` whole. A full disk is reported
+    as such (torch.save says only "file write failed")."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        raise_if_disk_full(err, path)
+        raise
     os.replace(tmp, path)
+
+
+def raise_if_disk_full(err: BaseException, path: Path) -> None:
+    """A write that failed for lack of space, said so with its path: torch.save says only "file
+    write failed", safetensors wraps the OS error in its own."""
+    if getattr(err, "errno", None) == errno.ENOSPC or any(
+        s in str(err) for s in ("write failed", "No space left", "StorageFull")
+    ):
+        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was kept"
+        raise OSError(errno.ENOSPC, f"no space left on device writing {path} ({kept})") from err
+
+
+def write_json(path: Path, data: Any) -> None:
+    """`data` as indented JSON, written atomically."""
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def save_router(tensors: dict[str, torch.Tensor], directory: str | Path, manifest: dict) -> Path:
@@ -66,7 +91,7 @@ def save_router(tensors: dict[str, torch.Tensor], directory: str | Path, manifes
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     full = {**manifest, "tensors": sorted(tensors)}
     atomic_write(directory / ROUTER_FILE, lambda p: save_file(tensors, p))
-    atomic_write(directory / MANIFEST_FILE, lambda p: p.write_text(json.dumps(full, indent=2)))
+    write_json(directory / MANIFEST_FILE, full)
     return directory / ROUTER_FILE
 
 
@@ -74,7 +99,10 @@ def read_manifest(router_file: str | Path) -> dict:
     path = Path(router_file).with_name(MANIFEST_FILE)
     if not path.is_file():
         raise FileNotFoundError(f"router checkpoint {router_file}: no {MANIFEST_FILE} beside it")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"router manifest {path}: not valid JSON ({err})") from err
 
 
 def load_router(
@@ -94,7 +122,10 @@ def load_router(
             f"{manifest.get('base_path')} (fingerprint {manifest.get('base_fingerprint')}), "
             f"not on this model (fingerprint {fingerprint})"
         )
-    tensors = load_file(router_file)
+    try:
+        tensors = load_file(router_file)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"router checkpoint {router_file}: unreadable ({err})") from err
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     wrong = [
@@ -106,7 +137,10 @@ def load_router(
         raise ValueError(f"router checkpoint {router_file}: unknown {unknown}, wrong shape {wrong}")
     with torch.no_grad():
         for name, tensor in tensors.items():
-            params[name].copy_(tensor)
+            if is_router_param(name):  # fp32 as trained, not rounded to a bf16 base's dtype
+                params[name].data = tensor.to(params[name].device)
+            else:
+                params[name].copy_(tensor)
     trained = RoutingPolicy(**manifest["routing"])
     if routing is not None and routing.describe() != trained.describe():
         warnings.warn(

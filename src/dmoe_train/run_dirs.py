@@ -1,5 +1,8 @@
-"""Hydra with multi-process launches: one run directory per run, whoever starts the processes.
+"""Run directories: one per run, whoever starts the processes, and a relaunch is the same run.
 
+- A relaunched run directory resumes only under the configuration it started with
+  (`check_relaunch`): other keys stop it, naming them, unless `resume_with_changes=true`, and the
+  changes are recorded in `run_info.json`; a finished one is not re-entered silently.
 - `torchrun` / `srun` start every rank: each rank composes the config itself, so the run directory
   must not depend on each process's clock: `run_id` names it after the launcher's job id.
 - Lightning's own launcher (`python -m dmoe_train.cli.train trainer=ddp`) restarts `sys.argv` for
@@ -8,12 +11,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
@@ -21,6 +27,18 @@ from hydra.types import RunMode
 from omegaconf import read_write
 
 STARTED = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+RUN_INFO = "run_info.json"
+# keys (fnmatch patterns) a relaunch may change: how it is watched, where it resumes from, the
+# flag itself, the loggers' per-launch folders
+RELAUNCH_FREE = (
+    "ckpt_path",
+    "resume_with_changes",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "logger.*.version",
+)
+# keys a resume cannot honour: the checkpoint restores the optimizer and its schedule
+RESTORED_FROM_CHECKPOINT = ("module.optimizer.", "module.scheduler.")
 
 
 def run_id() -> str:
@@ -69,3 +87,59 @@ def multirun_job_relaunchable() -> Iterator[None]:
         os.environ.update(env)
         if dist.is_initialized() and "LOCAL_RANK" not in env:
             dist.destroy_process_group()
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as `a.b.c` keys (lists stay values)."""
+    if not isinstance(tree, dict):
+        return {prefix.removesuffix("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= flatten(value, f"{prefix}{key}.")
+    return out
+
+
+def config_changes(started: dict, now: dict) -> dict[str, list]:
+    """`key: [started with, now]` for every differing key but the `RELAUNCH_FREE` ones."""
+    a, b = flatten(started), flatten(now)
+    return {
+        k: [a.get(k), b.get(k)]
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k) and not any(fnmatch(k, free) for free in RELAUNCH_FREE)
+    }
+
+
+def check_relaunch(output_dir: Path, config: dict, resuming: bool) -> dict:
+    """The `run_info.json` record of a run started or relaunched in `output_dir` with `config`
+    (resolved): a relaunch (`resuming` its `last.ckpt`, or a finished run: `summary.json`) under
+    another configuration stops, naming the keys, unless `resume_with_changes`; then the
+    changes are appended to the record's `resumes`. A change the checkpoint would override (the
+    optimizer, its schedule) stops whatever the flag says."""
+    info_path = output_dir / "checkpoints" / RUN_INFO
+    finished = (output_dir / "summary.json").is_file()
+    if not (resuming or finished) or not info_path.is_file():
+        return {"config": config, "resumes": []}
+    info = json.loads(info_path.read_text())
+    changes = config_changes(info["config"], config)
+    restored = [k for k in changes if k.startswith(RESTORED_FROM_CHECKPOINT)]
+    shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    if restored:
+        raise ValueError(
+            f"paths.output_dir={output_dir} resumes its checkpoint, which restores the optimizer "
+            f"and its schedule: {restored} cannot change on resume ({shown}); start a new run "
+            "(init_router=<its router.safetensors> starts from its router)"
+        )
+    if not config.get("resume_with_changes"):
+        if finished:
+            raise ValueError(
+                f"paths.output_dir={output_dir} holds a finished run (summary.json): give a new "
+                "hydra.run.dir, or resume_with_changes=true to re-enter it"
+                + (f" with {shown}" if changes else "")
+            )
+        if changes:
+            raise ValueError(
+                f"paths.output_dir={output_dir} was started with another configuration: {shown}; "
+                "relaunch with its own, or add resume_with_changes=true (recorded in "
+                f"{RUN_INFO})"
+            )
+    return {**info, "resumes": [*info.get("resumes", []), {"changed": changes}]}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,42 +13,56 @@ from omegaconf import DictConfig
 
 from dmoe_train.cli.common import CONFIG_DIR, exit_on_error
 from dmoe_train.decoding_eval import GenerationSettings, evaluate_generation
-from dmoe_train.router_io import load_router
+from dmoe_train.router_io import load_router, write_json
 from dmoe_train.routing import RoutingPolicy
 
 log = logging.getLogger(__name__)
 
 
-def prepare_eval(cfg: DictConfig) -> tuple[torch.nn.Module, Any, GenerationSettings]:
-    """The model under its routing (the router checkpoint's, or `router=`), the data and the
-    decoding settings of an evaluation config."""
+def prepare_eval(
+    cfg: DictConfig, routed: bool = True
+) -> tuple[torch.nn.Module, Any, GenerationSettings]:
+    """The model, the data and the decoding settings of an evaluation config; the model under
+    its routing (`route`) unless `routed=False` (the base as loaded)."""
+    settings = GenerationSettings(**cfg.generation)
+    data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
+    data.setup()  # data errors surface before the model load
     model = instantiate(cfg.model)
+    if routed:
+        route(model, cfg, settings)
+    return model, data, settings
+
+
+def route(model: torch.nn.Module, cfg: DictConfig, settings: GenerationSettings) -> None:
+    """Apply the router checkpoint (its policy, or `router=`) or the `router=` policy."""
     routing = instantiate(cfg.router) if cfg.get("router") else None
     if cfg.router_checkpoint:
         load_router(model, cfg.router_checkpoint, routing)
     elif routing is not None:
         model.set_routing(routing)
-    settings = GenerationSettings(**cfg.generation)
     policy = model.config.routing
     if policy.uses_blocks and policy.block_size != settings.block_length:
         raise ValueError(
             f"router.block_size={policy.block_size} != generation.block_length="
             f"{settings.block_length}: routing blocks must be the decoding blocks"
         )
-    data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
-    data.setup()
-    return model, data, settings
 
 
 def run_eval(cfg: DictConfig) -> dict:
-    model, data, settings = prepare_eval(cfg)
-    policy = model.config.routing
-    metrics = evaluate_generation(model, data, settings, cfg.split)
-    metrics["router_checkpoint"] = cfg.router_checkpoint
+    """Decode `split` under the config's routing; with `reference_token`, first the base as
+    loaded (its own router, never the checkpoint's) under token routing on the same prompts:
+    the reference of `accuracy_retained`."""
+    if cfg.split not in ("validation", "test"):
+        raise ValueError(f"split={cfg.split}: must be validation or test")
+    model, data, settings = prepare_eval(cfg, routed=False)
+    token = None
     if cfg.reference_token:
         model.set_routing(RoutingPolicy("token", block_size=settings.block_length))
         token = evaluate_generation(model, data, settings, cfg.split)
-        model.set_routing(policy)
+    route(model, cfg, settings)
+    metrics = evaluate_generation(model, data, settings, cfg.split)
+    metrics["router_checkpoint"] = cfg.router_checkpoint
+    if token is not None:
         metrics |= {
             "accuracy_token": token["accuracy"],
             "accuracy_retained": metrics["accuracy"] / max(token["accuracy"], 1e-9),
@@ -59,7 +72,7 @@ def run_eval(cfg: DictConfig) -> dict:
         }
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out / "metrics.json", metrics)
     log.info("\n%s", format_table([metrics]))
     return metrics
 
@@ -82,7 +95,7 @@ COLUMNS = (
     # with `interleaved_latency` (make compare): the median ratio to token routing
     (
         "latency vs token",
-        lambda m: f"{m['latency_vs_token']:.2f}" if "latency_vs_token" in m else "-",
+        _vs_token,
     ),
 )
 

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import warnings
 from pathlib import Path
 
+from dmoe_train.cli.common import exit_on_error_cli
 from dmoe_train.models import load_model
-from dmoe_train.router_io import load_router, read_manifest
+from dmoe_train.models.common import is_router_param
+from dmoe_train.router_io import load_router, raise_if_disk_full, read_manifest, write_json
 from dmoe_train.routing import RoutingPolicy
+
+# written into every export: what makes a directory one `--out` may replace
+EXPORT_MARKER = "dmoe_export.json"
 
 
 def check_servable(policy: RoutingPolicy) -> None:
@@ -25,28 +32,58 @@ def check_servable(policy: RoutingPolicy) -> None:
         )
 
 
+def check_out_dir(out: Path, base: Path) -> None:
+    """`--out` must be new, empty or an earlier export, and never hold the base."""
+    if out.resolve() == base.resolve() or out.resolve() in base.resolve().parents:
+        raise ValueError(f"--out {out}: holds the base model {base}; write the export elsewhere")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise ValueError(
+            f"--out {out}: not empty and not an earlier dmoe-export (no {EXPORT_MARKER}); "
+            "give a new or empty directory"
+        )
+
+
 def export(router: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
     """Load the base (default: the manifest's base path), apply the router and its routing
     settings, and save the published layout (`save_pretrained`) with the settings in
-    `config.json`: our `routing` key and, for a published rule, the keys its engine reads."""
-    base = base or read_manifest(router)["base_path"]
+    `config.json`: our `routing` key and, for a published rule, the keys its engine reads. The
+    router stays in the dtype it was trained in (fp32 beside a bf16 base). Written beside `out`
+    and renamed into place: an earlier export is replaced only once the new one is whole."""
+    base, out = Path(base or read_manifest(router)["base_path"]), Path(out)
+    check_out_dir(out, base)
     model = load_model(base)
     load_router(model, router)
     check_servable(model.config.routing)
-    model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (Path(base) / name).is_file():
-            (Path(out) / name).write_bytes((Path(base) / name).read_bytes())
-    return Path(out)
+    staged, old = (out.with_name(f".{out.name}.{kind}") for kind in ("staged", "replaced"))
+    shutil.rmtree(staged, ignore_errors=True)
+    try:
+        model.save_pretrained(staged)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (base / name).is_file():
+                shutil.copyfile(base / name, staged / name)
+        dtypes = {str(p.dtype) for n, p in model.named_parameters() if is_router_param(n)}
+        marker = {"router": str(router), "base": str(base), "router_dtype": sorted(dtypes)}
+        write_json(staged / EXPORT_MARKER, marker)
+    except Exception as err:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise_if_disk_full(err, out)
+        raise
+    if out.exists():  # the old export waits beside until the new one is in place
+        os.replace(out, old)
+    os.replace(staged, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--router", required=True, help="router.safetensors of a run")
-    ap.add_argument("--out", required=True, help="directory to write")
+    ap.add_argument("--out", required=True, help="directory to write (empty, or an export)")
     ap.add_argument("--base", help="base model directory (default: the one the router names)")
     args = ap.parse_args(argv)
-    print(f"wrote {export(args.router, args.out, args.base)}")
+    exit_on_error_cli(lambda: print(f"wrote {export(args.router, args.out, args.base)}"))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -21,9 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from dmoe_train.cli.common import CONFIG_DIR, PROJECT_ROOT, exit_on_error
 from dmoe_train.decoding_eval import GenerationSettings, evaluate_generation
 from dmoe_train.finetuner import RouterFineTuner
-from dmoe_train.router_io import export_router, load_router
+from dmoe_train.router_io import export_router, load_router, write_json
 from dmoe_train.routing import RoutingPolicy
-from dmoe_train.run_dirs import check_same_output_dir, multirun_job_relaunchable
+from dmoe_train.run_dirs import (
+    RUN_INFO,
+    check_relaunch,
+    check_same_output_dir,
+    multirun_job_relaunchable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,9 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
         )
     if cfg.ckpt_path and not Path(cfg.ckpt_path).exists():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such file")
+    # a torch.save file is a zip archive, whose directory is at its end: a cut copy has none
+    if resuming and Path(resuming).is_file() and not zipfile.is_zipfile(resuming):
+        raise ValueError(f"checkpoint {resuming}: truncated or not a Lightning checkpoint")
     return resuming
 
 
@@ -61,6 +70,42 @@ def measure(
     }
 
 
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+# settings Lightning or torch would take (or refuse) only once the model is loaded and validated
+SETTINGS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("trainer.max_steps", _positive_int, "an integer >= 1 (dmoe-eval measures without training)"),
+    ("trainer.accumulate_grad_batches", _positive_int, "an integer >= 1"),
+    ("trainer.log_every_n_steps", _positive_int, "an integer >= 1"),
+    (
+        "trainer.val_check_interval",
+        lambda v: _positive_int(v) or (isinstance(v, float) and 0 < v <= 1),
+        "an integer >= 1 (steps) or a fraction in (0, 1]",
+    ),
+    (
+        "callbacks.model_checkpoint.every_n_train_steps",
+        lambda v: _positive_int(v) or v == 0,
+        "an integer >= 1 (0: no periodic saves)",
+    ),
+    ("module.optimizer.lr", lambda v: isinstance(v, int | float) and v > 0, "a number > 0"),
+    (
+        "module.optimizer.weight_decay",
+        lambda v: isinstance(v, int | float) and v >= 0,
+        "a number >= 0",
+    ),
+)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Every training setting of `SETTINGS` in range, before anything loads."""
+    for key, ok, requirement in SETTINGS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not ok(value):
+            raise ValueError(f"{key}={value}: must be {requirement}")
+
+
 def check_data(cfg: DictConfig, policy: RoutingPolicy, data) -> None:
     """Data settings that must fit the routing, checked before the model is loaded."""
     if cfg.module.attention.startswith("block_diffusion") and data.max_seq_len % policy.block_size:
@@ -78,14 +123,15 @@ def check_tokenizer(cfg: DictConfig, model, data) -> None:
         )
 
 
-def run_info(cfg: DictConfig) -> dict:
-    """What reproduces a run: the composed config, the git commit and the package versions."""
+def run_info(record: dict) -> dict:
+    """What reproduces a run: its config record (`check_relaunch`), the git commit and the
+    package versions of this launch."""
     git = subprocess.run(
         ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
     )
     packages = ("dmoe-train", "torch", "lightning", "hydra-core", "transformers", "datasets")
     return {
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        **record,
         "git_commit": git.stdout.strip() or None,
         "versions": {p: version(p) for p in packages},
     }
@@ -103,21 +149,25 @@ class Run:
     ckpt_path: str | None
 
 
-def prepare_output(cfg: DictConfig) -> tuple[Path, str | None]:
-    """The run directory, writable now (not after the first checkpoint interval), and the
-    checkpoint to resume from."""
+def prepare_output(cfg: DictConfig) -> tuple[Path, str | None, dict]:
+    """The run directory, writable now (not after the first checkpoint interval), the
+    checkpoint to resume from and the run's config record (a relaunch under another
+    configuration stops here, before anything is written)."""
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg, output_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    record = check_relaunch(output_dir, config, resuming=ckpt_path is not None)
     try:
         (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OSError(f"paths.output_dir={output_dir}: cannot write ({err})") from err
-    return output_dir, ckpt_path
+    return output_dir, ckpt_path, record
 
 
 def build(cfg: DictConfig) -> Run:
     """Data, trainer, model and module, each checked before the next costlier step."""
-    output_dir, ckpt_path = prepare_output(cfg)
+    check_settings(cfg)
+    output_dir, ckpt_path, record = prepare_output(cfg)
     policy: RoutingPolicy = instantiate(cfg.router)
     data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
     data.setup()  # data errors surface before the (for a 16B base, minutes long) model load
@@ -134,12 +184,14 @@ def build(cfg: DictConfig) -> Run:
             "the exported router instead"
         )
     if trainer.is_global_zero:
-        info = json.dumps(run_info(cfg), indent=2) + "\n"
-        (output_dir / "checkpoints" / "run_info.json").write_text(info)
+        write_json(output_dir / "checkpoints" / RUN_INFO, run_info(record))
+    if cfg.init_router and isinstance(trainer.strategy, ModelParallelStrategy):
+        raise ValueError(
+            f"init_router={cfg.init_router} with trainer.strategy=ModelParallelStrategy: the "
+            "sharded model cannot take a router before it is sharded; use trainer=ddp"
+        )
     model = build_model(cfg, policy, trainer)
     check_tokenizer(cfg, model, data)
-    if cfg.init_router:
-        load_router(model, cfg.init_router, policy)
     return Run(trainer, build_module(cfg, model), data, policy, output_dir, ckpt_path)
 
 
@@ -160,16 +212,11 @@ def build_module(cfg: DictConfig, model) -> RouterFineTuner:
 
 
 def fit(run: Run) -> bool:
-    """Train; False when SIGTERM stopped the run (its `last.ckpt` is saved)."""
+    """Train; False when SIGTERM stopped the run (its `last.ckpt` is saved; Ctrl-C saves too,
+    and Lightning exits with code 1)."""
     try:
         run.trainer.fit(run.module, datamodule=run.data, ckpt_path=run.ckpt_path)
-    except SIGTERMException:
-        log.warning(
-            "SIGTERM at step %d: saved %s; relaunch with hydra.run.dir=%s to resume",
-            run.trainer.global_step,
-            run.output_dir / "checkpoints" / "last.ckpt",
-            run.output_dir,
-        )
+    except SIGTERMException:  # SaveOnSigterm saved and said so
         return False
     return True
 
@@ -189,23 +236,27 @@ def report(cfg: DictConfig, run: Run, measured: dict[str, dict[str, float]]) -> 
     router = export_router(trainer, run.module, checkpoints, cfg.model.path, summary=summary)
     summary["router_checkpoint"] = str(router)
     if trainer.is_global_zero:
-        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(run.output_dir / "summary.json", summary)
         log.info(format_summary(summary, run.output_dir))
         if cfg.evaluate_after:
             settings = GenerationSettings(**cfg.generation)
             metrics = evaluate_generation(run.module.model.eval(), run.data, settings, "test")
             metrics |= {"summary": summary, "overrides": _overrides()}
-            (run.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            write_json(run.output_dir / "metrics.json", metrics)
     return summary
 
 
 def train(cfg: DictConfig) -> dict:
-    """Build, measure the base (token routing and the policy), fit, measure again, report."""
+    """Build, measure the base under token routing (the reference, before any `init_router`),
+    then the starting router under the policy, fit, measure again, report."""
     L.seed_everything(cfg.seed, workers=True)
     run = build(cfg)
     token = RoutingPolicy("token", block_size=run.policy.block_size)
     measured = {"token": measure(run.trainer, run.module, run.data, token, "token")}
     check_same_output_dir(run.output_dir)  # the process group exists from the first validate on
+    if cfg.init_router:
+        load_router(run.module.model, cfg.init_router, run.policy)
+        run.module.keep_teacher_weights(refresh=True)  # the teacher is the starting model
     measured["before"] = measure(run.trainer, run.module, run.data, run.policy, "before")
     if not fit(run):
         return {"interrupted_at_step": run.trainer.global_step}
@@ -220,10 +271,10 @@ def _overrides() -> list[str]:
 
 def format_summary(s: dict, output_dir: Path) -> str:
     return (
-        f"\nunique experts per block: token routing {s['unique_experts_token']:.2f} | "
+        f"\nunique experts per block: base, token routing {s['unique_experts_token']:.2f} | "
         f"{s['rule']} before {s['unique_experts_before']:.2f} -> "
         f"after {s['unique_experts_after']:.2f}\n"
-        f"validation loss:          token routing {s['val_loss_token']:.4f} | "
+        f"validation loss:          base, token routing {s['val_loss_token']:.4f} | "
         f"before {s['val_loss_before']:.4f} -> after {s['val_loss_after']:.4f}\n"
         f"router checkpoint: {s['router_checkpoint']}\nsummary: {output_dir / 'summary.json'}"
     )

@@ -7,6 +7,8 @@ no attention padding is needed). `response_mask` marks what the noise may mask: 
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from dmoe_train.data.arithmetic import arithmetic_split
 from dmoe_train.data.skills import skills_split
 from dmoe_train.data.tokenizer import load_tokenizer
 
+log = logging.getLogger(__name__)
+
 # text columns that travel with a sample to evaluation (`skill`: per-skill accuracy)
 KEPT_COLUMNS = ("prompt", "response", "skill")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -28,29 +32,99 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 def encode(
     tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_seq_len: int
 ) -> dict[str, list]:
+    """`full_len`: the length before truncation (prompt, response and one eos)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    ids = (prompt_ids + response_ids + [tokenizer.eos_token_id])[:max_seq_len]
-    ids += [tokenizer.eos_token_id] * (max_seq_len - len(ids))
+    ids = prompt_ids + response_ids + [tokenizer.eos_token_id]
+    full_len = len(ids)
+    ids = ids[:max_seq_len] + [tokenizer.eos_token_id] * (max_seq_len - len(ids))
     response_mask = [i >= len(prompt_ids) for i in range(max_seq_len)]
     return {
         "input_ids": ids,
         "response_mask": response_mask,
         "prompt_len": min(len(prompt_ids), max_seq_len),
+        "full_len": full_len,
     }
 
 
+def check_lengths(source: str, split: str, full_lens: list[int], max_seq_len: int) -> None:
+    """Responses that lose tokens to `max_seq_len` (their end, or all of them) train the model on
+    a cut answer: a split where most do is refused, fewer are logged."""
+    cut = sum(n > max_seq_len for n in full_lens)
+    if not cut:
+        return
+    message = (
+        f"data.source={source}: {cut} of {len(full_lens)} {split} samples lose response tokens to "
+        f"data.max_seq_len={max_seq_len} (the longest needs {max(full_lens)}, prompt + response "
+        "+ eos)"
+    )
+    if 2 * cut > len(full_lens):
+        raise ValueError(f"{message}: raise data.max_seq_len")
+    log.warning("%s; they train on a truncated answer", message)
+
+
 def to_prompt_response(example: dict, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
-    """GSM8K style (`question`/`answer`) or conversation style (`messages`, last = the answer)."""
-    if "messages" in example:
-        *context, last = example["messages"]
-        if last.get("role") != "assistant":
-            raise ValueError(f"data: the last message must be the assistant's, got {last!r:.80}")
+    """GSM8K style (`question`/`answer`) or conversation style (`messages`, last = the answer).
+    A missing or non-text field is a ValueError naming it."""
+    if example.get("messages") is not None:
+        *context, last = example["messages"] or [None]
+        if not isinstance(last, dict) or last.get("role") != "assistant":
+            raise ValueError(f"the last message must be the assistant's, got {last!r:.80}")
+        if not isinstance(last.get("content"), str):
+            raise ValueError(f"the assistant message has no text 'content': {last!r:.80}")
         return {"prompt": _chat_prompt(tokenizer, context), "response": last["content"]}
+    for field in ("question", "answer"):
+        if not isinstance(example.get(field), str):
+            raise ValueError(f"field {field!r} is missing or not text ({example.get(field)!r:.40})")
     return {
         "prompt": _chat_prompt(tokenizer, [{"role": "user", "content": example["question"]}]),
         "response": example["answer"],
     }
+
+
+def data_files(source: str) -> list[Path]:
+    """A data file, or every file of a data folder: one format, nothing else in it."""
+    path = Path(source)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"data.source={source}: an empty folder")
+    other = [f.name for f in files if f.suffix not in FILE_BUILDERS]
+    if other:
+        raise ValueError(
+            f"data.source={source}: not data files (.jsonl, .json or .parquet): {other[:10]}"
+        )
+    kinds = {FILE_BUILDERS[f.suffix] for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"data.source={source}: mixes formats {sorted(kinds)}; use one")
+    if not any(f.stat().st_size for f in files):
+        raise ValueError(f"data.source={source}: empty")
+    return files
+
+
+def first_bad_json_line(files: list[Path]) -> str | None:
+    """`file:line: error` of the first line of a JSON-lines file that does not parse."""
+    for file in files:
+        if file.suffix != ".jsonl":
+            continue
+        with file.open() as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    line.strip() and json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"{file}:{number}: {err.msg}"
+    return None
+
+
+def row_origin(files: list[Path], row: int) -> str:
+    """Where row `row` (0-based, files in order) of a JSON-lines source is: `file:line`."""
+    for file in files:
+        if file.suffix != ".jsonl":
+            return f"row {row}"
+        lines = [n for n, line in enumerate(file.open(), 1) if line.strip()]
+        if row < len(lines):
+            return f"{file}:{lines[row]}"
+        row -= len(lines)
+    return f"row {row}"
 
 
 def _chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str:
@@ -85,6 +159,17 @@ class StreamSampler(Sampler[int]):
         return self.total
 
 
+class StreamLoader(DataLoader):
+    """The training loader. Its position is the trainer's step, from which `train_dataloader`
+    rebuilds it on resume: the state Lightning asks a resumable loader for is empty."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class DiffusionDataModule(L.LightningDataModule):
     """`source`: `arithmetic` or `skills` (embedded, see their modules), a local
     .jsonl/.json/.parquet file or folder of them, or a hub dataset name (needs network)."""
@@ -101,16 +186,33 @@ class DiffusionDataModule(L.LightningDataModule):
         test_size: int = 256,
         max_digits: int = 2,
         val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        test_source: str | None = None,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        for key, value, low in (
+            ("max_seq_len", max_seq_len, 2),
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("train_size", train_size, 1),
+            ("val_size", val_size, 1),
+            ("test_size", test_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"data.{key}={value}: must be an integer >= {low}")
+        for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 < value < 0.5:
+                raise ValueError(f"data.{key}={value}: must be in (0, 0.5)")
         self.tokenizer_path = tokenizer_path
         self.source = source
         self.max_seq_len = max_seq_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.sizes = {"train": train_size, "validation": val_size, "test": test_size}
         self.max_digits, self.val_fraction = max_digits, val_fraction
+        self.test_fraction, self.test_source = test_fraction, test_source
         self.seed, self.num_workers = seed, num_workers
         self.splits: dict[str, Dataset] = {}
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -130,7 +232,8 @@ class DiffusionDataModule(L.LightningDataModule):
                 with_indices=True,
                 remove_columns=[c for c in ds.column_names if c not in KEPT_COLUMNS],
             )
-            self.splits[split] = encoded.with_format(
+            check_lengths(self.source, split, encoded["full_len"], self.max_seq_len)
+            self.splits[split] = encoded.remove_columns("full_len").with_format(
                 "torch", columns=columns, output_all_columns=True
             )
 
@@ -145,30 +248,62 @@ class DiffusionDataModule(L.LightningDataModule):
                 split: Dataset.from_list(skills_split(split, size, self.seed))
                 for split, size in self.sizes.items()
             }
-        path = Path(self.source)
+        loaded = self._read("data.source", self.source)
+        if self.test_source is not None:
+            loaded["test"] = self._read("data.test_source", self.test_source)["train"]
+        # seeded and disjoint: the test split first, then validation, off the train rows; each
+        # a fraction of all of them
+        rows = len(loaded["train"])
+        for split, key, fraction in (
+            ("test", "test_fraction", self.test_fraction),
+            ("validation", "val_fraction", self.val_fraction),
+        ):
+            if split not in loaded:
+                size = max(1, round(fraction * rows))
+                if size >= len(loaded["train"]):
+                    raise ValueError(
+                        f"data.source={self.source}: {rows} rows are too few to split off "
+                        f"data.{key}={fraction}"
+                    )
+                parts = loaded["train"].train_test_split(test_size=size, seed=self.seed)
+                loaded["train"], loaded[split] = parts["train"], parts["test"]
+        return loaded
+
+    def _read(self, key: str, source: str) -> dict[str, Dataset]:
+        """Prompt/response rows of a local file or folder (`train`, in file order), or a hub
+        dataset's splits (needs network); a malformed line or a missing field names its file and
+        line."""
+        path = Path(source)
+        files: list[Path] = []
         if path.exists():
-            files = sorted(path.glob("*")) if path.is_dir() else [path]
-            builder = FILE_BUILDERS.get(files[0].suffix) if files else None
-            if builder is None:
-                raise ValueError(f"data.source={self.source}: expected .jsonl, .json or .parquet")
-            if not any(f.stat().st_size for f in files):
-                raise ValueError(f"data.source={self.source}: empty")
-            loaded = load_dataset(builder, data_files={"train": [str(f) for f in files]})
-        elif path.suffix in FILE_BUILDERS or self.source.startswith((".", "/", "~")):
-            raise FileNotFoundError(f"data.source={self.source}: no such file or directory")
+            files = data_files(source)
+            try:
+                loaded = load_dataset(
+                    FILE_BUILDERS[files[0].suffix], data_files=[str(f) for f in files]
+                )
+            except Exception as err:  # datasets wraps the parser's error in its own
+                where = first_bad_json_line(files) or str(err).splitlines()[0]
+                raise ValueError(f"{key}={source}: unreadable: {where}") from err
+        elif path.suffix in FILE_BUILDERS or source.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"{key}={source}: no such file or directory")
         else:
-            loaded = load_dataset(self.source)  # a hub dataset name (needs network)
+            loaded = load_dataset(source)
         columns = set(loaded["train"].column_names)
         if "messages" not in columns and not {"question", "answer"} <= columns:
             raise ValueError(
-                f"data.source={self.source}: needs columns question and answer (GSM8K style) or "
+                f"{key}={source}: needs columns question and answer (GSM8K style) or "
                 f"messages (conversations); it has {sorted(columns)}"
             )
-        if "validation" not in loaded:
-            parts = loaded["train"].train_test_split(test_size=self.val_fraction, seed=self.seed)
-            loaded["train"], loaded["validation"] = parts["train"], parts["test"]
+
+        def convert(example: dict, row: int, split: str) -> dict[str, str]:
+            try:
+                return to_prompt_response(example, self.tokenizer)
+            except ValueError as err:
+                where = row_origin(files, row) if split == "train" else f"{split} row {row}"
+                raise ValueError(f"{key}={source}: {where}: {err}") from None
+
         return {
-            split: ds.map(lambda ex: to_prompt_response(ex, self.tokenizer))
+            split: ds.map(convert, with_indices=True, fn_kwargs={"split": split})
             for split, ds in loaded.items()
         }
 
@@ -193,7 +328,7 @@ class DiffusionDataModule(L.LightningDataModule):
             rank,
             world,
         )
-        return self._loader("train", self.batch_size, sampler)
+        return self._loader("train", self.batch_size, sampler, StreamLoader)
 
     def val_dataloader(self) -> DataLoader:
         """Under several processes each rank evaluates every world-th sample; the last
@@ -210,9 +345,13 @@ class DiffusionDataModule(L.LightningDataModule):
         return self._loader("test", self.eval_batch_size)
 
     def _loader(
-        self, split: str, batch_size: int, sampler: Sampler | range | None = None
+        self,
+        split: str,
+        batch_size: int,
+        sampler: Sampler | range | None = None,
+        loader: type[DataLoader] = DataLoader,
     ) -> DataLoader:
-        return DataLoader(
+        return loader(
             self.splits[split],
             batch_size=batch_size,
             sampler=sampler,

@@ -7,10 +7,17 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders
 from tokenizers.models import BPE
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import (
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from dmoe_train.models.checkpoint import require_model_dir
 
+# what a saved tokenizer consists of (one of these is enough for AutoTokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 SPECIALS = {"eos": "<|endoftext|>", "mask": "<|mask|>", "unk": "<|unk|>"}
 
 
@@ -33,4 +40,10 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a local model directory; never downloads."""
-    return AutoTokenizer.from_pretrained(str(require_model_dir(path)), local_files_only=True)
+    path = require_model_dir(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"model path {path}: no tokenizer (none of {TOKENIZER_FILES})")
+    # our families are unknown to transformers: an empty config (the tokenizer files name their
+    # class) keeps AutoTokenizer from reading config.json and warning about its model_type
+    config = PretrainedConfig()
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, config=config)
