@@ -96,13 +96,14 @@ class PoisonRouter(L.Callback):
 
 
 class KillAtStep(L.Callback):
-    """Sends this process `signal` (SIGTERM or SIGKILL) once `step` optimizer steps are done."""
+    """Sends this process `signal` (SIGTERM, SIGINT or SIGKILL) once `step` optimizer steps are
+    done, in a run that did not resume (its relaunch passes the same overrides)."""
 
     def __init__(self, step: int, signal: str) -> None:
         self.step, self.signal = step, signal
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and trainer.ckpt_path is None:
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 

@@ -61,7 +61,8 @@ def test_fast_dev_run(tmp_path, router, regularizer):
     ],
     ids=["plain", "distill+curriculum"],
 )
-def test_resume_equals_uninterrupted_run(tmp_path, objective):
+def test_resume_equals_uninterrupted_run(tmp_path, objective, caplog):
+    caplog.set_level("INFO", logger="dmoe_train")
     common = [*steps(12, checkpoint_every=3), "trainer.val_check_interval=6", *objective]
     full = train(compose_train(tmp_path / "full", *common))
     interrupt = ["+callbacks.stop._target_=helpers.InterruptAtStep", "+callbacks.stop.step=5"]
@@ -71,6 +72,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, objective):
     assert set(ckpt["state_dict"]) == GATES  # only the router: never the frozen base
     assert ckpt["global_step"] == 5  # saved on the way out, between the periodic saves
     resumed = train(compose_train(tmp_path / "resumed", *common, *interrupt))
+    assert "resumed from" in caplog.text and "at step 5" in caplog.text
     assert resumed["steps"] == 12
     a, b = router_of(tmp_path / "full"), router_of(tmp_path / "resumed")
     assert a.keys() == b.keys()

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -63,20 +64,27 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     except Exception as err:
+        full = disk_full(err, path.parent)  # before the partial file frees its space
         tmp.unlink(missing_ok=True)
-        raise_if_disk_full(err, path)
+        if full:
+            kept = f"the previous {path.name} is intact" if path.exists() else "nothing was kept"
+            raise OSError(errno.ENOSPC, f"no space left on device writing {path} ({kept})") from err
         raise
     os.replace(tmp, path)
 
 
-def raise_if_disk_full(err: BaseException, path: Path) -> None:
-    """A write that failed for lack of space, said so with its path: torch.save says only "file
-    write failed", safetensors wraps the OS error in its own."""
-    if getattr(err, "errno", None) == errno.ENOSPC or any(
-        s in str(err) for s in ("write failed", "No space left", "StorageFull")
-    ):
-        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was kept"
-        raise OSError(errno.ENOSPC, f"no space left on device writing {path} ({kept})") from err
+def disk_full(err: BaseException, directory: Path) -> bool:
+    """Whether a failed write ran out of space: an ENOSPC anywhere in its chain, or (torch.save
+    and safetensors raise their own errors, with no errno) less than 1 MiB left where it wrote."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if getattr(cause, "errno", None) == errno.ENOSPC:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    try:
+        return shutil.disk_usage(directory).free < 2**20
+    except OSError:
+        return False
 
 
 def write_json(path: Path, data: Any) -> None:

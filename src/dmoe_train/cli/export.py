@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import warnings
@@ -11,7 +12,7 @@ from pathlib import Path
 from dmoe_train.cli.common import exit_on_error_cli
 from dmoe_train.models import load_model
 from dmoe_train.models.common import is_router_param
-from dmoe_train.router_io import load_router, raise_if_disk_full, read_manifest, write_json
+from dmoe_train.router_io import disk_full, load_router, read_manifest, write_json
 from dmoe_train.routing import RoutingPolicy
 
 # written into every export: what makes a directory one `--out` may replace
@@ -67,8 +68,11 @@ def export(router: str | Path, out: str | Path, base: str | Path | None = None) 
         marker = {"router": str(router), "base": str(base), "router_dtype": sorted(dtypes)}
         write_json(staged / EXPORT_MARKER, marker)
     except Exception as err:
+        full = disk_full(err, staged.parent)
         shutil.rmtree(staged, ignore_errors=True)
-        raise_if_disk_full(err, out)
+        if full:
+            kept = "the previous export is intact" if out.exists() else "nothing was kept"
+            raise OSError(errno.ENOSPC, f"no space left on device writing {out} ({kept})") from err
         raise
     if out.exists():  # the old export waits beside until the new one is in place
         os.replace(out, old)
