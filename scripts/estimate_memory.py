@@ -2,7 +2,7 @@
 optimizer state, activations with and without per-layer checkpointing, for DDP and FSDP layouts.
 
     python scripts/estimate_memory.py [--config DIR/config.json] [--seq 2048] [--out FILE.md]
-        [--trainable router|router+experts|all]
+        [--trainable router|router+shared|router+lora|router+lora+shared|router+experts|all]
 
 An estimate from shapes (bf16 frozen base, the trainable set in fp32 with AdamW, block
 diffusion's [x_t ; x_0] input of 2 x seq tokens, memory-efficient attention: no seq^2 scores
@@ -27,6 +27,7 @@ from dmoe_train.models import (
     TrainableSet,
     in_trainable_set,
 )
+from dmoe_train.models.lora import ExpertLora, add_expert_lora
 
 GB = 1e9
 BF16, FP32 = 2, 4
@@ -74,10 +75,13 @@ def broadcast_bucket(sizes: list[tuple[bool, int]], limit: int = 250 * 2**20) ->
 
 
 def parameter_counts(cfg: Any, trainable: TrainableSet = "router") -> Counts:
-    """Parameter counts of the model built on meta (frozen bf16, trained fp32)."""
+    """Parameter counts of the model built on meta (frozen bf16, trained fp32); the `+lora`
+    sets with the default `module.lora` (rank 8 on gate/up/down)."""
     family: type[MoeDiffusionLM] = FAMILIES[cfg.model_type]
     with torch.device("meta"):
         model = family(cfg)
+        if "lora" in trainable.split("+"):
+            add_expert_lora(model, ExpertLora())
     named = [(n, p.numel(), in_trainable_set(n, trainable)) for n, p in model.named_parameters()]
     layers = [sum(p.numel() for p in block.parameters()) for block in model.model.layers]
     return Counts(
@@ -113,7 +117,7 @@ def estimate(
     # FSDP: the current and the prefetched layer, whole (fp32 where its experts train), and the
     # root unit (embedding, head), which FSDP2 keeps gathered from forward through backward:
     # measured 5.9 GiB added per rank against 4.6 estimated without it on the full-width slice
-    dtype = BF16 if trainable == "router" else FP32
+    dtype = FP32 if trainable in ("router+experts", "all") else BF16
     root = counts.root * (FP32 if trainable == "all" else BF16)
     gathered = 2 * counts.layer * dtype + root if layout.shard > 1 else 0
     # fp32 master + grad + Adam m, v, and the step's temporaries: AdamW computes sqrt(v) / c

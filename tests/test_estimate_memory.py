@@ -16,6 +16,8 @@ from estimate_memory import (  # noqa: E402
     read_config,
 )
 
+from dmoe_train.models import TRAINABLE_SETS  # noqa: E402
+
 MiB = 2**20
 TINY = PROJECT_ROOT / "assets" / "tiny-llada2"
 
@@ -61,3 +63,16 @@ def test_fsdp_holds_the_root_unit_gathered_beside_two_layers():
     frozen_shard = (counts.total - counts.trained) * BF16 / 2
     assert counts.root > 0
     assert weights == pytest.approx(frozen_shard + 2 * counts.layer * BF16 + counts.root * BF16)
+
+
+def test_every_trainable_set_counts_its_own_weights():
+    cfg = read_config(TINY)
+    counts = {t: parameter_counts(cfg, t).trained for t in TRAINABLE_SETS}
+    h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    shared = layers * 3 * h * cfg.shared_expert_intermediate_size
+    lora = layers * 3 * 8 * e * (h + i)  # rank 8: A [8 E, in] and B [out, 8 E] per projection
+    assert counts["router+shared"] - counts["router"] == shared
+    assert counts["router+lora"] - counts["router"] == lora
+    assert counts["router+lora+shared"] - counts["router"] == lora + shared
+    assert counts["router+experts"] - counts["router"] == layers * 3 * e * h * i

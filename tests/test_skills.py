@@ -83,3 +83,25 @@ def test_the_data_module_serves_skills_with_their_names(tokenizer_dir):
     batch = next(iter(dm.test_dataloader()))
     assert batch["skill"] == [*SKILLS] * 3
     assert batch["input_ids"].shape == (12, 96)
+
+
+def test_held_out_skills_never_enter_the_train_split(tokenizer_dir):
+    dm = DiffusionDataModule(
+        str(tokenizer_dir),
+        "skills",
+        max_seq_len=96,
+        train_size=40,
+        val_size=8,
+        test_size=8,
+        train_skills=["add", "sort"],
+    )
+    dm.setup()
+    assert set(dm.splits["train"]["skill"]) == {"add", "sort"}
+    assert set(dm.splits["test"]["skill"]) == set(dm.splits["validation"]["skill"]) == set(SKILLS)
+    # the same add and sort problems as the four-skill stream's, in their order
+    full = [r for r in skills_split("train", 80, 0) if r["skill"] in ("add", "sort")][:40]
+    assert dm.splits["train"]["prompt"] == [r["prompt"] for r in full]
+    with pytest.raises(ValueError, match=r"data.train_skills=\['add', 'lookup'\]: each must be"):
+        DiffusionDataModule(str(tokenizer_dir), "skills", train_skills=["add", "lookup"])
+    with pytest.raises(ValueError, match=r"data.train_skills=\['add'\]: only for data.source"):
+        DiffusionDataModule(str(tokenizer_dir), "arithmetic", train_skills=["add"])

@@ -154,3 +154,41 @@ def test_trainable_set_trains_and_saves_exactly_its_weights(tmp_path, trainable)
 def test_an_unknown_trainable_set_is_named(tmp_path):
     with pytest.raises(ValueError, match="module.trainable='experts'"):
         train(compose_train(tmp_path, "module.trainable=experts", *steps(1)))
+
+
+SHARED = {
+    f"model.layers.{i}.mlp.shared_experts.{w}.weight" for i in MOE_LAYERS for w in PROJECTIONS
+}
+# peft nests one ParamWrapper per adapted projection: the innermost adapts gate_proj
+LORA = {
+    f"model.layers.{i}.mlp.experts.{'base_layer.' * depth}lora_{ab}.default.weight"
+    for i in MOE_LAYERS
+    for depth in range(3)
+    for ab in "AB"
+}
+
+
+@pytest.mark.parametrize(
+    ("trainable", "extra"),
+    [("router+shared", SHARED), ("router+lora", LORA), ("router+lora+shared", SHARED | LORA)],
+)
+def test_adapter_sets_train_and_save_exactly_their_weights(tmp_path, trainable, extra):
+    cfg = compose_train(tmp_path, f"module.trainable={trainable}", "module.lora.rank=2", *steps(3))
+    summary = train(cfg)
+    saved = router_of(tmp_path)
+    assert set(saved) == {k.removeprefix("model.") for k in GATES} | extra
+    base = dict(load_model(TINY_BASE, dtype=torch.float32).named_parameters())
+    for name in extra:  # each moved: adapters from B = 0, shared experts from the base's
+        start = torch.zeros_like(saved[name]) if "lora_B" in name else base.get(name)
+        if start is not None:
+            assert not torch.equal(saved[name], start), name
+    if "lora" in trainable:
+        gate_a = "model.layers.1.mlp.experts.base_layer.base_layer.lora_A.default.weight"
+        assert saved[gate_a].shape == (2 * 32, 128)  # gate_proj's A in peft's [r * E, in]
+        manifest = json.loads((tmp_path / "checkpoints" / "router.json").read_text())
+        assert manifest["lora"] == {"rank": 2, "alpha": 16.0, "targets": list(PROJECTIONS)}
+    # the checkpoint alone (adapters re-created from its manifest) gives the trained model
+    tuned = load_model(TINY_BASE, dtype=torch.float32)
+    load_router(tuned, tmp_path / "checkpoints" / "router.safetensors")
+    assert all(torch.equal(p, saved[n]) for n, p in tuned.named_parameters() if n in saved)
+    assert summary["val_loss_after"] != summary["val_loss_before"]

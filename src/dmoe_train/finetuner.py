@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from dmoe_train.diffusion import AttentionMode, denoise, masked_diffusion_loss, row_uniforms
 from dmoe_train.metrics import unique_experts_per_block
 from dmoe_train.models import TRAINABLE_SETS, TrainableSet, in_trainable_set, is_router_param
+from dmoe_train.models.lora import ExpertLora, add_expert_lora
 from dmoe_train.models.sharding import full_tensor, gathered, load_shards, shard_model
 from dmoe_train.regularizers import CoresetRegularizer
 from dmoe_train.router_io import base_fingerprint
@@ -99,10 +100,15 @@ class RouterFineTuner(L.LightningModule):
         distill_weight: float = 0.0,
         curriculum_start: float | None = None,
         curriculum_fraction: float = 0.5,
+        lora: dict | None = None,
     ) -> None:
         super().__init__()
         if trainable not in TRAINABLE_SETS:
             raise ValueError(f"module.trainable={trainable!r}: must be one of {TRAINABLE_SETS}")
+        # `module.lora` (rank, alpha, targets) shapes the adapters of the `+lora` sets
+        self.lora = ExpertLora(**(lora or {})) if "lora" in trainable.split("+") else None
+        if self.lora is not None:
+            add_expert_lora(model, self.lora)
         if distill_weight < 0:
             raise ValueError(f"module.distill_weight={distill_weight}: must be >= 0")
         if not 0.0 < curriculum_fraction <= 1.0:

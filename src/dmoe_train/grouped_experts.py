@@ -52,15 +52,37 @@ def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
     return out
 
 
+LowRank = tuple[Tensor, Tensor, float]  # (lhs [E, out, r], rhs [E, r, in], scaling)
+
+
+def adapted_linear(x: Tensor, weight: Tensor, counts: Tensor, low_rank: LowRank | None) -> Tensor:
+    """`grouped_linear` through `weight + scaling * lhs @ rhs` per expert, never forming that
+    sum: the rank-r path runs on the routed rows only."""
+    out = grouped_linear(x, weight, counts)
+    if low_rank is None:
+        return out
+    lhs, rhs, scaling = low_rank
+    # peft's factors are views of its [r * E, ...] layout; the grouped matmul wants them dense
+    inner = grouped_linear(x, rhs.to(x.dtype).contiguous(), counts)
+    return out + scaling * grouped_linear(inner, lhs.to(x.dtype).contiguous(), counts)
+
+
 def expert_mlp(
-    x: Tensor, ids: Tensor, weights: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor
+    x: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+    low_rank: dict[str, LowRank] | None = None,
 ) -> Tensor:
     """Sum over each token's chosen experts of weight * SwiGLU expert(x).
 
-    `x` `[N, H]`; `ids`/`weights` `[N, k]`, id -1 = empty slot (contributes nothing). Computed
-    in the experts' dtype (fp32 master weights when they train beside a bf16 base), returned in
-    the caller's.
+    `x` `[N, H]`; `ids`/`weights` `[N, k]`, id -1 = empty slot (contributes nothing);
+    `low_rank`: adapters per projection name (`adapted_linear`). Computed in the experts' dtype
+    (fp32 master weights when they train beside a bf16 base), returned in the caller's.
     """
+    low_rank = low_rank or {}
     n, k = ids.shape
     flat_ids = ids.reshape(-1)
     order = flat_ids.argsort(stable=True)
@@ -69,7 +91,9 @@ def expert_mlp(
     # one row per (token, slot), sorted by expert; every index is unique, so the gradients of
     # these gathers and of index_copy below need no accumulation
     xs = x.repeat_interleave(k, dim=0).index_select(0, order).to(gate_proj.dtype)
-    hidden = F.silu(grouped_linear(xs, gate_proj, counts)) * grouped_linear(xs, up_proj, counts)
-    ys = grouped_linear(hidden, down_proj, counts) * weights.reshape(-1)[order, None].to(xs.dtype)
+    gate = adapted_linear(xs, gate_proj, counts, low_rank.get("gate_proj"))
+    hidden = F.silu(gate) * adapted_linear(xs, up_proj, counts, low_rank.get("up_proj"))
+    ys = adapted_linear(hidden, down_proj, counts, low_rank.get("down_proj"))
+    ys = ys * weights.reshape(-1)[order, None].to(xs.dtype)
     ys = ys.to(x.dtype)
     return x.new_zeros(n * k, x.shape[1]).index_copy(0, order, ys).view(n, k, -1).sum(1)

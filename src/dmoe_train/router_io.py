@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dmoe_train.models.common import is_router_param
+from dmoe_train.models.lora import ExpertLora, add_expert_lora, has_expert_lora
 from dmoe_train.models.sharding import full_tensor
 from dmoe_train.routing import ENGINE_KEYS, RoutingPolicy
 
@@ -134,6 +135,8 @@ def load_router(
         tensors = load_file(router_file)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"router checkpoint {router_file}: unreadable ({err})") from err
+    if manifest.get("lora") and not has_expert_lora(model):  # the adapters it trained
+        add_expert_lora(model, ExpertLora(**manifest["lora"]))
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     wrong = [
@@ -173,6 +176,7 @@ def export_router(
         base_path=str(base_path),
         step=trainer.global_step,
         metrics=metrics,
+        lora=pl_module.lora.to_dict() if pl_module.lora else None,
         **extra,
     )
     if trainer.is_global_zero:

@@ -9,9 +9,14 @@ import shutil
 import warnings
 from pathlib import Path
 
+import torch
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+
 from dmoe_train.cli.common import exit_on_error_cli
 from dmoe_train.models import load_model
 from dmoe_train.models.common import is_router_param
+from dmoe_train.models.lora import ADAPTER, has_expert_lora, merge_expert_lora
 from dmoe_train.router_io import disk_full, load_router, read_manifest, write_json
 from dmoe_train.routing import RoutingPolicy
 
@@ -46,17 +51,42 @@ def check_out_dir(out: Path, base: Path) -> None:
         )
 
 
-def export(router: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
+def save_adapter(model: torch.nn.Module, out: Path) -> Path:
+    """peft's adapter directory of a model with expert adapters: `adapter_config.json` and
+    `adapter_model.safetensors`, as `PeftModel.save_pretrained` writes them."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.peft_config[ADAPTER].save_pretrained(out)
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def export(
+    router: str | Path,
+    out: str | Path,
+    base: str | Path | None = None,
+    adapter_out: str | Path | None = None,
+) -> Path:
     """Load the base (default: the manifest's base path), apply the router and its routing
     settings, and save the published layout (`save_pretrained`) with the settings in
-    `config.json`: our `routing` key and, for a published rule, the keys its engine reads. The
-    router stays in the dtype it was trained in (fp32 beside a bf16 base). Written beside `out`
-    and renamed into place: an earlier export is replaced only once the new one is whole."""
+    `config.json`: our `routing` key and, for a published rule, the keys its engine reads.
+    Expert adapters (a `+lora` run) are merged into the experts, so engines load the directory
+    unchanged; `adapter_out` also writes them as peft's adapter directory. The router stays in
+    the dtype it was trained in (fp32 beside a bf16 base). Written beside `out` and renamed into
+    place: an earlier export is replaced only once the new one is whole."""
     base, out = Path(base or read_manifest(router)["base_path"]), Path(out)
     check_out_dir(out, base)
+    if adapter_out is not None:
+        check_out_dir(Path(adapter_out), base)
     model = load_model(base)
     load_router(model, router)
     check_servable(model.config.routing)
+    if has_expert_lora(model):
+        if adapter_out is not None:
+            save_adapter(model, Path(adapter_out))
+        merge_expert_lora(model)
+    elif adapter_out is not None:
+        raise ValueError(f"--adapter-out {adapter_out}: router {router} trained no adapters")
     staged, old = (out.with_name(f".{out.name}.{kind}") for kind in ("staged", "replaced"))
     shutil.rmtree(staged, ignore_errors=True)
     try:
@@ -86,8 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--router", required=True, help="router.safetensors of a run")
     ap.add_argument("--out", required=True, help="directory to write (empty, or an export)")
     ap.add_argument("--base", help="base model directory (default: the one the router names)")
+    ap.add_argument("--adapter-out", help="also write a +lora run's adapters as peft's directory")
     args = ap.parse_args(argv)
-    exit_on_error_cli(lambda: print(f"wrote {export(args.router, args.out, args.base)}"))
+    exit_on_error_cli(
+        lambda: print(f"wrote {export(args.router, args.out, args.base, args.adapter_out)}")
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from dmoe_train.data.arithmetic import arithmetic_split
-from dmoe_train.data.skills import skills_split
+from dmoe_train.data.skills import SKILLS, skills_split
 from dmoe_train.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # text columns that travel with a sample to evaluation (`skill`: per-skill accuracy)
 KEPT_COLUMNS = ("prompt", "response", "skill")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SOURCE_COLUMNS = (("question", "answer"), ("messages",), ("prompt", "response"))
 
 
 def encode(
@@ -64,8 +65,14 @@ def check_lengths(source: str, split: str, full_lens: list[int], max_seq_len: in
 
 
 def to_prompt_response(example: dict, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
-    """GSM8K style (`question`/`answer`) or conversation style (`messages`, last = the answer).
-    A missing or non-text field is a ValueError naming it."""
+    """GSM8K style (`question`/`answer`), conversation style (`messages`, last = the answer) or
+    `prompt`/`response` as the model reads them (what `dmoe-generate` writes: no template is
+    applied). A missing or non-text field is a ValueError naming it."""
+    if "prompt" in example and "response" in example:
+        for field in ("prompt", "response"):
+            if not isinstance(example[field], str):
+                raise ValueError(f"field {field!r} is not text ({example[field]!r:.40})")
+        return {"prompt": example["prompt"], "response": example["response"]}
     if example.get("messages") is not None:
         *context, last = example["messages"] or [None]
         if not isinstance(last, dict) or last.get("role") != "assistant":
@@ -188,6 +195,7 @@ class DiffusionDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
         test_source: str | None = None,
+        train_skills: list[str] | None = None,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -213,6 +221,15 @@ class DiffusionDataModule(L.LightningDataModule):
         self.sizes = {"train": train_size, "validation": val_size, "test": test_size}
         self.max_digits, self.val_fraction = max_digits, val_fraction
         self.test_fraction, self.test_source = test_fraction, test_source
+        if train_skills is not None and source != "skills":
+            raise ValueError(f"data.train_skills={train_skills}: only for data.source=skills")
+        # the skills the train split holds (validation and test keep all four): held-out skills
+        # enter training in no form
+        self.train_skills = tuple(train_skills) if train_skills is not None else SKILLS
+        if not self.train_skills or set(self.train_skills) - set(SKILLS):
+            raise ValueError(
+                f"data.train_skills={train_skills}: each must be one of {list(SKILLS)}"
+            )
         self.seed, self.num_workers = seed, num_workers
         self.splits: dict[str, Dataset] = {}
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -245,7 +262,14 @@ class DiffusionDataModule(L.LightningDataModule):
             }
         if self.source == "skills":
             return {
-                split: Dataset.from_list(skills_split(split, size, self.seed))
+                split: Dataset.from_list(
+                    skills_split(
+                        split,
+                        size,
+                        self.seed,
+                        skills=self.train_skills if split == "train" else SKILLS,
+                    )
+                )
                 for split, size in self.sizes.items()
             }
         loaded = self._read("data.source", self.source)
@@ -289,10 +313,10 @@ class DiffusionDataModule(L.LightningDataModule):
         else:
             loaded = load_dataset(source)
         columns = set(loaded["train"].column_names)
-        if "messages" not in columns and not {"question", "answer"} <= columns:
+        if not any(set(c) <= columns for c in SOURCE_COLUMNS):
             raise ValueError(
-                f"{key}={source}: needs columns question and answer (GSM8K style) or "
-                f"messages (conversations); it has {sorted(columns)}"
+                f"{key}={source}: needs columns question and answer (GSM8K style), messages "
+                f"(conversations) or prompt and response (dmoe-generate); it has {sorted(columns)}"
             )
 
         def convert(example: dict, row: int, split: str) -> dict[str, str]:

@@ -71,16 +71,21 @@ def skills_split(
     seed: int = 0,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
+    skills: tuple[str, ...] = SKILLS,
 ) -> list[dict[str, str]]:
-    """`size` distinct problems of one split, the skills interleaved in turn:
-    `{"prompt": ..., "response": ..., "skill": ...}`."""
+    """`size` distinct problems of one split, `skills` interleaved in turn:
+    `{"prompt": ..., "response": ..., "skill": ...}`. Each skill draws from its own stream, so a
+    subset of the skills gives the same problems of those skills."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split={split!r}: must be train, validation or test")
-    rngs = {skill: random.Random(f"{seed}-{split}-{skill}") for skill in SKILLS}
+    unknown = sorted(set(skills) - set(SKILLS))
+    if unknown or not skills:
+        raise ValueError(f"skills {list(skills)}: each must be one of {list(SKILLS)}")
+    rngs = {skill: random.Random(f"{seed}-{split}-{skill}") for skill in skills}
     seen: set[str] = set()
     out = []
     while len(out) < size:
-        skill = SKILLS[len(out) % len(SKILLS)]
+        skill = skills[len(out) % len(skills)]
         prompt, response = GENERATORS[skill](rngs[skill])
         if prompt in seen or _split_of(prompt, val_fraction, test_fraction) != split:
             continue

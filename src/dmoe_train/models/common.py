@@ -21,7 +21,8 @@ from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_atten
 from torch.utils.checkpoint import checkpoint
 
 from dmoe_train.diffusion import as_additive
-from dmoe_train.grouped_experts import expert_mlp
+from dmoe_train.grouped_experts import LowRank, expert_mlp
+from dmoe_train.models.lora import expert_low_rank, is_lora_param
 from dmoe_train.routing import (
     Routing,
     RoutingPolicy,
@@ -192,9 +193,12 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(e, i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
-    def forward(self, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
-        """`x` `[N, H]`, `ids`/`weights` `[N, slots]` -> the weighted expert outputs `[N, H]`."""
-        return expert_mlp(x, ids, weights, self.gate_proj, self.up_proj, self.down_proj)
+    def forward(
+        self, x: Tensor, ids: Tensor, weights: Tensor, low_rank: dict[str, LowRank] | None = None
+    ) -> Tensor:
+        """`x` `[N, H]`, `ids`/`weights` `[N, slots]` -> the weighted expert outputs `[N, H]`;
+        `low_rank`: peft's adapters of the projections (`models.lora`)."""
+        return expert_mlp(x, ids, weights, self.gate_proj, self.up_proj, self.down_proj, low_rank)
 
 
 class SparseMoe(nn.Module):
@@ -231,10 +235,12 @@ class SparseMoe(nn.Module):
             bool(cfg.norm_topk_prob),
         )
         routing.logits = logits
-        out = self.experts(
+        experts, low_rank = expert_low_rank(self.experts)  # peft's wrappers, if adapted
+        out = experts(
             x.flatten(0, 1),
             routing.ids.flatten(0, 1),
             routing.weights.flatten(0, 1) * cfg.routed_scaling_factor,
+            low_rank,
         ).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -382,16 +388,25 @@ def is_router_param(name: str) -> bool:
     return name.endswith((".mlp.gate.weight", ".mlp.gate.expert_bias"))
 
 
-TrainableSet = Literal["router", "router+experts", "all"]
+TrainableSet = Literal[
+    "router", "router+shared", "router+lora", "router+lora+shared", "router+experts", "all"
+]
 TRAINABLE_SETS: tuple[str, ...] = get_args(TrainableSet)
 
 
 def in_trainable_set(name: str, trainable: TrainableSet) -> bool:
-    """Whether a weight trains under `module.trainable`: the router (the default), the router and
-    the routed experts, or every weight (a full fine-tune)."""
+    """Whether a weight trains under `module.trainable`: the router (the default), and besides
+    it the shared experts (`+shared`), low-rank adapters on the routed experts (`+lora`, see
+    `models.lora`) or the routed experts themselves (`+experts`); `all`: every weight (a full
+    fine-tune)."""
     if trainable == "all" or is_router_param(name):
         return True
-    return trainable == "router+experts" and ".mlp.experts." in name
+    parts = trainable.split("+")[1:]
+    return (
+        ("shared" in parts and ".mlp.shared_experts." in name)
+        or ("lora" in parts and is_lora_param(name))
+        or ("experts" in parts and ".mlp.experts." in name)
+    )
 
 
 @torch.no_grad()

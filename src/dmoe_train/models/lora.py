@@ -1,0 +1,93 @@
+"""Low-rank adapters on the routed experts, built by `peft` (LoRA on parameters).
+
+peft wraps the stacked expert tensors (`Experts.gate_proj` `[E, I, H]`, ...) with nested
+`ParamWrapper`s and stores its factors in its own layout (`lora_A` `[r * E, in]`, `lora_B`
+`[out, r * E]`); saved adapters are peft's. Its forward would add the dense delta of every
+expert to the weight (on LLaDA2.0-mini 3 x 256 x 512 x 2048 values per MoE layer, 1.6 GB in
+bf16, kept for backward in every layer); `SparseMoe` instead reads the factors
+(`expert_low_rank`) and adds `scaling * (x A_e^T) B_e^T` for the tokens routed to expert e only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, get_args
+
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora.layer import ParamWrapper
+from torch import nn
+
+from dmoe_train.grouped_experts import LowRank
+
+ExpertProjection = Literal["gate_proj", "up_proj", "down_proj"]
+PROJECTIONS: tuple[str, ...] = get_args(ExpertProjection)
+ADAPTER = "default"  # peft's adapter name
+
+
+@dataclass(frozen=True)
+class ExpertLora:
+    """`module.lora`: rank, alpha (scaling alpha / rank) and which expert projections adapt."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[ExpertProjection, ...] = PROJECTIONS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"module.lora.rank={self.rank}: must be an integer >= 1")
+        if not self.alpha > 0:
+            raise ValueError(f"module.lora.alpha={self.alpha}: must be > 0")
+        if not self.targets or set(self.targets) - set(PROJECTIONS):
+            raise ValueError(f"module.lora.targets={list(self.targets)}: a subset of {PROJECTIONS}")
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            target_modules=[],
+            target_parameters=[f"mlp.experts.{t}" for t in self.targets],
+        )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
+
+
+def add_expert_lora(model: nn.Module, spec: ExpertLora) -> None:
+    """Wrap every MoE layer's routed experts with peft's LoRA (B = 0: the model is unchanged)."""
+    inject_adapter_in_model(spec.peft_config(), model, adapter_name=ADAPTER)
+
+
+def has_expert_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, ParamWrapper) for m in model.modules())
+
+
+def is_lora_param(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def expert_low_rank(experts: nn.Module) -> tuple[nn.Module, dict[str, LowRank]]:
+    """The base `Experts` inside peft's wrappers and, per adapted projection, peft's factors
+    `(lhs [E, out, r], rhs [E, r, in], scaling)`: delta = scaling * lhs @ rhs."""
+    factors = {}
+    while isinstance(experts, ParamWrapper):
+        if not experts.merged and ADAPTER in experts.lora_A:
+            factors[experts.parameter_name] = experts.get_delta_factors(ADAPTER)
+        experts = experts.base_layer
+    return experts, factors
+
+
+def merge_expert_lora(model: nn.Module) -> None:
+    """Fold every adapter into its expert tensor (peft's merge) and unwrap: the model's names
+    and layout are the base's again, ready for `save_pretrained`."""
+    for module in list(model.modules()):
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, ParamWrapper):
+            wrapper = experts
+            while isinstance(wrapper, ParamWrapper):
+                wrapper.merge(adapter_names=[ADAPTER])
+                wrapper = wrapper.base_layer
+            module.experts = wrapper
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(model, attr):
+            delattr(model, attr)
