@@ -74,14 +74,14 @@ def broadcast_bucket(sizes: list[tuple[bool, int]], limit: int = 250 * 2**20) ->
     return max([largest] + [sum(b) for b in open_buckets.values() if len(b) > 1])
 
 
-def parameter_counts(cfg: Any, trainable: TrainableSet = "router") -> Counts:
+def parameter_counts(cfg: Any, trainable: TrainableSet = "router", lora_rank: int = 8) -> Counts:
     """Parameter counts of the model built on meta (frozen bf16, trained fp32); the `+lora`
-    sets with the default `module.lora` (rank 8 on gate/up/down)."""
+    sets with adapters of `lora_rank` on gate/up/down (`module.lora`'s default: 8)."""
     family: type[MoeDiffusionLM] = FAMILIES[cfg.model_type]
     with torch.device("meta"):
         model = family(cfg)
         if "lora" in trainable.split("+"):
-            add_expert_lora(model, ExpertLora())
+            add_expert_lora(model, ExpertLora(rank=lora_rank))
     named = [(n, p.numel(), in_trainable_set(n, trainable)) for n, p in model.named_parameters()]
     layers = [sum(p.numel() for p in block.parameters()) for block in model.model.layers]
     return Counts(

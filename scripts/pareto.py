@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from estimate_memory import parameter_counts  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from study_points import evaluate, kept, train_run  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -34,6 +38,7 @@ from dmoe_train.frontier import (  # noqa: E402
     fewest_experts,
     strictly_above,
 )
+from dmoe_train.models import LLaDA2MoeConfig  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 
 BASE = PROJECT_ROOT / "assets" / "tiny256-llada2"
@@ -118,6 +123,67 @@ WITH_EXPERTS = [
         )
     ),
 ]
+# between the router and all experts at one budget (top_p 0.6, union 0.1, 500 steps): the
+# trainable-set frontier (retained exact match against trainable parameters); router+experts at
+# this budget is WITH_EXPERTS' "p=0.6 union 0.1"
+LORA = "module.trainable=router+lora"
+SETS: dict[str, list[str]] = {  # the order they are computed in
+    "router": [],
+    "router+shared": ["module.trainable=router+shared"],
+    "router+lora r=2": [LORA, "module.lora.rank=2"],
+    "router+lora": [LORA],  # rank 8, the default: 4.0% of LLaDA2.0-mini's expert bytes in fp32
+    "router+lora r=1": [LORA, "module.lora.rank=1"],
+    "router+lora+shared": ["module.trainable=router+lora+shared"],
+    "router+experts": [EXPERTS],
+}
+TRAINABLE_SETS_AT_P06 = [
+    Spec("sets", f"p=0.6 {name}", train_overrides=["router.top_p=0.6", *o])
+    for name, o in SETS.items()
+    if name != "router+experts"
+]
+# skills held out: the train split holds add and sort only (data.train_skills), reverse and count
+# enter training in no form (not as ground truth, generations or KL inputs); evaluated on all four
+TWO_SKILLS = "data.train_skills=[add,sort]"
+HELD_OUT_SETS = ("router", "router+shared", "router+lora r=2", "router+experts")
+# dmoe-generate of the two skills' train prompts (not shipped: `make pareto` regenerates them)
+GENERATED = PROJECT_ROOT / "results" / "pareto" / "generated"
+HELD_OUT = [
+    *(
+        Spec(
+            "held-out",
+            f"p=0.6 {name} add+sort{tag}",
+            train_overrides=["router.top_p=0.6", TWO_SKILLS, *SETS[name], *extra],
+        )  # fmt: skip
+        for tag, extra in (("", []), (" distill", ["module.distill_weight=1.0"]))
+        for name in HELD_OUT_SETS
+    ),
+]
+HELD_OUT.insert(
+    len(HELD_OUT_SETS),  # before the distilled rows
+    Spec(
+        "held-out",
+        "p=0.6 router+lora r=2 add+sort generated",
+        train_overrides=[
+            "router.top_p=0.6",
+            *SETS["router+lora r=2"],
+            f"data.source={GENERATED}/rows",
+        ],
+    ),  # fmt: skip
+)
+
+
+def generated_data() -> None:
+    """The base's own decodes (token routing) of 4000 train prompts of the two training skills
+    (`dmoe-generate`), written once under `GENERATED`; the generated row trains on these."""
+    cmd = [
+        sys.executable, "-m", "dmoe_train.cli.generate", "model=tiny256", "data=skills",
+        TWO_SKILLS, "generation=tiny256", "max_rows=4000", f"out_dir={GENERATED}",
+        f"hydra.run.dir={GENERATED}",
+    ]  # fmt: skip
+    if not (GENERATED / "summary.json").is_file():
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
 # the ablation: one switch at a time against "p=0.5 union 0.1" (and "p=0.5 distill") above
 ABLATION = [
     Spec("ablation", f"p=0.5 {label}", train_overrides=["router.top_p=0.5", *switch])
@@ -139,6 +205,8 @@ def train_point(spec: Spec, runs: Path) -> tuple[Path, float]:
     def timed() -> dict:
         # a resumed run counts only its own last part: the cost of an uninterrupted one is what
         # the README reports, from a run that was not interrupted
+        if any(str(GENERATED) in o for o in spec.train_overrides):
+            generated_data()
         began = time.time()
         train_run(run_dir, ["experiment=tiny256_topp", *spec.train_overrides])
         return {"train_seconds": time.time() - began}
@@ -158,7 +226,8 @@ def measure_point(spec: Spec, out: Path) -> dict:
             return evaluate(point_dir, overrides)
         router, seconds = train_point(spec, out / "runs")
         metrics = evaluate(point_dir, [*overrides, f"router_checkpoint={router}"])
-        return metrics | {"train_seconds": seconds}
+        trained = sum(t.numel() for t in load_file(router).values())
+        return metrics | {"train_seconds": seconds, "trainable_params": trained}
 
     return kept(point_dir / "point.json", measure)
 
@@ -209,6 +278,7 @@ def analyse(specs: list[Spec], metrics: list[dict]) -> list[dict]:
                 "retained_hi": ci["retained"][i, 1],
                 "dominated": bool(beaten[i]),
                 "train_seconds": m.get("train_seconds"),
+                "trainable_params": m.get("trainable_params"),
                 "accuracy_by_skill": m.get("accuracy_by_skill", {}),
             }
         )
@@ -283,7 +353,166 @@ def markdown(rows: list[dict]) -> str:
             )
             cells.append("-" if found is None else f"{found[0]:.2f} ({rs[found[1]]['label']})")
         lines.append(f"| {method} | {cells[0]} | {cells[1]} |")
-    return "\n".join([*lines, "", *ablation(rows), "", "Goal:", "", *goal(rows)])
+    extra = [*ablation(rows), "", *trainable_sets(rows), "", *held_out(rows)]
+    return "\n".join([*lines, "", *extra, "", "Goal:", "", *goal(rows)])
+
+
+HELD_SKILLS = ("reverse", "count")  # what the held-out rows never trained on
+SKILL_ORDER = ("add", "sort", *HELD_SKILLS)
+
+
+def set_of(row: dict) -> tuple[str, int]:
+    """The trainable set and LoRA rank of a point (`p=0.6 router+lora r=2 ...`)."""
+    if row["method"] == "trained+experts":
+        return "router+experts", 8
+    words = row["label"].split()
+    name = next(w for w in words if w.startswith("router"))
+    return name, next((int(w[2:]) for w in words if w.startswith("r=")), 8)
+
+
+def set_name(row: dict) -> str:
+    return "router+experts" if row["method"] == "trained+experts" else row["label"][len("p=0.6 ") :]
+
+
+def mini_checkpoint_share(row: dict) -> float:
+    """The set's checkpoint (fp32) on LLaDA2.0-mini, as a share of its routed experts' bf16
+    bytes (from shapes: `estimate_memory.parameter_counts`)."""
+    name, rank = set_of(row)
+    cfg = LLaDA2MoeConfig()
+    routed = (cfg.num_hidden_layers - cfg.first_k_dense_replace) * 3 * cfg.num_experts
+    routed *= cfg.hidden_size * cfg.moe_intermediate_size
+    return parameter_counts(cfg, name, rank).trained * 4 / (routed * 2)
+
+
+def nearest_training_free(rows: list[dict], experts: float) -> dict:
+    """The training-free top-p point closest in experts per block: the coreset of that size."""
+    return min(
+        (r for r in rows if r["method"] == "topp"), key=lambda r: abs(r["experts"] - experts)
+    )
+
+
+def at_p06(rows: list[dict]) -> list[dict]:
+    """The trainable sets trained on all four skills at top_p 0.6 (500 steps)."""
+    return [
+        r
+        for r in rows
+        if r["method"] == "sets"
+        or (r["method"] == "trained+experts" and r["label"] == "p=0.6 union 0.1")
+    ]
+
+
+def held_out(rows: list[dict]) -> list[str]:
+    """Per-skill exact match of every held-out row beside token routing, the same sets trained
+    on all four skills and the training-free coreset of the same size; then the goal lines."""
+    token = next(r for r in rows if r["method"] == "token")
+    held = [r for r in rows if r["method"] == "held-out"]
+    if not held:
+        return []
+    free = {id(f): f for f in (nearest_training_free(rows, r["experts"]) for r in held)}
+    shown = [
+        (token, "all four (the base)"),
+        *((r, "all four") for r in at_p06(rows)),
+        *((f, "- (training-free)") for f in free.values()),
+        *(
+            (r, "add, sort: the base's generations" if "generated" in r["label"] else "add, sort")
+            for r in held
+        ),
+    ]
+    lines = [
+        "Skills held out (top_p 0.6, 500 steps; every row on the same 1000 test prompts of all "
+        "four skills; held-out rows saw no prompt, response or KL input of reverse and count):",
+        "",
+        "| row | trained on | experts/block | " + " | ".join(SKILL_ORDER) + " | all [95% CI] |",
+        "|---|---|---|" + "---|" * len(SKILL_ORDER) + "---|",
+    ]
+    for r, trained_on in shown:
+        skills = " | ".join(
+            f"{r['accuracy_by_skill'].get(k, float('nan')):.1%}" for k in SKILL_ORDER
+        )
+        lines.append(
+            f"| {r['method']} {r['label']} | {trained_on} | {r['experts']:.2f} | {skills} | "
+            f"{r['accuracy']:.3f} [{r['accuracy_lo']:.3f}, {r['accuracy_hi']:.3f}] |"
+        )
+    lines += ["", "Held-out goal (>= 95% of token routing's exact match on reverse and count, and "
+              "never below the training-free coreset of the same size):", ""]  # fmt: skip
+    for r in held:
+        f = nearest_training_free(rows, r["experts"])
+        ratio = min(r["accuracy_by_skill"][k] / token["accuracy_by_skill"][k] for k in HELD_SKILLS)
+        above = all(r["accuracy_by_skill"][k] >= f["accuracy_by_skill"][k] for k in HELD_SKILLS)
+        lines.append(
+            f"- {r['label']}: {ratio:.1%} of token routing on the worse held-out skill "
+            f"({'reached' if ratio >= 0.95 else 'not reached'}); "
+            f"{'never below' if above else 'below'} topp {f['label']} ({f['experts']:.1f} experts)"
+        )
+    return lines
+
+
+def trainable_sets(rows: list[dict]) -> list[str]:
+    """The trainable-set frontier at top_p 0.6 as a table, and the small-checkpoint goal."""
+    sets = sorted(at_p06(rows), key=lambda r: r["trainable_params"] or 0)
+    if not sets:
+        return []
+    token = next(r for r in rows if r["method"] == "token")
+    lines = [
+        "Trainable sets at top_p 0.6 (all four skills, 500 steps):",
+        "",
+        "| set | trainable (this base) | LLaDA2.0-mini checkpoint (fp32) of its routed experts' "
+        "bf16 bytes | experts/block | retained [95% CI] | train s |",
+        "|---|---|---|---|---|---|",
+    ]
+    hits = []
+    for r in sets:
+        share = mini_checkpoint_share(r)
+        params = f"{r['trainable_params'] / 1e6:.2f}M" if r["trainable_params"] else "-"
+        lines.append(
+            f"| {set_name(r)} | {params} | {share:.2%} | {r['experts']:.2f} | "
+            f"{r['retained']:.3f} [{r['retained_lo']:.3f}, {r['retained_hi']:.3f}] | "
+            f"{r['train_seconds']:.0f} |"
+        )
+        if share <= 0.05 and r["retained"] >= 0.99 and r["experts"] <= 0.15 * token["experts"]:
+            hits.append(r["label"])
+    lines += [
+        "",
+        "- a set whose LLaDA2.0-mini checkpoint is <= 5% of the routed experts' bytes keeps >= 99%"
+        f" at <= 15% of token routing's {token['experts']:.1f} experts: "
+        + (", ".join(hits) if hits else "not reached"),
+    ]
+    return lines
+
+
+def plot_sets(rows: list[dict], path: Path) -> None:
+    """Retained exact match against trainable parameters (log scale) at top_p 0.6."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for group, marker in (
+        (at_p06(rows), "o"),
+        ([r for r in rows if r["method"] == "held-out"], "s"),
+    ):
+        group = [r for r in group if r["trainable_params"]]
+        if not group:
+            continue
+        ax.errorbar(
+            [r["trainable_params"] for r in group],
+            [r["retained"] for r in group],
+            yerr=[
+                [r["retained"] - r["retained_lo"] for r in group],
+                [r["retained_hi"] - r["retained"] for r in group],
+            ],
+            fmt=marker,
+            capsize=2,
+            label="all four skills" if marker == "o" else "add + sort only (held out)",
+        )
+        for r in group:
+            ax.annotate(" ".join(r["label"].split()[1:]), (r["trainable_params"], r["retained"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xscale("log")
+    ax.axhline(0.99, ls="--", c="grey", lw=0.8, label="99% of token routing")
+    ax.set_xlabel("trainable parameters (this base; log scale)")
+    ax.set_ylabel("exact match retained (95% CI)")
+    ax.set_title("256 experts, top_p 0.6: what must train")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def ablation(rows: list[dict]) -> list[str]:
@@ -312,7 +541,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     token = by_method(rows)["token"][0]
     for method, rs in by_method(rows).items():
-        if method == "ablation":  # its own table; the figure shows frontiers
+        if method in ("ablation", "held-out"):  # own tables; the figure shows frontiers
             continue
         x = [r["experts"] for r in rs]
         y = [r["accuracy"] for r in rs]
@@ -364,7 +593,9 @@ def main() -> None:
         )
     free = training_free()  # token routing first: the reference of every other point
     # the goal's points before the ablation's: a run cut short still answers the goal first
-    specs = free[:1] + ([] if args.no_trained else TRAINED + WITH_EXPERTS + ABLATION) + free[1:]
+    sets = TRAINABLE_SETS_AT_P06
+    trained = TRAINED + WITH_EXPERTS + sets[:4] + HELD_OUT + sets[4:] + ABLATION
+    specs = free[:1] + ([] if args.no_trained else trained) + free[1:]
     store = args.out / "pareto"
     claim_store(store, BASE)
     if args.report_only:  # the points finished so far, nothing computed
@@ -380,6 +611,7 @@ def main() -> None:
     table = markdown(rows)
     (args.out / "pareto.md").write_text(f"# Pareto frontiers on the 256-expert base\n\n{table}\n")
     plot(rows, args.out / "pareto.png")
+    plot_sets(rows, args.out / "pareto_sets.png")
     print(table)
 
 

@@ -27,11 +27,12 @@ def kept(stored: Path, compute: Callable[[], dict]) -> dict:
 
 
 def train_run(run_dir: Path, overrides: list[str]) -> Path:
-    """`dmoe-train` with `overrides` in `run_dir` (resuming its last checkpoint, if any); the
-    trained router's checkpoint."""
-    cmd = [sys.executable, "-m", "dmoe_train.cli.train", *overrides]
-    cmd += [f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    """`dmoe-train` with `overrides` in `run_dir` (resuming its last checkpoint, if any; a
+    finished run is not relaunched); the trained router's checkpoint."""
+    if not (run_dir / "summary.json").is_file():
+        cmd = [sys.executable, "-m", "dmoe_train.cli.train", *overrides]
+        cmd += [f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return run_dir / "checkpoints" / "router.safetensors"
 
 
