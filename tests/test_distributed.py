@@ -85,6 +85,27 @@ def test_two_ranks_match_one_process_and_resume(tmp_path, one_process, strategy)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "trainable"), [("ddp_cpu", "router+lora+shared"), ("fsdp", "router+shared")]
+)
+def test_adapter_sets_match_one_process_and_resume(tmp_path, strategy, trainable):
+    chosen = [f"module.trainable={trainable}", "module.lora.rank=2"]
+    alone = _run(tmp_path / "one", "data.batch_size=32", *chosen)
+    assert _run(tmp_path / "full", *TWO_RANKS[strategy], *chosen)["world_size"] == 2
+    one, two = router_of(tmp_path / "one"), router_of(tmp_path / "full")
+    assert one.keys() == two.keys() and alone["steps"] == 6
+    assert any(".shared_experts." in n for n in one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=ATOL)
+    stop = ["+callbacks.stop._target_=helpers.InterruptAtStep", "+callbacks.stop.step=3"]
+    assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *chosen, *stop) == {}
+    assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *chosen, *stop)["steps"] == 6
+    resumed = router_of(tmp_path / "resumed")
+    for name in two:
+        assert torch.equal(resumed[name], two[name]), name
+
+
+@pytest.mark.slow
 def test_multirun_sweep_with_ddp_keeps_one_directory_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     sweep_args = ["-m", "router.top_p=0.5,0.9", "trainer=ddp_cpu", *steps(2), *FAST]
