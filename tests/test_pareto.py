@@ -125,3 +125,38 @@ def test_ablation_rows_are_tabled_not_judged_against_the_goal():
         "- trained+experts: >= 99% retained at <= 20% of token routing's 60.0 experts: not reached"
         in verdicts
     )
+
+
+def test_trainable_sets_and_held_out_skills_are_tabled_and_judged(tmp_path):
+    def skills(add, sort, rev, count):
+        return {"accuracy_by_skill": {"add": add, "sort": sort, "reverse": rev, "count": count}}
+
+    specs = [
+        pareto.Spec("token", "token"),
+        pareto.Spec("topp", "p=0.5"),
+        pareto.Spec("sets", "p=0.6 router+lora r=2"),
+        pareto.Spec("held-out", "p=0.6 router+lora r=2 add+sort"),
+    ]
+    trained = {"train_seconds": 300.0, "trainable_params": 880_000}
+    metrics = [
+        fake_metrics(60.0, 80) | skills(0.8, 0.8, 0.8, 0.8),
+        fake_metrics(10.0, 20) | skills(0.1, 0.3, 0.3, 0.1),
+        fake_metrics(8.0, 80) | skills(0.8, 0.8, 0.8, 0.8) | trained,
+        fake_metrics(12.0, 40) | skills(0.8, 0.8, 0.78, 0.05) | trained,
+    ]
+    rows = pareto.analyse(specs, metrics)
+    report = pareto.markdown(rows)
+    sets = report[report.index("Trainable sets") : report.index("Skills held out")]
+    # rank 2 on LLaDA2.0-mini: the router's 0.13% and a quarter of rank 8's adapters (3.91%)
+    assert "| router+lora r=2 | 0.88M | 1.11% | 8.00 | 1.000" in sets
+    assert "keeps >= 99% at <= 15% of token routing's 60.0 experts: p=0.6 router+lora r=2" in sets
+    held = report[report.index("Skills held out") : report.index("Goal:")]
+    assert (
+        "| held-out p=0.6 router+lora r=2 add+sort | add, sort | 12.00 | 80.0% | 80.0% | " in held
+    )
+    assert "| topp p=0.5 | - (training-free) | 10.00 |" in held
+    assert (
+        "6.2% of token routing on the worse held-out skill (not reached); below topp p=0.5" in held
+    )
+    pareto.plot_sets(rows, tmp_path / "sets.png")
+    assert (tmp_path / "sets.png").stat().st_size > 10_000
