@@ -7,6 +7,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skipped, saying so, on a machine without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run with pytest -m gpu where a GPU is lent)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 TINY = dict(
     vocab_size=48,
     hidden_size=32,

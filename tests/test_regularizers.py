@@ -32,24 +32,38 @@ def test_regularizer_is_differentiable_and_shared_routing_is_smaller(kind):
     spread[0, torch.arange(8), torch.arange(8) * 2 + 1] = torch.linspace(0.6, 0.95, 8)
     sizes = []
     for scores in (shared, spread):
-        scores = scores.clone().requires_grad_()
-        size = reg.size([Routing(scores.new_zeros(1, 8, 2).long(), scores, scores)], 8, 2)
+        logits = torch.logit(scores).requires_grad_()
+        routing = Routing(scores.new_zeros(1, 8, 2).long(), scores, scores, logits=logits)
+        size = reg.size([routing], 8, 2)
         size.backward()
-        assert scores.grad.abs().sum() > 0
+        assert logits.grad.abs().sum() > 0
         sizes.append(size.item())
     assert sizes[0] < sizes[1]
 
 
 def test_confident_tokens_keep_a_finite_gradient():
-    scores = torch.full((1, 8, 16), 1e-4)
-    scores[..., 3] = 1.0 - 1e-7  # saturated sigmoid: p_te rounds to 1 in fp32
-    scores.requires_grad_()
-    CoresetRegularizer("union").size([Routing(None, None, scores)], 8, 4).backward()
-    assert torch.isfinite(scores.grad).all()
+    logits = torch.full((1, 8, 16), -9.0)
+    logits[..., 3] = 30.0  # saturated: p_te rounds to 1 in fp32
+    logits.requires_grad_()
+    CoresetRegularizer("union").size([Routing(None, None, None, logits=logits)], 8, 4).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("score_function", ["sigmoid", "softmax"])
+def test_the_soft_distribution_is_the_softmax_of_the_routers_own_logits(score_function):
+    """LLaDA-MoE's router scores by softmax: logit(softmax(z)) is not z, so the distribution is
+    taken from the logits, never recovered from the scores (it was, before)."""
+    logits = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(0)) * 3
+    scores = logits.sigmoid() if score_function == "sigmoid" else logits.softmax(-1)
+    routing = Routing(None, None, scores, logits=logits)
+    by_hand = expected_union(4 * torch.log1p(-logits.softmax(-1))).mean()
+    size = CoresetRegularizer("union").size([routing], 8, 4)
+    assert float(size) == pytest.approx(float(by_hand), rel=1e-5)
 
 
 def test_none_regularizer_is_zero_and_bad_kind_rejected():
-    scores = torch.rand(1, 4, 8)
-    assert float(CoresetRegularizer("none", 0.0).size([Routing(None, None, scores)], 4, 2)) == 0
+    logits = torch.rand(1, 4, 8)
+    none = CoresetRegularizer("none", 0.0).size([Routing(None, None, None, logits=logits)], 4, 2)
+    assert float(none) == 0
     with pytest.raises(ValueError, match="regularizer.kind"):
         CoresetRegularizer("bogus")

@@ -6,7 +6,8 @@ optimizer state, never the frozen base."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -137,7 +138,7 @@ class RouterFineTuner(L.LightningModule):
         model.train()  # loaded models come in eval mode; ours has no dropout, but be explicit
         # the frozen base is reloaded from its directory on resume, not from our checkpoints
         self.strict_loading = False
-        self.eval_label = "val"  # the metric prefix of validation runs (see `train.measure`)
+        self.eval_label = "val"  # the metric prefix of validation runs (`labelled`)
         for name, p in self.model.named_parameters():
             p.requires_grad_(self.is_trainable(name))
             if self.is_master_fp32(name):
@@ -180,6 +181,16 @@ class RouterFineTuner(L.LightningModule):
     def parameter_counts(self) -> tuple[int, int]:
         params = list(self.model.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    @contextmanager
+    def labelled(self, label: str) -> Iterator[None]:
+        """Validation metrics inside the block are logged as `label/...` (`dmoe-train` measures
+        token routing, the starting and the adapted router apart), `val/...` again after it."""
+        self.eval_label = label
+        try:
+            yield
+        finally:
+            self.eval_label = "val"
 
     def on_fit_start(self) -> None:
         trainable, total = self.parameter_counts()
@@ -270,13 +281,11 @@ class RouterFineTuner(L.LightningModule):
             return logits.new_zeros(())
         device = logits.device  # the copy stays where it was taken; Lightning moves the model
         self.teacher_weights = {n: t.to(device) for n, t in self.teacher_weights.items()}
-        policy = self.model.config.routing
-        self.model.set_routing(RoutingPolicy("token", block_size=policy.block_size))
-        with torch.no_grad():
+        token = RoutingPolicy("token", block_size=self.block_size)
+        with torch.no_grad(), self.model.routing_as(token):
             teacher = noised(
                 lambda *a, **kw: functional_call(self.model, self.teacher_weights, a, kw)
             )
-        self.model.set_routing(policy)
         return masked_kl(teacher.logits, logits, masked, count)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -21,10 +21,11 @@ RegularizerKind = Literal["none", "union", "entropy"]
 EPS = 1e-6
 
 
-def log_miss(scores: Tensor, top_k: int) -> Tensor:
-    """log(1 - p_te) `[..., E]` from sigmoid scores (via their logits). Kept in log space: p_te
-    itself rounds to 1 in fp32 for confident tokens, and log(1 - 1) has no gradient."""
-    pi = torch.logit(scores.float(), eps=EPS).softmax(-1).clamp(max=1.0 - EPS)
+def log_miss(logits: Tensor, top_k: int) -> Tensor:
+    """log(1 - p_te) `[..., E]` from the router's own logits, whatever its score function (a
+    sigmoid router's scores could give them back, a softmax router's cannot). Kept in log space:
+    p_te itself rounds to 1 in fp32 for confident tokens, and log(1 - 1) has no gradient."""
+    pi = logits.float().softmax(-1).clamp(max=1.0 - EPS)
     return top_k * torch.log1p(-pi)
 
 
@@ -55,10 +56,10 @@ class CoresetRegularizer:
     def size(self, routing: list[Routing], block_size: int, top_k: int) -> Tensor:
         """The soft coreset size, in experts (0 for `none`)."""
         if self.kind == "none":
-            return routing[0].scores.new_zeros(())
+            return routing[0].logits.new_zeros(())
         sizes = []
         for r in routing:
-            blocks = to_blocks(log_miss(r.scores, top_k), block_size, 0.0)  # padding: p = 0
+            blocks = to_blocks(log_miss(r.logits, top_k), block_size, 0.0)  # padding: p = 0
             size = (
                 expected_union(blocks) if self.kind == "union" else perplexity(-torch.expm1(blocks))
             )

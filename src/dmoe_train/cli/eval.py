@@ -57,8 +57,8 @@ def run_eval(cfg: DictConfig) -> dict:
     model, data, settings = prepare_eval(cfg, routed=False)
     token = None
     if cfg.reference_token:
-        model.set_routing(RoutingPolicy("token", block_size=settings.block_length))
-        token = evaluate_generation(model, data, settings, cfg.split)
+        with model.routing_as(RoutingPolicy("token", block_size=settings.block_length)):
+            token = evaluate_generation(model, data, settings, cfg.split)
     route(model, cfg, settings)
     metrics = evaluate_generation(model, data, settings, cfg.split)
     metrics["router_checkpoint"] = cfg.router_checkpoint

@@ -57,13 +57,8 @@ def measure(
 ) -> dict[str, float]:
     """Validation loss and unique experts per block under `policy` (validation's own noise),
     through Lightning, so every strategy shards and reduces it; logged as `label/...`."""
-    model = module.model
-    previous = model.config.routing
-    model.set_routing(policy)
-    module.eval_label = label
-    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
-    model.set_routing(previous)
-    module.eval_label = "val"
+    with module.model.routing_as(policy), module.labelled(label):
+        metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
     return {
         k: metrics[f"{label}/{m}"]
         for k, m in (("val_loss", "lm_loss"), ("unique_experts", "unique_experts"))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from functools import cache
 from pathlib import Path
@@ -324,6 +325,17 @@ class MoeDiffusionLM(nn.Module):
         """Switch every MoE layer to `policy` (they share this config)."""
         policy.check_against(self.config.num_experts, self.config.num_experts_per_tok)
         self.config.routing = policy
+
+    @contextmanager
+    def routing_as(self, policy: RoutingPolicy) -> Iterator[None]:
+        """Route by `policy` inside the block; the previous policy comes back on leaving it,
+        on an error too."""
+        previous = self.config.routing
+        self.set_routing(policy)
+        try:
+            yield
+        finally:
+            self.config.routing = previous
 
     def forward(
         self,
