@@ -130,6 +130,8 @@ def main() -> None:
     rows = {**ROWS, "topp trained router": [f"router_checkpoint={router}"]}
     if RETROFIT.is_file():  # `make retrofit`
         rows["expert_choice retrofit (trained)"] = [f"router_checkpoint={RETROFIT}"]
+    else:
+        print(f"no expert-choice retrofit row: {RETROFIT} is missing (`make retrofit`, 27 min)")
     results = run_rows(rows, args.out, args.overrides)
     shown = router.resolve()
     shown = shown.relative_to(PROJECT_ROOT) if shown.is_relative_to(PROJECT_ROOT) else shown

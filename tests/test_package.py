@@ -27,6 +27,7 @@ def test_wheel_trains_evaluates_and_exports_elsewhere(tmp_path):
     (wheel,) = dist.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"dmoe_train/configs/train.yaml", "dmoe_train/configs/router/dmoe.yaml"} <= names
+    assert "dmoe_train/assets/tiny-llada2/model.safetensors" in names  # the embedded default
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -57,11 +58,9 @@ def test_wheel_trains_evaluates_and_exports_elsewhere(tmp_path):
     where = run(str(venv / "bin" / "python"), "-c", "import dmoe_train; print(dmoe_train.__file__)")
     assert where.stdout.startswith(str(venv)), where.stdout
 
-    base = str(REPO / "assets" / "tiny-llada2")
     out = elsewhere / "outputs" / "short"
-    trained = run(
+    trained = run(  # the embedded default from the wheel: no model path given
         str(venv / "bin" / "dmoe-train"),
-        f"model.path={base}",
         f"hydra.run.dir={out}",
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
@@ -80,7 +79,6 @@ def test_wheel_trains_evaluates_and_exports_elsewhere(tmp_path):
 
     evaluated = run(
         str(venv / "bin" / "dmoe-eval"),
-        f"model.path={base}",
         f"router_checkpoint={router}",
         f"hydra.run.dir={elsewhere / 'eval'}",
         "generation.max_samples=8",

@@ -1,5 +1,5 @@
 """What the entry points (and scripts composing their configs) share: where the configs are,
-the `${project_root:}` and `${run_id:}` resolvers, clean exits on bad input and the silencing
+the `${project_root:}`, `${assets:}` and `${run_id:}` resolvers, clean exits on bad input and the silencing
 of known noise."""
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from dmoe_train.run_dirs import run_id
 
 # shipped inside the package, so an installed wheel finds them too
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the shipped bases
 _CHECKOUT = Path(__file__).resolve().parents[3]
 # the repository (its assets/, outputs/) when running from a checkout, else the working directory
 PROJECT_ROOT = _CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path.cwd()
 
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+OmegaConf.register_new_resolver("assets", lambda: str(ASSETS), replace=True)
 
 log = logging.getLogger("dmoe_train")
 EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, InstantiationException)
