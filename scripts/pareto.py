@@ -204,7 +204,7 @@ def train_point(spec: Spec, runs: Path) -> tuple[Path, float]:
 
     def timed() -> dict:
         # a resumed run counts only its own last part: the cost of an uninterrupted one is what
-        # the README reports, from a run that was not interrupted
+        # docs/studies.md reports, from a run that was not interrupted
         if any(str(GENERATED) in o for o in spec.train_overrides):
             generated_data()
         began = time.time()

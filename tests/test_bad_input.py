@@ -1,6 +1,6 @@
 """The bad-input specification: every bad setting, file or fault fails early with one line
 naming its key, path or row, exits non-zero and loses nothing, or does what it says it does.
-The README's reliability table lists what these tests guarantee."""
+docs/reliability.md lists what these tests guarantee, in one table."""
 
 import errno
 import json
