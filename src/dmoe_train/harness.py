@@ -33,10 +33,10 @@ from lm_eval.api.registry import register_model
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from dmoe_train.cli.common import CONFIG_DIR
 from dmoe_train.data.tokenizer import load_tokenizer
 from dmoe_train.decoding_eval import GenerationSettings, decode
 from dmoe_train.diffusion import denoise
+from dmoe_train.locations import CONFIG_DIR
 from dmoe_train.models import load_model
 from dmoe_train.models.placement import parse_max_memory, place_model
 from dmoe_train.router_io import load_router

@@ -1,6 +1,6 @@
-"""What the entry points (and scripts composing their configs) share: where the configs are,
-the `${project_root:}`, `${assets:}` and `${run_id:}` resolvers, clean exits on bad input and the silencing
-of known noise."""
+"""What the entry points (and scripts composing their configs) share: the `${project_root:}`,
+`${assets:}` and `${run_id:}` resolvers of the configs (`dmoe_train.locations` says where those
+are), clean exits on bad input and the silencing of known noise."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -17,14 +16,10 @@ from lightning.pytorch.utilities import rank_zero  # noqa: F401 (sets Lightning'
 from lightning_utilities.core import rank_zero as rank_zero_core
 from omegaconf import DictConfig, OmegaConf
 
+from dmoe_train.locations import ASSETS, CONFIG_DIR, PROJECT_ROOT
 from dmoe_train.run_dirs import run_id
 
-# shipped inside the package, so an installed wheel finds them too
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the shipped bases
-_CHECKOUT = Path(__file__).resolve().parents[3]
-# the repository (its assets/, outputs/) when running from a checkout, else the working directory
-PROJECT_ROOT = _CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path.cwd()
+__all__ = ["ASSETS", "CONFIG_DIR", "PROJECT_ROOT", "exit_on_error", "exit_on_error_cli"]
 
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 OmegaConf.register_new_resolver("run_id", run_id, replace=True)
