@@ -436,12 +436,6 @@ def test_settings_are_refused_before_the_model_loads(tmp_path, override, message
         train(compose_train(tmp_path, override))
 
 
-def test_adapters_under_fsdp_are_refused_before_the_model_loads(tmp_path, no_model_load):
-    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"]
-    with pytest.raises(ValueError, match=r"module.trainable=router\+lora with trainer.strategy="):
-        train(compose_train(tmp_path, *fsdp, "module.trainable=router+lora"))
-
-
 def test_truncated_router_file_names_its_path(tmp_path):
     router = _perturbed_router(TINY_BASE, tmp_path / "ckpt")
     router.write_bytes(router.read_bytes()[:100])

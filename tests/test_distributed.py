@@ -86,7 +86,8 @@ def test_two_ranks_match_one_process_and_resume(tmp_path, one_process, strategy)
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("strategy", "trainable"), [("ddp_cpu", "router+lora+shared"), ("fsdp", "router+shared")]
+    ("strategy", "trainable"),
+    [("ddp_cpu", "router+lora+shared"), ("fsdp", "router+lora+shared"), ("fsdp", "router+shared")],
 )
 def test_adapter_sets_match_one_process_and_resume(tmp_path, strategy, trainable):
     chosen = [f"module.trainable={trainable}", "module.lora.rank=2"]
@@ -95,6 +96,7 @@ def test_adapter_sets_match_one_process_and_resume(tmp_path, strategy, trainable
     one, two = router_of(tmp_path / "one"), router_of(tmp_path / "full")
     assert one.keys() == two.keys() and alone["steps"] == 6
     assert any(".shared_experts." in n for n in one)
+    assert ("lora" in trainable) == any(".lora_B." in n for n in one)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=ATOL)
     stop = ["+callbacks.stop._target_=helpers.InterruptAtStep", "+callbacks.stop.step=3"]

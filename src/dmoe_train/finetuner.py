@@ -22,8 +22,14 @@ from torch.optim.lr_scheduler import LRScheduler
 from dmoe_train.diffusion import AttentionMode, denoise, masked_diffusion_loss, row_uniforms
 from dmoe_train.metrics import unique_experts_per_block
 from dmoe_train.models import TRAINABLE_SETS, TrainableSet, in_trainable_set, is_router_param
-from dmoe_train.models.lora import ExpertLora, add_expert_lora
-from dmoe_train.models.sharding import full_tensor, gathered, load_shards, shard_model
+from dmoe_train.models.lora import ExpertLora, add_expert_lora, init_expert_lora, is_lora_param
+from dmoe_train.models.sharding import (
+    assign_shard,
+    full_tensor,
+    gathered,
+    load_shards,
+    shard_model,
+)
 from dmoe_train.regularizers import CoresetRegularizer
 from dmoe_train.router_io import base_fingerprint
 from dmoe_train.routing import Routing, RoutingPolicy
@@ -110,6 +116,8 @@ class RouterFineTuner(L.LightningModule):
         self.lora = ExpertLora(**(lora or {})) if "lora" in trainable.split("+") else None
         if self.lora is not None:
             add_expert_lora(model, self.lora)
+            if not any(p.is_meta for p in model.parameters()):  # else once sharded
+                init_expert_lora(model, seed)
         if distill_weight < 0:
             raise ValueError(f"module.distill_weight={distill_weight}: must be >= 0")
         if not 0.0 < curriculum_fraction <= 1.0:
@@ -211,10 +219,17 @@ class RouterFineTuner(L.LightningModule):
         it over the device mesh (FSDP2), then each rank loads its shards of the base weights."""
         if self.device_mesh is None or self.sharded:
             return
-        # a full fine-tune is fp32 throughout: its layers need no units of their own
-        own_unit = is_router_param if self.trainable == "all" else self.is_master_fp32
+        # a full fine-tune is fp32 throughout: its layers need no units of their own. Adapters
+        # stay in their decoder layer's unit: the MoE block reads their factors directly, which
+        # FSDP2 gathers only inside the forward of the unit that holds them
+        if self.trainable == "all":
+            own_unit = is_router_param
+        else:
+            own_unit = lambda n: self.is_master_fp32(n) and not is_lora_param(n)  # noqa: E731
         shard_model(self.model, self.device_mesh, own_unit)
         load_shards(self.model, self.model.name_or_path, self.trainer.strategy.root_device)
+        if self.lora is not None:
+            init_expert_lora(self.model, self.seed, assign_shard)
         self.sharded = True
         self.start_fingerprint = base_fingerprint(self.model)
         self.keep_teacher_weights()

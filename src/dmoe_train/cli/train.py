@@ -180,11 +180,6 @@ def build(cfg: DictConfig) -> Run:
         )
     if trainer.is_global_zero:
         write_json(output_dir / "checkpoints" / RUN_INFO, run_info(record))
-    if "lora" in cfg.module.trainable and isinstance(trainer.strategy, ModelParallelStrategy):
-        raise ValueError(
-            f"module.trainable={cfg.module.trainable} with trainer.strategy="
-            "ModelParallelStrategy: peft's adapters are not sharded yet; use trainer=ddp"
-        )
     if cfg.init_router and isinstance(trainer.strategy, ModelParallelStrategy):
         raise ValueError(
             f"init_router={cfg.init_router} with trainer.strategy=ModelParallelStrategy: the "

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from dmoe_train.models.lora import base_name, is_lora_param
 from dmoe_train.routing import ENGINE_KEYS, engine_config
 
 SPLIT_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -56,8 +57,14 @@ def iter_tensors(path: Path, device: str) -> Iterator[tuple[str, Tensor]]:
 
 
 def _expected_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """The checkpoint's names and shapes: the model's, without a tied head, expert adapters or
+    the `base_layer` of peft's wrappers (a sharded load of a model that carries adapters)."""
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    return {k: v.shape for k, v in model.state_dict().items() if k not in tied}
+    return {
+        base_name(k): v.shape
+        for k, v in model.state_dict().items()
+        if k not in tied and not is_lora_param(k)
+    }
 
 
 def read_state_dict(

@@ -10,12 +10,16 @@ bf16, kept for backward in every layer); `SparseMoe` instead reads the factors
 
 from __future__ import annotations
 
+import hashlib
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
+import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora.layer import ParamWrapper
-from torch import nn
+from torch import Tensor, nn
 
 from dmoe_train.grouped_experts import LowRank
 
@@ -56,6 +60,35 @@ class ExpertLora:
 def add_expert_lora(model: nn.Module, spec: ExpertLora) -> None:
     """Wrap every MoE layer's routed experts with peft's LoRA (B = 0: the model is unchanged)."""
     inject_adapter_in_model(spec.peft_config(), model, adapter_name=ADAPTER)
+
+
+def _copy(param: Tensor, whole: Tensor) -> None:
+    param.copy_(whole)
+
+
+@torch.no_grad()
+def init_expert_lora(
+    model: nn.Module, seed: int, assign: Callable[[Tensor, Tensor], None] = _copy
+) -> None:
+    """peft's start (A as `nn.Linear`'s kaiming-uniform init, B = 0) drawn from a generator
+    keyed by `seed` and the parameter's name, so that a run starts from the same adapters in one
+    process or several, sharded or not (`assign` writes a whole tensor into a parameter, e.g.
+    this rank's shard of it)."""
+    for name, param in model.named_parameters():
+        if not is_lora_param(name):
+            continue
+        whole = torch.zeros(param.shape)
+        if ".lora_A." in name:
+            key = int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "big")
+            gen = torch.Generator().manual_seed(key % 2**63)
+            bound = 1 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)) over fan-in
+            whole = (torch.rand(param.shape, generator=gen) * 2 - 1) * bound
+        assign(param, whole.to(param.dtype))
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the base checkpoint: peft's wrappers nest it under `base_layer`."""
+    return name.replace(".base_layer", "")
 
 
 def has_expert_lora(model: nn.Module) -> bool:

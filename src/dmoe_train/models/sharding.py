@@ -1,8 +1,8 @@
 """FSDP2 for router fine-tuning: shard a frozen base over a device mesh and load it shard by shard.
 
 Units: each module of fp32 master weights on its own (the router, and the experts when they
-train, while the frozen base is bf16; an FSDP2 unit gathers one dtype), each decoder layer, then
-the rest (embeddings, final norm, head). The
+train, while the frozen base is bf16), each decoder layer, then the rest (embeddings, final norm,
+head). The
 model arrives on the meta device; each rank reads one whole tensor at a time and keeps its shard,
 so no process ever holds the whole model.
 """
@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dmoe_train.models.checkpoint import read_state_dict
 from dmoe_train.models.common import is_router_param
+from dmoe_train.models.lora import base_name
 
 
 def owning_modules(model: nn.Module, own_unit: Callable[[str], bool]) -> list[nn.Module]:
@@ -43,17 +44,21 @@ def load_shards(model: nn.Module, path: str | Path, device: torch.device) -> Non
     """Materialise a sharded meta model on `device` and copy in this rank's piece of each tensor
     of the checkpoint at `path`, one whole tensor at a time (names and shapes are checked)."""
     model.to_empty(device=device)
-    params = dict(model.named_parameters())
+    params = {base_name(n): p for n, p in model.named_parameters()}
 
     def place(name: str, whole: torch.Tensor) -> torch.Tensor:
-        param = params[name]
-        piece = distribute_tensor(  # src_data_rank=None: slice locally, no communication
-            whole.to(device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
-        )
-        param.to_local().copy_(piece.to_local())
-        return param
+        assign_shard(params[name], whole)
+        return params[name]
 
     read_state_dict(model, Path(path), None, "cpu", place)
+
+
+def assign_shard(param: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy this rank's piece of `whole` into the sharded `param`."""
+    piece = distribute_tensor(  # src_data_rank=None: slice locally, no communication
+        whole.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+    )
+    param.to_local().copy_(piece.to_local())
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
