@@ -102,6 +102,7 @@ def test_lm_eval_token_routing_trained_router_and_two_processes(tmp_path):
     router = tmp_path / "run" / "checkpoints" / "router.safetensors"
     trained = _lm_eval(tmp_path / "trained", f"{base},router={router}")
     assert trained["routing"].startswith("topp [dmoe-train")
+    assert trained["router"] == str(router) and token["router"] == "the base's own"
     assert trained["unique_experts_per_block"] < token["unique_experts_per_block"]
 
     accelerate = str(Path(sys.executable).with_name("accelerate"))
@@ -116,5 +117,6 @@ def test_lm_eval_token_routing_trained_router_and_two_processes(tmp_path):
     assert two.pop("processes") == 2 and token.pop("processes") == 1
     assert two.pop("decoding") == token.pop("decoding")
     assert two.pop("routing") == token.pop("routing") == "token"
+    assert two.pop("router") == token.pop("router")
     # the same metrics and routing statistics as one process (sums in another order)
     assert two == pytest.approx(token, rel=1e-6)

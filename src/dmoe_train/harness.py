@@ -114,6 +114,7 @@ class DiffusionLM(LM):
         elif policy is not None:
             self.model.set_routing(policy)
         self.policy: RoutingPolicy = self.model.config.routing
+        self.router = router  # the report says whose router routes: the base's, or this one
         if self.policy.uses_blocks and self.policy.block_size != self.settings.block_length:
             raise ValueError(
                 f"router block_size={self.policy.block_size} != block_length="
@@ -238,6 +239,9 @@ class DiffusionLM(LM):
         expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * param.element_size()
         return {
             "routing": self.policy.describe(),
+            # no retained share here: lm-eval scores the tasks; the base's reference is a second
+            # run with routing=token and no router
+            "router": self.router or "the base's own",
             "processes": self.world_size,
             "unique_experts_per_block": unique,
             "num_experts": cfg.num_experts,
@@ -252,8 +256,9 @@ def _pick(values: dict, keys: set[str]) -> dict:
 
 def format_report(report: dict) -> str:
     return (
-        "| routing | unique experts/block | of | expert MB/block |\n|---|---|---|---|\n"
-        f"| {report['routing']} | {report['unique_experts_per_block']:.2f} | "
+        "| routing | router | unique experts/block | of | expert MB/block |\n"
+        "|---|---|---|---|---|\n"
+        f"| {report['routing']} | {report['router']} | {report['unique_experts_per_block']:.2f} | "
         f"{report['num_experts']} | {report['expert_bytes_per_block'] / 2**20:.2f} |"
     )
 
