@@ -40,7 +40,8 @@ def run_generate(cfg: DictConfig) -> dict | None:
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         rank, world = accelerator.process_index, accelerator.num_processes
-        model = instantiate(cfg.model, device=str(accelerator.device))
+        device = accelerator.device
+        model = instantiate(cfg.model, device="cpu" if device.type == "cpu" else str(device))
     else:
         model = instantiate(cfg.model)
     model.eval().set_routing(RoutingPolicy("token", block_size=settings.block_length))
