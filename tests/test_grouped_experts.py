@@ -88,3 +88,25 @@ def test_fp32_experts_under_a_bf16_stream():
     # the gradient reaching them passed through bf16: its rounding, relative to its scale
     g_scale = ref_grads[2].abs().max().item()
     torch.testing.assert_close(grads[2], ref_grads[2], rtol=1e-2, atol=1e-2 * g_scale)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4, 8])
+def test_narrow_low_rank_paths_train_where_grouped_mm_runs(rank):
+    """A rank-r adapter's rows are 4r bytes wide in fp32: grouped_mm's backward wants 16-byte
+    strides, so narrow ones take the loop; forward and backward equal the loop's either way."""
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(24, 32, generator=gen, requires_grad=True)
+    rhs = torch.randn(4, rank, 32, generator=gen, requires_grad=True)
+    counts = torch.tensor([6, 0, 10, 8])
+    was = torch.are_deterministic_algorithms_enabled()
+    results = []
+    try:
+        for deterministic in (False, True):  # grouped_mm where aligned, then the loop
+            torch.use_deterministic_algorithms(deterministic)
+            out = grouped_experts.grouped_linear(x, rhs, counts)
+            (grad_x, grad_w) = torch.autograd.grad(out.square().sum(), (x, rhs))
+            results.append((out, grad_x, grad_w))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for fast, loop in zip(*results, strict=True):
+        torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-5)

@@ -31,7 +31,8 @@ def grouped_mm_runs(
 def _use_grouped_mm(x: Tensor, weight: Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or torch.are_deterministic_algorithms_enabled():
         return False
-    if x.dtype != weight.dtype or (x.shape[1] * x.element_size()) % 16:  # 16-byte aligned rows
+    # 16-byte aligned rows in and out (its backward needs both: a rank-2 adapter's are not)
+    if x.dtype != weight.dtype or any((n * x.element_size()) % 16 for n in weight.shape[1:]):
         return False
     cuda = x.device.type == "cuda"
     capability = torch.cuda.get_device_capability(x.device) if cuda else None
