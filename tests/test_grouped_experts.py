@@ -110,3 +110,26 @@ def test_narrow_low_rank_paths_train_where_grouped_mm_runs(rank):
         torch.use_deterministic_algorithms(was)
     for fast, loop in zip(*results, strict=True):
         torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 8])
+def test_adapters_of_any_rank_take_grouped_mm_and_equal_the_loop(rank):
+    """`adapted_linear` zero-pads the rank to 16-byte rows, so grouped_mm (and its backward)
+    runs for every rank; the padding adds nothing."""
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(40, 32, generator=gen)
+    weight = torch.randn(4, 16, 32, generator=gen)
+    lhs, rhs = torch.randn(4, 16, rank, generator=gen), torch.randn(4, rank, 32, generator=gen)
+    counts = torch.tensor([10, 0, 20, 10])
+    was = torch.are_deterministic_algorithms_enabled()
+    results = []
+    try:
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            leaves = [t.clone().requires_grad_() for t in (x, lhs, rhs)]
+            out = grouped_experts.adapted_linear(leaves[0], weight, counts, (*leaves[1:], 0.5))
+            results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for fast, loop in zip(*results, strict=True):
+        torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-4)

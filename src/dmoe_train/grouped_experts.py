@@ -63,9 +63,14 @@ def adapted_linear(x: Tensor, weight: Tensor, counts: Tensor, low_rank: LowRank 
     if low_rank is None:
         return out
     lhs, rhs, scaling = low_rank
-    # peft's factors are views of its [r * E, ...] layout; the grouped matmul wants them dense
-    inner = grouped_linear(x, rhs.to(x.dtype).contiguous(), counts)
-    return out + scaling * grouped_linear(inner, lhs.to(x.dtype).contiguous(), counts)
+    # zero rank rows up to 16 bytes, so that the grouped matmul (and its backward) takes a
+    # rank-1 or -2 adapter too; the zeros add nothing. peft's factors are views of its
+    # [r * E, ...] layout: the padding makes them dense as well
+    pad = -rhs.shape[1] % (16 // x.element_size())
+    rhs = F.pad(rhs.to(x.dtype), (0, 0, 0, pad)).contiguous()
+    lhs = F.pad(lhs.to(x.dtype), (0, pad)).contiguous()
+    inner = grouped_linear(x, rhs, counts)
+    return out + scaling * grouped_linear(inner, lhs, counts)
 
 
 def expert_mlp(
