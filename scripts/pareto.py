@@ -449,7 +449,7 @@ def held_out(rows: list[dict]) -> list[str]:
 
 def trainable_sets(rows: list[dict]) -> list[str]:
     """The trainable-set frontier at top_p 0.6 as a table, and the small-checkpoint goal."""
-    sets = sorted(at_p06(rows), key=lambda r: r["trainable_params"] or 0)
+    sets = sorted(at_p06(rows), key=lambda r: r["trainable_params"] or float("inf"))
     if not sets:
         return []
     token = next(r for r in rows if r["method"] == "token")
