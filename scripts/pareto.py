@@ -480,6 +480,13 @@ def trainable_sets(rows: list[dict]) -> list[str]:
     return lines
 
 
+def save_figure(fig: plt.Figure, ax: plt.Axes, path: Path) -> None:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def plot_sets(rows: list[dict], path: Path) -> None:
     """Retained exact match against trainable parameters (log scale) at top_p 0.6."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -509,10 +516,7 @@ def plot_sets(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("trainable parameters (this base; log scale)")
     ax.set_ylabel("exact match retained (95% CI)")
     ax.set_title("256 experts, top_p 0.6: what must train")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, ax, path)
 
 
 def ablation(rows: list[dict]) -> list[str]:
@@ -573,10 +577,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("unique experts per block (mean over MoE layers, forwards, prompts)")
     ax.set_ylabel("exact match (95% bootstrap CI); hollow: dominated")
     ax.set_title("256 experts, top-8, blocks of 32: the same test prompts for every point")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, ax, path)
 
 
 def main() -> None:
