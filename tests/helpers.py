@@ -14,10 +14,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from safetensors.torch import load_file
 
+from dmoe_train.cli.common import (
+    ASSETS,
+    PROJECT_ROOT,  # noqa: F401 (tests import it from here)
+)
 from dmoe_train.cli.common import CONFIG_DIR as CONFIGS  # (registers the resolvers)
-from dmoe_train.cli.common import PROJECT_ROOT
 
-TINY_BASE = PROJECT_ROOT / "assets" / "tiny-llada2"
+TINY_BASE = ASSETS / "tiny-llada2"  # the shipped base (assets/ links to it)
 TRAIN_CMD = (sys.executable, "-m", "dmoe_train.cli.train")  # what `dmoe-train` runs
 
 FAST = [
