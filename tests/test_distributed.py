@@ -87,7 +87,7 @@ def test_two_ranks_match_one_process_and_resume(tmp_path, one_process, strategy)
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "trainable"),
-    [("ddp_cpu", "router+lora+shared"), ("fsdp", "router+lora+shared"), ("fsdp", "router+shared")],
+    [("ddp_cpu", "router+lora+shared"), ("fsdp", "router+lora+shared")],
 )
 def test_adapter_sets_match_one_process_and_resume(tmp_path, strategy, trainable):
     chosen = [f"module.trainable={trainable}", "module.lora.rank=2"]
