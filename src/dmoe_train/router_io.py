@@ -68,10 +68,16 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         full = disk_full(err, path.parent)  # before the partial file frees its space
         tmp.unlink(missing_ok=True)
         if full:
-            kept = f"the previous {path.name} is intact" if path.exists() else "nothing was kept"
-            raise OSError(errno.ENOSPC, f"no space left on device writing {path} ({kept})") from err
+            raise no_space(path, f"the previous {path.name}") from err
         raise
     os.replace(tmp, path)
+
+
+def no_space(path: Path, previous: str) -> OSError:
+    """The error of a write to `path` that ran out of space; `previous`: what it would have
+    replaced, intact if it exists."""
+    kept = f"{previous} is intact" if path.exists() else "nothing was kept"
+    return OSError(errno.ENOSPC, f"no space left on device writing {path} ({kept})")
 
 
 def disk_full(err: BaseException, directory: Path) -> bool:

@@ -39,6 +39,8 @@ class _DropLightningTips(logging.Filter):
 def silence_known_noise() -> None:
     """Messages every run printed that say nothing about it, each matched by its text and
     origin: Lightning's tips and its own use of a deprecated torch pytree API."""
+    if any(isinstance(f, _DropLightningTips) for f in rank_zero_core.log.filters):
+        return  # once per process: a sweep's jobs and the tests call it again
     rank_zero_core.log.addFilter(_DropLightningTips())
     warnings.filterwarnings(
         "ignore", message=r".*isinstance\(treespec, LeafSpec\)", module=r"lightning\."

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import shutil
 import warnings
@@ -17,7 +16,7 @@ from dmoe_train.cli.common import exit_on_error_cli
 from dmoe_train.models import load_model
 from dmoe_train.models.common import is_router_param
 from dmoe_train.models.lora import ADAPTER, has_expert_lora, merge_expert_lora
-from dmoe_train.router_io import disk_full, load_router, read_manifest, write_json
+from dmoe_train.router_io import disk_full, load_router, no_space, read_manifest, write_json
 from dmoe_train.routing import RoutingPolicy
 
 # written into every export: what makes a directory one `--out` may replace
@@ -101,8 +100,7 @@ def export(
         full = disk_full(err, staged.parent)
         shutil.rmtree(staged, ignore_errors=True)
         if full:
-            kept = "the previous export is intact" if out.exists() else "nothing was kept"
-            raise OSError(errno.ENOSPC, f"no space left on device writing {out} ({kept})") from err
+            raise no_space(out, "the previous export") from err
         raise
     if out.exists():  # the old export waits beside until the new one is in place
         os.replace(out, old)
