@@ -132,7 +132,6 @@ SETS: dict[str, list[str]] = {  # the order they are computed in
     "router+shared": ["module.trainable=router+shared"],
     "router+lora r=2": [LORA, "module.lora.rank=2"],
     "router+lora": [LORA],  # rank 8, the default: 4.0% of LLaDA2.0-mini's expert bytes in fp32
-    "router+lora r=1": [LORA, "module.lora.rank=1"],
     "router+lora+shared": ["module.trainable=router+lora+shared"],
     "router+experts": [EXPERTS],
 }
