@@ -49,19 +49,19 @@ retrofit: venv
 # (minutes); the expert-choice retrofit's row joins them once `make retrofit` (27 min) has run
 compare: venv
 	ls outputs/*/checkpoints/router.safetensors >/dev/null 2>&1 || $(MAKE) train
-	$(BIN)/python scripts/compare.py
+	$(BIN)/python -m dmoe_train.studies.compare
 
 # the 256-expert base (LLaDA2.0-mini's routing regime): every training-free method at several
 # coreset sizes, the published rules and trained routers on the same 1000 test prompts ->
 # results/pareto.{csv,md,png}; finished points are kept under results/pareto/ and not recomputed
 pareto: venv
-	$(BIN)/python scripts/pareto.py $(ARGS)
+	$(BIN)/python -m dmoe_train.studies.pareto $(ARGS)
 
 # expert choice against token choice on the tiny base's task: from-scratch bases (validation loss
 # against tokens and seconds, the capacity schedules at matched FLOPs) and retrofits of the tiny
 # base by trainable set -> results/ec_vs_tc.{md,png}; finished points kept under results/ec_vs_tc/
 ec-study: venv
-	$(BIN)/python scripts/ec_study.py $(ARGS)
+	$(BIN)/python -m dmoe_train.studies.ec_study $(ARGS)
 
 # Hydra multirun over top_p and the regularizer weight; each run trains, then decodes the test
 # split; the summary table and plot land in the sweep directory
@@ -69,8 +69,8 @@ SWEEP_DIR ?= multirun/sweep
 sweep: venv
 	$(BIN)/dmoe-train -m router.top_p=0.3,0.5,0.7,0.9 regularizer.weight=0.01,0.1 \
 		evaluate_after=true trainer.enable_progress_bar=false hydra.sweep.dir=$(SWEEP_DIR)
-	$(BIN)/python scripts/summarize_sweep.py $(SWEEP_DIR)
+	$(BIN)/python -m dmoe_train.studies.summarize_sweep $(SWEEP_DIR)
 
 # the cost of an expert at LLaDA2.0-mini shapes, measured side by side -> bench/results.{md,json}
 bench: venv
-	$(BIN)/python scripts/bench.py --out bench
+	$(BIN)/python -m dmoe_train.studies.bench --out bench

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from safetensors.torch import load_file
 
-from dmoe_train.cli.common import (
+from dmoe_train.cli.common import (  # (registers the resolvers)
     ASSETS,
     PROJECT_ROOT,  # noqa: F401 (tests import it from here)
 )

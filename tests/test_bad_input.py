@@ -16,11 +16,12 @@ from hydra.errors import InstantiationException
 from safetensors.torch import load_file
 
 from dmoe_train.cli import export as export_cli
-from dmoe_train.cli.common import CONFIG_DIR
-from dmoe_train.cli.eval import run_eval
 from dmoe_train.cli.train import train
+from dmoe_train.evaluation.run import run_eval
+from dmoe_train.files import atomic_write
+from dmoe_train.locations import CONFIG_DIR
 from dmoe_train.models import is_router_param, load_model
-from dmoe_train.router_io import atomic_write, router_manifest, save_router
+from dmoe_train.models.adapted_weights import router_manifest, save_router
 from dmoe_train.routing import RoutingPolicy
 
 
@@ -95,7 +96,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
-    from dmoe_train.checkpoint_io import AtomicCheckpointIO
+    from dmoe_train.training.atomic_checkpoint_io import AtomicCheckpointIO
 
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"step": 1}, path)
@@ -253,7 +254,7 @@ def no_model_load(monkeypatch):
     def loaded(*_, **__):
         raise AssertionError("the model was loaded before the bad setting was refused")
 
-    monkeypatch.setattr("dmoe_train.cli.train.build_model", loaded)
+    monkeypatch.setattr("dmoe_train.cli.train.load_routed_model", loaded)
 
 
 # --- writes never clobber ------------------------------------------------------------------
@@ -463,7 +464,7 @@ def test_model_directory_without_a_tokenizer_says_so(tmp_path, no_model_load):
 def test_full_disk_while_saving_says_so_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     """An injected fault: ENOSPC under torch's own error, as a full disk raises it (the test
     below writes to a real, full tmpfs)."""
-    import dmoe_train.checkpoint_io as checkpoint_io
+    import dmoe_train.training.atomic_checkpoint_io as checkpoint_io
 
     real_save, saves = torch.save, []
 

@@ -1,17 +1,17 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+from dmoe_train.locations import ASSETS
+from dmoe_train.studies import bench_full_width
 
 
 @pytest.mark.slow
 def test_bench_quick_writes_both_files(tmp_path):
     subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "dmoe_train.studies.bench", "--quick", "--out", str(tmp_path)],
         check=True,
         capture_output=True,
     )
@@ -57,12 +57,9 @@ def test_bench_quick_writes_both_files(tmp_path):
 
 
 def test_training_cases_that_would_not_fit_are_rows_saying_so(monkeypatch):
-    sys.path.insert(0, str(BENCH.parent))
-    import bench_full_width
-
     monkeypatch.setattr(bench_full_width, "available_bytes", lambda: 0)
     monkeypatch.setattr(bench_full_width.subprocess, "run", None)  # nothing may be launched
-    rows = bench_full_width.train_rows(BENCH.parents[1] / "assets" / "tiny-llada2")
+    rows = bench_full_width.train_rows(ASSETS / "tiny-llada2")
     assert [(r["trainer"], r["trainable"]) for r in rows] == list(bench_full_width.TRAIN_CASES)
     for r in rows:
         ranks = 1 if r["trainer"] == "cpu" else 2

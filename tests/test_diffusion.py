@@ -1,15 +1,13 @@
 import pytest
 import torch
 
-from dmoe_train.diffusion import (
+from dmoe_train.models import build_model
+from dmoe_train.models.block_diffusion import (
     block_diffusion_block_mask,
     block_diffusion_mask,
-    denoise,
-    mask_tokens,
-    masked_diffusion_loss,
-    row_uniforms,
+    noised_forward,
 )
-from dmoe_train.models import build_model
+from dmoe_train.objectives.masked_diffusion import mask_tokens, masked_diffusion_loss, row_uniforms
 from dmoe_train.routing import RoutingPolicy
 
 
@@ -83,8 +81,8 @@ def test_flex_attention_gives_the_dense_outputs(policy):
     uniforms = torch.rand(2, 17, generator=torch.Generator().manual_seed(1))
     args = (model, x0, response, model.config.mask_token_id, 0.3, 0.8)
     with torch.no_grad():  # flex_attention itself (it has no backward on the CPU)
-        dense = denoise(*args, "block_diffusion", 8, uniforms)
-        flex = denoise(*args, "block_diffusion_flex", 8, uniforms)
+        dense = noised_forward(*args, "block_diffusion", 8, uniforms)
+        flex = noised_forward(*args, "block_diffusion_flex", 8, uniforms)
     torch.testing.assert_close(flex.logits, dense.logits, rtol=1e-5, atol=1e-5)
     for a, b in zip(flex.routing, dense.routing, strict=True):
         assert torch.equal(a.ids, b.ids)
@@ -92,7 +90,7 @@ def test_flex_attention_gives_the_dense_outputs(policy):
     grads = []
     for mode in ("block_diffusion", "block_diffusion_flex"):
         model.zero_grad()
-        out = denoise(*args, mode, 8, uniforms)
+        out = noised_forward(*args, mode, 8, uniforms)
         masked_diffusion_loss(out.logits, x0, out.masked, out.t, "none").backward()
         grads.append(model.model.layers[1].mlp.gate.weight.grad.clone())
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)

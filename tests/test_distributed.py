@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
 from dmoe_train.cli.train import train
-from dmoe_train.run_dirs import check_same_output_dir, run_id
+from dmoe_train.training.run_dirs import check_same_output_dir, run_id
 
 # 6 steps of 2 x 16 samples (or 1 x 32): the same global batch of the same samples and noise
 SHORT = [
@@ -192,10 +192,17 @@ def test_slurm_launcher_keys_follow_the_trainer(tmp_path):
 
 @pytest.mark.slow
 def test_estimate_memory_table(tmp_path):
-    script = Path(__file__).parents[1] / "scripts" / "estimate_memory.py"
     out = tmp_path / "memory.md"
     result = subprocess.run(
-        [sys.executable, str(script), "--seq", "2048", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "dmoe_train.studies.estimate_memory",
+            "--seq",
+            "2048",
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
     )

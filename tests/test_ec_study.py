@@ -1,15 +1,10 @@
 """`make ec-study`'s verdicts on fake curves and evaluations: steps to token choice's final loss,
 the best schedule, the recommended retrofit against its 95% target."""
 
-import sys
-
 import pytest
-from helpers import PROJECT_ROOT
 
 from dmoe_train.models import build_model
-
-sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
-import ec_study  # noqa: E402
+from dmoe_train.studies import ec_study
 
 
 def fake_quality(losses: list[float], hits: int, n: int = 20) -> dict:

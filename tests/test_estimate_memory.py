@@ -1,13 +1,11 @@
 """`estimate_memory.py`'s terms that measurements forced: DDP's wrap-time broadcast buckets
 (hand-computed against torch's bucketing) and FSDP2's gathered root unit."""
 
-import sys
-
 import pytest
 from helpers import PROJECT_ROOT
 
-sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
-from estimate_memory import (  # noqa: E402
+from dmoe_train.models import TRAINABLE_SETS  # noqa: E402
+from dmoe_train.studies.estimate_memory import (
     BF16,
     Layout,
     broadcast_bucket,
@@ -15,8 +13,6 @@ from estimate_memory import (  # noqa: E402
     parameter_counts,
     read_config,
 )
-
-from dmoe_train.models import TRAINABLE_SETS  # noqa: E402
 
 MiB = 2**20
 TINY = PROJECT_ROOT / "assets" / "tiny-llada2"

@@ -8,10 +8,10 @@ from helpers import compose_train
 from safetensors.torch import load_file, save_file
 
 from dmoe_train.cli.train import train
-from dmoe_train.finetuner import router_z_loss
-from dmoe_train.metrics import expert_load, load_balance_cv
 from dmoe_train.models import LLaDAMoeModelLM, build_model, load_model
+from dmoe_train.objectives.expert_metrics import expert_load, load_balance_cv
 from dmoe_train.routing import RoutingPolicy, expert_choice, route, scheduled_k
+from dmoe_train.training.finetuner import router_z_loss
 
 E, K = 16, 4
 

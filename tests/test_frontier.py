@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dmoe_train.frontier import (
+from dmoe_train.evaluation.frontier import (
     Point,
     accuracy_at,
     bootstrap_intervals,

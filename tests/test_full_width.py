@@ -1,17 +1,12 @@
 """A LLaDA2.0-mini checkpoint at full width (2 layers, random bfloat16 weights), written from the
 published facts by code independent of ours, loads and runs every routing rule."""
 
-import sys
-
 import pytest
 import torch
-from helpers import PROJECT_ROOT
 
 from dmoe_train.models import load_model
 from dmoe_train.routing import RULES, RoutingPolicy
-
-sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
-from full_width_checkpoint import CONFIG, shapes, write_full_width  # noqa: E402
+from dmoe_train.studies.full_width_checkpoint import CONFIG, shapes, write_full_width
 
 
 @pytest.mark.slow

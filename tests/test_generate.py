@@ -8,10 +8,10 @@ import torch
 from helpers import CONFIGS, FAST, run_cli
 from hydra import compose, initialize_config_dir
 
-from dmoe_train import decoding_eval
-from dmoe_train.cli.eval import run_eval
-from dmoe_train.decoding_eval import GenerationSettings, answer_correct, interleaved_latency
-from dmoe_train.generate import block_layout, generate
+from dmoe_train.evaluation import decoding as decoding_eval
+from dmoe_train.evaluation.decoding import GenerationSettings, answer_correct, interleaved_latency
+from dmoe_train.evaluation.run import run_eval
+from dmoe_train.evaluation.sampler import block_layout, generate
 from dmoe_train.models import build_model
 from dmoe_train.models.common import LMOutput
 from dmoe_train.routing import Routing, RoutingPolicy
@@ -132,8 +132,8 @@ def test_two_point_sweep_end_to_end(tmp_path):
     sweep_args = ["-m", "router.top_p=0.5,0.9", "trainer.max_steps=3", "evaluate_after=true"]
     result = run_cli(*sweep_args, "generation.max_samples=8", f"hydra.sweep.dir={sweep}", *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
-    script = Path(__file__).resolve().parents[1] / "scripts" / "summarize_sweep.py"
-    subprocess.run([sys.executable, str(script), str(sweep)], check=True, capture_output=True)
+    module = "dmoe_train.studies.summarize_sweep"
+    subprocess.run([sys.executable, "-m", module, str(sweep)], check=True, capture_output=True)
     table = (sweep / "sweep.md").read_text()
     assert "router.top_p=0.5" in table and "router.top_p=0.9" in table
     assert (sweep / "sweep.png").is_file() and len(

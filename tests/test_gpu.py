@@ -5,10 +5,11 @@ machine without one (CI's), run where a GPU is lent (`pytest -m gpu`)."""
 import pytest
 import torch
 
-from dmoe_train.diffusion import denoise, row_uniforms
-from dmoe_train.grouped_experts import expert_mlp, grouped_mm_runs
 from dmoe_train.models import build_model
+from dmoe_train.models.block_diffusion import noised_forward
+from dmoe_train.models.grouped_experts import expert_mlp, grouped_mm_runs
 from dmoe_train.models.lora import ExpertLora, add_expert_lora, expert_low_rank
+from dmoe_train.objectives.masked_diffusion import row_uniforms
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -36,7 +37,7 @@ def test_compiled_flex_attention_matches_the_dense_mask():
     uniforms = row_uniforms(list(range(4)), 32, CUDA)
     cfg = model.config
     runs = {
-        mode: denoise(model, x0, response, cfg.mask_token_id, 0.3, 0.8, mode, 8, uniforms)
+        mode: noised_forward(model, x0, response, cfg.mask_token_id, 0.3, 0.8, mode, 8, uniforms)
         for mode in ("block_diffusion", "block_diffusion_flex")
     }
     dense, flex = (runs[m].logits for m in ("block_diffusion", "block_diffusion_flex"))

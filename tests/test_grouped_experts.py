@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmoe_train import grouped_experts
-from dmoe_train.grouped_experts import expert_mlp, grouped_mm_runs
+from dmoe_train.models import grouped_experts
+from dmoe_train.models.grouped_experts import expert_mlp, grouped_mm_runs
 
 
 def _refuse(*args, **kwargs):

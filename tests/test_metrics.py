@@ -1,6 +1,10 @@
 import torch
 
-from dmoe_train.metrics import expert_load, load_balance_cv, unique_experts_per_block
+from dmoe_train.objectives.expert_metrics import (
+    expert_load,
+    load_balance_cv,
+    unique_experts_per_block,
+)
 
 
 def test_unique_experts_known_routing():

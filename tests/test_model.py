@@ -5,8 +5,8 @@ import torch
 from conftest import published_tensors, write_published
 
 from dmoe_train.models import LLaDA2MoeConfig, LLaDA2MoeModelLM, build_model, load_model
-from dmoe_train.models.checkpoint import CheckpointMismatchError
 from dmoe_train.models.common import apply_partial_rope, rope_cos_sin
+from dmoe_train.models.model_dir import CheckpointMismatchError
 from dmoe_train.routing import RoutingPolicy
 
 IDS = torch.tensor([[5, 9, 3, 17, 22, 40, 1, 7, 8, 30], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]])

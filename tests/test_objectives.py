@@ -7,8 +7,8 @@ import torch
 from helpers import RecordTopP, compose_train, steps
 
 from dmoe_train.cli.train import build, train
-from dmoe_train.finetuner import curriculum_policy, masked_kl
 from dmoe_train.routing import RoutingPolicy
+from dmoe_train.training.finetuner import curriculum_policy, masked_kl
 
 
 def test_masked_kl_by_hand():

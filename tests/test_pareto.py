@@ -2,15 +2,12 @@
 report marks dominated points, the fewest experts per retained share and the goal verdicts."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
-from helpers import PROJECT_ROOT
 
-sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
-import pareto  # noqa: E402
-import study_points  # noqa: E402
+from dmoe_train.studies import pareto
+from dmoe_train.studies import points as study_points
 
 
 def fake_metrics(experts: float, hits: int, n: int = 100) -> dict:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dmoe_train.regularizers import CoresetRegularizer, expected_union, perplexity
+from dmoe_train.objectives.regularizers import CoresetRegularizer, expected_union, perplexity
 from dmoe_train.routing import Routing
 
 

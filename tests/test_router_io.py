@@ -3,7 +3,7 @@ import torch
 
 from dmoe_train.cli.export import export
 from dmoe_train.models import build_model, is_router_param, load_model
-from dmoe_train.router_io import load_router, router_manifest, save_router
+from dmoe_train.models.adapted_weights import load_router, router_manifest, save_router
 from dmoe_train.routing import RoutingPolicy
 
 IDS = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from dmoe_train.models import build_model, is_router_param, load_model
-from dmoe_train.router_io import load_router, router_manifest, save_router
+from dmoe_train.models.adapted_weights import load_router, router_manifest, save_router
 from dmoe_train.routing import (
     GUARD_TIES,
     IN_CORESET,

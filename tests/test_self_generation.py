@@ -9,9 +9,9 @@ import pytest
 from helpers import compose_train, run_cli, steps
 from hydra import compose, initialize_config_dir
 
-from dmoe_train.cli.common import CONFIG_DIR
 from dmoe_train.cli.generate import run_generate
 from dmoe_train.cli.train import train
+from dmoe_train.locations import CONFIG_DIR
 
 
 def _generate(out, *overrides):

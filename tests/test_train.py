@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from dmoe_train.cli.train import train
 from dmoe_train.models import load_model
-from dmoe_train.router_io import load_router
+from dmoe_train.models.adapted_weights import load_router
 
 MOE_LAYERS = (1, 2, 3)
 GATES = {f"model.model.layers.{i}.mlp.gate.weight" for i in MOE_LAYERS}
@@ -92,7 +92,9 @@ def test_init_router_and_resume_are_exclusive(tmp_path):
 @pytest.mark.slow
 def test_cli_prints_composed_config():
     out = run_cli("--cfg", "job", "router=des_vote").stdout
-    assert "name: des_vote" in out and "_target_: dmoe_train.finetuner.RouterFineTuner" in out
+    assert (
+        "name: des_vote" in out and "_target_: dmoe_train.training.finetuner.RouterFineTuner" in out
+    )
 
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb"])

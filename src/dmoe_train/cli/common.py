@@ -1,6 +1,5 @@
-"""What the entry points (and scripts composing their configs) share: the `${project_root:}`,
-`${assets:}` and `${run_id:}` resolvers of the configs (`dmoe_train.locations` says where those
-are), clean exits on bad input and the silencing of known noise."""
+"""What the entry points share: the configs' resolvers (`dmoe_train.resolvers`), clean exits on
+bad input and the silencing of known noise."""
 
 from __future__ import annotations
 
@@ -14,16 +13,11 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero  # noqa: F401 (sets Lightning's logger below)
 from lightning_utilities.core import rank_zero as rank_zero_core
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from dmoe_train.locations import ASSETS, CONFIG_DIR, PROJECT_ROOT
-from dmoe_train.run_dirs import run_id
+from dmoe_train.resolvers import ASSETS, CONFIG_DIR, PROJECT_ROOT
 
 __all__ = ["ASSETS", "CONFIG_DIR", "PROJECT_ROOT", "exit_on_error", "exit_on_error_cli"]
-
-OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
-OmegaConf.register_new_resolver("run_id", run_id, replace=True)
-OmegaConf.register_new_resolver("assets", lambda: str(ASSETS), replace=True)
 
 log = logging.getLogger("dmoe_train")
 EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, InstantiationException)

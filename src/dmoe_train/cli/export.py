@@ -13,10 +13,11 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from dmoe_train.cli.common import exit_on_error_cli
+from dmoe_train.files import disk_full, no_space, write_json
 from dmoe_train.models import load_model
+from dmoe_train.models.adapted_weights import load_router, read_manifest
 from dmoe_train.models.common import is_router_param
 from dmoe_train.models.lora import ADAPTER, has_expert_lora, merge_expert_lora
-from dmoe_train.router_io import disk_full, load_router, no_space, read_manifest, write_json
 from dmoe_train.routing import RoutingPolicy
 
 # written into every export: what makes a directory one `--out` may replace

@@ -17,10 +17,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dmoe_train.cli.common import CONFIG_DIR, exit_on_error
-from dmoe_train.decoding_eval import GenerationSettings
+from dmoe_train.cli.common import exit_on_error
+from dmoe_train.evaluation.decoding import GenerationSettings
+from dmoe_train.evaluation.self_generation import generate_split, summarize
+from dmoe_train.locations import CONFIG_DIR
 from dmoe_train.routing import RoutingPolicy
-from dmoe_train.self_generation import generate_split, summarize
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,15 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrateg
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from dmoe_train.cli.common import CONFIG_DIR, PROJECT_ROOT, exit_on_error
-from dmoe_train.decoding_eval import GenerationSettings, evaluate_generation
-from dmoe_train.finetuner import RouterFineTuner
-from dmoe_train.router_io import export_router, load_router, write_json
+from dmoe_train.cli.common import exit_on_error
+from dmoe_train.evaluation.decoding import GenerationSettings, evaluate_generation
+from dmoe_train.files import write_json
+from dmoe_train.locations import CONFIG_DIR, PROJECT_ROOT
+from dmoe_train.models.adapted_weights import export_router, load_router
 from dmoe_train.routing import RoutingPolicy
-from dmoe_train.run_dirs import (
+from dmoe_train.training.finetuner import RouterFineTuner
+from dmoe_train.training.from_config import build_module, load_routed_model
+from dmoe_train.training.run_dirs import (
     RUN_INFO,
     check_relaunch,
     check_same_output_dir,
@@ -185,25 +188,9 @@ def build(cfg: DictConfig) -> Run:
             f"init_router={cfg.init_router} with trainer.strategy=ModelParallelStrategy: the "
             "sharded model cannot take a router before it is sharded; use trainer=ddp"
         )
-    model = build_model(cfg, policy, trainer)
+    model = load_routed_model(cfg, policy, trainer)
     check_tokenizer(cfg, model, data)
     return Run(trainer, build_module(cfg, model), data, policy, output_dir, ckpt_path)
-
-
-def build_model(cfg: DictConfig, policy: RoutingPolicy, trainer: L.Trainer):
-    """The config's model under `policy`; under FSDP on the meta device (every rank loads only
-    its shards later). Objects go through partials: Hydra would turn a dataclass argument into a
-    config node."""
-    sharded = isinstance(trainer.strategy, ModelParallelStrategy)
-    return instantiate(cfg.model, _partial_=True)(
-        routing=policy, **({"device": "meta"} if sharded else {})
-    )
-
-
-def build_module(cfg: DictConfig, model) -> RouterFineTuner:
-    """The config's LightningModule around `model`, with its regularizer."""
-    regularizer = instantiate(cfg.regularizer)
-    return instantiate(cfg.module, _partial_=True)(model=model, regularizer=regularizer)
 
 
 def fit(run: Run) -> bool:

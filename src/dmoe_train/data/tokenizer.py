@@ -14,7 +14,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from dmoe_train.models.checkpoint import require_model_dir
+from dmoe_train.models.model_dir import require_model_dir
 
 # what a saved tokenizer consists of (one of these is enough for AutoTokenizer)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

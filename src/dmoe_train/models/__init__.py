@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from dmoe_train.models.checkpoint import require_model_dir
 from dmoe_train.models.common import (
     TRAINABLE_SETS,
     MoeDiffusionLM,
@@ -21,6 +20,7 @@ from dmoe_train.models.llada2_moe import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dmoe_train.models.llada_moe import MODEL_TYPES as LLADA_MOE_TYPES
 from dmoe_train.models.llada_moe import TINY as TINY_LLADA_MOE
 from dmoe_train.models.llada_moe import LLaDAMoeConfig, LLaDAMoeModelLM
+from dmoe_train.models.model_dir import require_model_dir
 from dmoe_train.routing import RoutingPolicy
 
 __all__ = [

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
-from dmoe_train.diffusion import as_additive
-from dmoe_train.grouped_experts import LowRank, expert_mlp
+from dmoe_train.models.block_diffusion import as_additive
+from dmoe_train.models.grouped_experts import LowRank, expert_mlp
 from dmoe_train.models.lora import expert_low_rank, is_lora_param
 from dmoe_train.routing import (
     Routing,
@@ -385,12 +385,12 @@ class MoeDiffusionLM(nn.Module):
         device: str | torch.device | None = None,
         routing: RoutingPolicy | None = None,
     ) -> Any:
-        from dmoe_train.models.checkpoint import load_pretrained
+        from dmoe_train.models.model_dir import load_pretrained
 
         return load_pretrained(cls, path, dtype, device, routing)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 4 * 2**30) -> None:
-        from dmoe_train.models.checkpoint import save_pretrained
+        from dmoe_train.models.model_dir import save_pretrained
 
         save_pretrained(self, path, max_shard_bytes)
 

@@ -21,7 +21,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora.layer import ParamWrapper
 from torch import Tensor, nn
 
-from dmoe_train.grouped_experts import LowRank
+from dmoe_train.models.grouped_experts import LowRank
 
 ExpertProjection = Literal["gate_proj", "up_proj", "down_proj"]
 PROJECTIONS: tuple[str, ...] = get_args(ExpertProjection)

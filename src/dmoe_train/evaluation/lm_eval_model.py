@@ -3,7 +3,8 @@ the masked-diffusion Monte Carlo log-likelihood (`loglikelihood`) behind lm-eval
 under any routing policy, with unique experts per block reported beside the task metrics.
 
 lm-eval finds models only by import (LLaDA's own evaluation scripts import their model file,
-then call lm-eval's CLI), so `dmoe-lm-eval` is lm-eval's CLI with this model registered:
+then call lm-eval's CLI), so `dmoe-lm-eval` (`cli/lm_eval.py`) is lm-eval's CLI with this
+model registered:
 
     dmoe-lm-eval --model dmoe --model_args pretrained=<dir>,router=<router.safetensors> \\
         --tasks gsm8k --batch_size 8
@@ -34,12 +35,12 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from dmoe_train.data.tokenizer import load_tokenizer
-from dmoe_train.decoding_eval import GenerationSettings, decode
-from dmoe_train.diffusion import denoise
+from dmoe_train.evaluation.decoding import GenerationSettings, decode
 from dmoe_train.locations import CONFIG_DIR
 from dmoe_train.models import load_model
+from dmoe_train.models.adapted_weights import load_router
+from dmoe_train.models.block_diffusion import noised_forward
 from dmoe_train.models.placement import parse_max_memory, place_model
-from dmoe_train.router_io import load_router
 from dmoe_train.routing import RoutingPolicy
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def stop_at(text: str, until: list[str]) -> str:
 
 @register_model("dmoe")
 class DiffusionLM(LM):
-    latest: DiffusionLM | None = None  # the instance `main` reports on
+    latest: DiffusionLM | None = None  # the instance `dmoe-lm-eval` reports on
 
     def __init__(
         self,
@@ -211,7 +212,7 @@ class DiffusionLM(LM):
         for lo in range(0, n + 1, self.batch_size):
             rows = uniforms[lo : lo + self.batch_size]
             x, resp = x0.expand(len(rows), -1), response.expand(len(rows), -1)
-            out = denoise(
+            out = noised_forward(
                 self.model, x.to(self._device), resp.to(self._device), cfg.mask_token_id,
                 0.0, 1.0, "block_diffusion", block, rows.to(self._device),
             )  # fmt: skip
@@ -261,32 +262,3 @@ def format_report(report: dict) -> str:
         f"| {report['routing']} | {report['router']} | {report['unique_experts_per_block']:.2f} | "
         f"{report['num_experts']} | {report['expert_bytes_per_block'] / 2**20:.2f} |"
     )
-
-
-def main() -> None:
-    """`dmoe-lm-eval`: lm-eval's CLI with the `dmoe` model registered; then the routing report
-    (also written beside lm-eval's results under `--output_path`)."""
-    import json
-    import sys
-
-    from lm_eval.__main__ import cli_evaluate
-
-    cli_evaluate()
-    lm = DiffusionLM.latest
-    if lm is None:
-        return
-    report = lm.routing_report()
-    if lm.rank == 0:
-        print(format_report(report))
-        if "--output_path" in sys.argv:
-            out = sys.argv[sys.argv.index("--output_path") + 1]
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "dmoe_routing.json"), "w") as f:
-                json.dump(report, f, indent=2)
-    if torch.distributed.is_initialized():  # gloo's threads must not outlive the group
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

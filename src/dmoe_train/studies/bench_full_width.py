@@ -5,7 +5,7 @@ ddp_cpu and fsdp with two CPU processes): each rank's peak resident memory once 
 the steps, tokens per second, router-only against training the experts too, and the memory
 estimate of `estimate_memory.py` beside the measurement. Each case runs in a process (or process
 group) of its own, for a clean peak, called by `bench.py`;
-`python scripts/bench_full_width.py --case load|decode DIR` runs one.
+`python -m dmoe_train.studies.bench_full_width --case load|decode DIR` runs one.
 """
 
 from __future__ import annotations
@@ -22,17 +22,19 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from estimate_memory import Layout, estimate, read_config
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from dmoe_train.callbacks import StepResources, resident_bytes
-from dmoe_train.cli.common import CONFIG_DIR
-from dmoe_train.cli.train import build_model, build_module
-from dmoe_train.generate import generate
+from dmoe_train.evaluation.sampler import generate
 from dmoe_train.models import load_model
+from dmoe_train.resolvers import CONFIG_DIR
 from dmoe_train.routing import RULES, RoutingPolicy
+from dmoe_train.studies.estimate_memory import Layout, estimate, read_config
+from dmoe_train.training.callbacks import StepResources, resident_bytes
+from dmoe_train.training.from_config import build_module, load_routed_model
+
+SELF = (sys.executable, "-m", "dmoe_train.studies.bench_full_width")  # a case in its own process
 
 CORESETS = (8, 16, 32, 48, 70)  # 70: what token routing touches per block on the real model
 PROMPTS, PROMPT_LEN, BLOCK = 1, 32, 32  # one sequence: the 157k-vocabulary head dominates
@@ -172,7 +174,7 @@ def train_case(path: Path, trainer_name: str, trainable: str, out: Path) -> None
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[StepResources(str(out))], logger=False)
-    model = build_model(cfg, instantiate(cfg.router), trainer)
+    model = load_routed_model(cfg, instantiate(cfg.router), trainer)
     module = build_module(cfg, model)
     g = torch.Generator().manual_seed(0)
     batches = [
@@ -217,7 +219,7 @@ def train_rows(path: Path) -> list[dict]:
             )
             continue
         with tempfile.TemporaryDirectory() as out:
-            cmd = [sys.executable, __file__, "--case", "train", str(path)]
+            cmd = [*SELF, "--case", "train", str(path)]
             cmd += ["--trainer", trainer_name, "--trainable", trainable, "--out", out]
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             ranks_out = [json.loads(f.read_text()) for f in sorted(Path(out).glob("resources.*"))]
@@ -254,7 +256,7 @@ def run_all() -> dict:
         results = {
             case: json.loads(
                 subprocess.run(
-                    [sys.executable, __file__, "--case", case, str(path)],
+                    [*SELF, "--case", case, str(path)],
                     check=True,
                     capture_output=True,
                     text=True,

@@ -11,8 +11,8 @@ import torch
 from helpers import FAST, PROJECT_ROOT, TINY_BASE, cli_train, run_cli, steps
 
 from dmoe_train.data.tokenizer import load_tokenizer
-from dmoe_train.generate import generate
-from dmoe_train.harness import DiffusionLM, stop_at
+from dmoe_train.evaluation.lm_eval_model import DiffusionLM, stop_at
+from dmoe_train.evaluation.sampler import generate
 from dmoe_train.models import load_model
 from dmoe_train.models.placement import parse_max_memory, place_model
 
@@ -69,7 +69,7 @@ def test_a_device_map_that_offloads_layers_gives_the_same_tokens(tmp_path):
 def _lm_eval(out: Path, model_args: str, launch: tuple[str, ...] | None = None) -> dict:
     """`dmoe-lm-eval` (lm-eval's CLI with our model) on the shipped tasks; its results."""
     args = ("--model", "dmoe", "--model_args", model_args, *LM_EVAL, "--batch_size", "16")
-    cmd = launch or (sys.executable, "-m", "dmoe_train.harness")
+    cmd = launch or (sys.executable, "-m", "dmoe_train.cli.lm_eval")
     env_before = dict(os.environ)
     os.environ.update(OFFLINE)
     try:
@@ -112,7 +112,7 @@ def test_lm_eval_token_routing_trained_router_and_two_processes(tmp_path):
         port = str(free.getsockname()[1])
     launch = (accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1")
     launch += ("--main_process_port", port)
-    launch += ("--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dmoe_train.harness")
+    launch += ("--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dmoe_train.cli.lm_eval")
     two = _lm_eval(tmp_path / "two", f"{base},routing=token", launch)
     assert two.pop("processes") == 2 and token.pop("processes") == 1
     assert two.pop("decoding") == token.pop("decoding")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from dmoe_train.router_io import atomic_write
+from dmoe_train.files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

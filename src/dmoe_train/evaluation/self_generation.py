@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from dmoe_train.data.module import DiffusionDataModule, collate
-from dmoe_train.decoding_eval import GenerationSettings, answer_correct, batch_prompts, decode
-from dmoe_train.router_io import atomic_write, write_json
+from dmoe_train.evaluation.decoding import GenerationSettings, answer_correct, batch_prompts, decode
+from dmoe_train.files import atomic_write, write_json
 
 SUMMARY = "summary.json"
 ROWS, COUNTS = "rows", "shards"

@@ -23,18 +23,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_full_width import run_all as run_full_width
-from bench_full_width import train_rows as strategy_train_rows
 from torch.utils.benchmark import Timer
 
-from dmoe_train.diffusion import block_diffusion_block_mask
-from dmoe_train.grouped_experts import expert_mlp
+from dmoe_train.locations import ASSETS
 from dmoe_train.models import build_model
+from dmoe_train.models.block_diffusion import block_diffusion_block_mask
+from dmoe_train.models.grouped_experts import expert_mlp
 from dmoe_train.routing import route_in_coreset, token_topk, topp_coreset
+from dmoe_train.studies.bench_full_width import run_all as run_full_width
+from dmoe_train.studies.bench_full_width import train_rows as strategy_train_rows
+
+SELF = (sys.executable, "-m", "dmoe_train.studies.bench")  # a case in its own process
 
 MINI = dict(hidden=2048, inter=512, experts=256, top_k=8, block=32, token_unique=70)
 QUICK = dict(hidden=64, inter=32, experts=32, top_k=4, block=8, token_unique=16)
-TINY_BASE = Path(__file__).resolve().parents[1] / "assets" / "tiny-llada2"
+TINY_BASE = ASSETS / "tiny-llada2"
 
 
 def timeit(fn: Callable[[], object], repeat: int) -> float:
@@ -211,7 +214,7 @@ def train_rows(presets: list[str], steps: int) -> list[dict]:
         pair = []
         for mode in ("router", "full"):
             out = subprocess.run(
-                [sys.executable, __file__, "--train-case", preset, mode, "--repeat", str(steps)],
+                [*SELF, "--train-case", preset, mode, "--repeat", str(steps)],
                 check=True,
                 capture_output=True,
                 text=True,

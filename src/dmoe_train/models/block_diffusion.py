@@ -11,38 +11,14 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from dmoe_train.objectives.masked_diffusion import mask_tokens
 from dmoe_train.routing import Routing
 
 # block_diffusion_flex: the same mask as flex_attention's BlockMask (no dense [2L, 2L] tensor)
 AttentionMode = Literal["block_diffusion", "block_diffusion_flex", "full"]
 ATTENTION_MODES = ("block_diffusion", "block_diffusion_flex", "full")
-
-
-def row_uniforms(keys: list[int], n: int, device: torch.device | str | None = None) -> Tensor:
-    """`[B, 1 + n]` uniforms for noising, row i from a generator seeded by `keys[i]` alone: a
-    sequence draws the same noise whatever batch, rank or world size it lands in."""
-    rows = [torch.rand(1 + n, generator=torch.Generator().manual_seed(k)) for k in keys]
-    return torch.stack(rows).to(device)
-
-
-def mask_tokens(
-    x0: Tensor, response: Tensor, mask_id: int, t_low: float, t_high: float, uniforms: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One ratio t ~ U[t_low, t_high] per sequence; each response token is masked with prob. t.
-    `uniforms` `[B, 1 + L]` in [0, 1): column 0 draws t, the rest the per-token coin flips.
-
-    Returns (x_t, masked `[B, L]` bool, t `[B]`). Prompt tokens (`response` False) never change.
-    """
-    if uniforms.shape != (x0.shape[0], 1 + x0.shape[1]):
-        raise ValueError(
-            f"uniforms shape {tuple(uniforms.shape)}: need {(x0.shape[0], 1 + x0.shape[1])}"
-        )
-    t = t_low + (t_high - t_low) * uniforms[:, 0]
-    masked = (uniforms[:, 1:] < t[:, None]) & response
-    return x0.masked_fill(masked, mask_id), masked, t
 
 
 def block_diffusion_mask(n: int, block_size: int, device: torch.device | None = None) -> Tensor:
@@ -93,28 +69,8 @@ def diffusion_inputs(
     return torch.cat([xt, x0], dim=1), mask, positions
 
 
-def masked_diffusion_loss(
-    logits: Tensor,
-    x0: Tensor,
-    masked: Tensor,
-    t: Tensor,
-    weighting: Literal["none", "inv_t"],
-    count: Tensor | None = None,
-) -> Tensor:
-    """Cross-entropy on masked positions (no shift), normalised by their count (or `count`,
-    e.g. the mean count over data-parallel ranks); `inv_t` weights each sequence's tokens by 1/t
-    (LLaDA's ELBO weighting)."""
-    ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")
-    weight = masked.float()
-    if weighting == "inv_t":
-        weight = weight / t[:, None]
-    elif weighting != "none":
-        raise ValueError(f"loss weighting={weighting!r}: must be 'none' or 'inv_t'")
-    return (ce * weight).sum() / (masked.sum() if count is None else count).clamp_min(1)
-
-
 @dataclass
-class Denoised:
+class NoisedForward:
     """One noised forward: x_t-half logits and routing, the masked positions and their ratio."""
 
     logits: Tensor
@@ -123,7 +79,7 @@ class Denoised:
     t: Tensor
 
 
-def denoise(
+def noised_forward(
     model: torch.nn.Module,
     x0: Tensor,
     response_mask: Tensor,
@@ -133,7 +89,7 @@ def denoise(
     mode: AttentionMode,
     block_size: int,
     uniforms: Tensor,
-) -> Denoised:
+) -> NoisedForward:
     """Noise `x0` (`mask_tokens`), run the model in `mode` and keep the x_t half of its outputs (in
     `block_diffusion` mode the routing block size must divide the sequence length)."""
     xt, masked, t = mask_tokens(x0, response_mask, mask_id, t_low, t_high, uniforms)
@@ -152,4 +108,4 @@ def denoise(
         )
         for r in out.routing
     ]
-    return Denoised(out.logits[:, :n], routing, masked, t)
+    return NoisedForward(out.logits[:, :n], routing, masked, t)

@@ -25,21 +25,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from estimate_memory import parameter_counts  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from study_points import evaluate, kept, train_run  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dmoe_train.cli.common import PROJECT_ROOT  # noqa: E402
-from dmoe_train.frontier import (  # noqa: E402
+from dmoe_train.evaluation.frontier import (
     Point,
     bootstrap_intervals,
     dominated,
     fewest_experts,
     strictly_above,
 )
+from dmoe_train.locations import PROJECT_ROOT  # noqa: E402
 from dmoe_train.models import LLaDA2MoeConfig  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
+from dmoe_train.studies.estimate_memory import parameter_counts  # noqa: E402
+from dmoe_train.studies.points import evaluate, kept, train_run  # noqa: E402
 
 BASE = PROJECT_ROOT / "assets" / "tiny256-llada2"
 # every evaluation: the base, the skills test split (no training data needed), LLaDA2.0 decoding

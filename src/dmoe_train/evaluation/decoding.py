@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 
 from dmoe_train.data.module import DiffusionDataModule
-from dmoe_train.diffusion import denoise, masked_diffusion_loss
-from dmoe_train.generate import Generation, generate
-from dmoe_train.metrics import load_balance_cv
+from dmoe_train.evaluation.sampler import Generation, generate
+from dmoe_train.models.block_diffusion import noised_forward
+from dmoe_train.objectives.expert_metrics import load_balance_cv
+from dmoe_train.objectives.masked_diffusion import masked_diffusion_loss
 
 
 def content_positions(x0: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -39,7 +40,7 @@ def masked_token_metrics(
     loss_sum = correct = total = masked = 0.0
     for batch in data.val_dataloader():
         x0 = batch["input_ids"]
-        out = denoise(
+        out = noised_forward(
             model, x0, batch["response_mask"], cfg.mask_token_id, t_low, t_high,
             "block_diffusion", block_size, torch.rand(x0.shape[0], 1 + x0.shape[1], generator=gen),
         )  # fmt: skip

@@ -1,6 +1,6 @@
 """Gather every run's `metrics.json` of a sweep directory into one table and a plot.
 
-Usage: python scripts/summarize_sweep.py multirun/<sweep dir>  ->  sweep.md, sweep.csv, sweep.png
+Usage: python -m dmoe_train.studies.summarize_sweep multirun/<sweep dir>  ->  sweep.md, sweep.csv, sweep.png
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dmoe_train.router_io import export_router
+from dmoe_train.models.adapted_weights import export_router
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dmoe_train.diffusion import as_additive
-from dmoe_train.metrics import expert_load, unique_experts_per_block
+from dmoe_train.models.block_diffusion import as_additive
 from dmoe_train.models.common import LMOutput
+from dmoe_train.objectives.expert_metrics import expert_load, unique_experts_per_block
 
 
 @dataclass

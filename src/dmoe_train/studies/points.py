@@ -13,8 +13,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from dmoe_train.cli.common import CONFIG_DIR
-from dmoe_train.cli.eval import run_eval
+from dmoe_train.evaluation.run import run_eval
+from dmoe_train.resolvers import CONFIG_DIR
 
 
 def kept(stored: Path, compute: Callable[[], dict]) -> dict:

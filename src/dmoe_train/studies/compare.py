@@ -16,9 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from dmoe_train.cli.common import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
-from dmoe_train.cli.eval import format_table, prepare_eval, run_eval  # noqa: E402
-from dmoe_train.decoding_eval import first_prompts, interleaved_latency  # noqa: E402
+from dmoe_train.evaluation.decoding import first_prompts, interleaved_latency  # noqa: E402
+from dmoe_train.evaluation.run import format_table, prepare_eval, run_eval  # noqa: E402
+from dmoe_train.resolvers import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 
 ROWS = {

@@ -29,11 +29,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from study_points import evaluate, kept, train_run  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dmoe_train.cli.common import PROJECT_ROOT  # noqa: E402
-from dmoe_train.frontier import Point, bootstrap_intervals  # noqa: E402
+from dmoe_train.evaluation.frontier import Point, bootstrap_intervals  # noqa: E402
+from dmoe_train.locations import PROJECT_ROOT  # noqa: E402
+from dmoe_train.studies.points import evaluate, kept, train_run  # noqa: E402
 
 TOP_K, K_MIN, K_MAX = 4, 2, 6  # the tiny base's top-k; the schedules' range, mean TOP_K
 SCHEDULES = ("static", "linear", "linear_reverse", "cosine")

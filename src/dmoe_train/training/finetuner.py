@@ -19,9 +19,9 @@ from torch.func import functional_call
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from dmoe_train.diffusion import AttentionMode, denoise, masked_diffusion_loss, row_uniforms
-from dmoe_train.metrics import unique_experts_per_block
 from dmoe_train.models import TRAINABLE_SETS, TrainableSet, in_trainable_set, is_router_param
+from dmoe_train.models.adapted_weights import base_fingerprint
+from dmoe_train.models.block_diffusion import AttentionMode, noised_forward
 from dmoe_train.models.lora import ExpertLora, add_expert_lora, init_expert_lora, is_lora_param
 from dmoe_train.models.sharding import (
     assign_shard,
@@ -30,8 +30,9 @@ from dmoe_train.models.sharding import (
     load_shards,
     shard_model,
 )
-from dmoe_train.regularizers import CoresetRegularizer
-from dmoe_train.router_io import base_fingerprint
+from dmoe_train.objectives.expert_metrics import unique_experts_per_block
+from dmoe_train.objectives.masked_diffusion import masked_diffusion_loss, row_uniforms
+from dmoe_train.objectives.regularizers import CoresetRegularizer
 from dmoe_train.routing import Routing, RoutingPolicy
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,7 @@ class RouterFineTuner(L.LightningModule):
         x0 = batch["input_ids"]
         keys = [hash((self.seed, *key, int(i))) % 2**63 for i in batch["index"]]
         noised = partial(
-            denoise,
+            noised_forward,
             x0=x0,
             response_mask=batch["response_mask"],
             mask_id=cfg.mask_token_id,

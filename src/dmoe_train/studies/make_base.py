@@ -1,0 +1,222 @@
+"""Train a shipped LLaDA2-MoE base from scratch on CPU: `--base tiny` (`assets/tiny-llada2`,
+32 experts, arithmetic, blocks of 8) or `--base tiny256` (`assets/tiny256-llada2`, LLaDA2.0-mini's
+routing regime: 256 experts, top-8, 4 of 8 groups, the multi-skill task, blocks of 32).
+
+All parameters, the block-diffusion loss, per-token routing, and LLaDA2's auxiliary-loss-free load
+balancing: after every step each router's `expert_bias` moves by `--bias-rate` towards the mean
+load, so the base uses its experts evenly as the real one does. `--routing expert_choice` trains
+with expert choice instead (arXiv 2604.01622: each expert takes its top-c tokens of a routing
+group, `--ec-group`; capacity from the sample's mask ratio by `--schedule` between `--k-min` and
+`--k-max`; balanced by construction, so no bias balancing). Writes the model (bf16, published
+layout, its routing in the config), its character tokenizer and `quality.json`: exact match on the
+test split (per skill), the share of experts per block, and the training curve (validation loss
+every `--val-every` steps against tokens and seconds, expert-load CV, tokens per second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from dmoe_train.data.module import DiffusionDataModule
+from dmoe_train.data.tokenizer import char_tokenizer
+from dmoe_train.evaluation.decoding import (
+    GenerationSettings,
+    evaluate_generation,
+    masked_token_metrics,
+)
+from dmoe_train.models import build_model
+from dmoe_train.models.block_diffusion import noised_forward
+from dmoe_train.objectives.expert_metrics import (
+    expert_load,
+    load_balance_cv,
+    unique_experts_per_block,
+)
+from dmoe_train.objectives.masked_diffusion import masked_diffusion_loss
+from dmoe_train.routing import EC_GROUPS, SCHEDULES, RoutingPolicy
+from dmoe_train.training.finetuner import router_z_loss
+
+
+@torch.no_grad()
+def balance_experts(loads: torch.Tensor, model: torch.nn.Module, rate: float) -> None:
+    """Raise the bias of under-loaded experts and lower it for over-loaded ones; `loads`
+    `[moe_layers, E]` tokens per expert."""
+    moe_layers = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    for load, moe in zip(loads.float(), moe_layers, strict=True):
+        moe.gate.expert_bias += rate * torch.sign(load.mean() - load)
+
+
+# what each shipped base is: its model preset, data and pretraining recipe
+BASES: dict[str, dict] = {
+    "tiny": dict(
+        preset="tiny", source="arithmetic", out="assets/tiny-llada2", max_seq_len=16,
+        block_size=8, steps=4000, batch_size=64, lr=3e-3, train_size=14000, test_size=256,
+        threshold=None,
+    ),
+    # LLaDA2.0-mini's routing regime: 256 experts, top-8, 4 of 8 groups, blocks of 32
+    "tiny256": dict(
+        preset="tiny256", source="skills", out="assets/tiny256-llada2", max_seq_len=96,
+        block_size=32, steps=4000, batch_size=48, lr=3e-3, train_size=100000, test_size=1000,
+        threshold=0.95,
+    ),
+}  # fmt: skip
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--base", choices=sorted(BASES), default="tiny")
+    ap.add_argument("--out")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--train-size", type=int)
+    ap.add_argument("--test-size", type=int)
+    ap.add_argument("--bias-rate", type=float, default=1e-3)
+    ap.add_argument("--eval-every", type=int, default=1000, help="exact match on 64 test prompts")
+    ap.add_argument("--val-every", type=int, default=100, help="validation loss (the curve)")
+    ap.add_argument("--routing", choices=("token", "expert_choice"), default="token")
+    ap.add_argument("--schedule", choices=SCHEDULES, default="static")
+    ap.add_argument("--k-min", type=int, help="expert choice's k at r = 0 (default: top-k)")
+    ap.add_argument("--k-max", type=int, help="expert choice's k at r = 1 (default: top-k)")
+    ap.add_argument("--ec-group", choices=EC_GROUPS, default="sequence")
+    ap.add_argument("--z-loss", type=float, default=0.0, help="router z-loss weight")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    for key, value in BASES[args.base].items():  # the base's recipe where not given
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def settings_of(args: argparse.Namespace, max_samples: int) -> GenerationSettings:
+    """LLaDA2's decoding at the base's block size (threshold decoding where the base uses it)."""
+    return GenerationSettings(
+        args.block_size, args.block_size, threshold=args.threshold, max_samples=max_samples
+    )
+
+
+def routing_of(args: argparse.Namespace) -> RoutingPolicy | None:
+    """The routing the base trains with (None: the model's own token routing)."""
+    if args.routing == "token":
+        return None
+    return RoutingPolicy(
+        "expert_choice", block_size=args.block_size, k_min=args.k_min, k_max=args.k_max,
+        schedule=args.schedule, ec_group=args.ec_group,
+    )  # fmt: skip
+
+
+def train_base(
+    model: torch.nn.Module, data: DiffusionDataModule, args: argparse.Namespace
+) -> list[dict]:
+    """Block-diffusion pretraining from scratch, every parameter, with LLaDA2's bias balancing
+    under token routing. Returns the curve: one row per `--val-every` steps."""
+    cfg = model.config
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    # the schedule router fine-tuning uses (configs/train.yaml: module.scheduler), to zero
+    sched = get_cosine_with_min_lr_schedule_with_warmup(
+        opt, args.steps // 20, args.steps, min_lr_rate=0.0
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    curve: list[dict] = []
+    seconds = 0.0  # training time, evaluation left out
+    tokens, cvs = 0, []
+    model.train()
+    for step, batch in enumerate(data.stream_loader(args.steps)):
+        began = time.perf_counter()
+        ids = batch["input_ids"]
+        uniforms = torch.rand(len(ids), 1 + ids.shape[1], generator=gen)
+        out = noised_forward(
+            model, ids, batch["response_mask"], cfg.mask_token_id, 0.0, 1.0,
+            "block_diffusion", args.block_size, uniforms,
+        )  # fmt: skip
+        loss = masked_diffusion_loss(out.logits, ids, out.masked, out.t, "none")
+        if args.z_loss:
+            loss = loss + args.z_loss * router_z_loss(out.routing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loads = torch.stack([expert_load(r.ids, cfg.num_experts) for r in out.routing])
+        if args.routing == "token":
+            balance_experts(loads, model, args.bias_rate)
+        seconds += time.perf_counter() - began
+        tokens += ids.numel()
+        cvs.append(float(load_balance_cv(loads).mean()))  # mean over MoE layers
+        if args.val_every and ((step + 1) % args.val_every == 0 or step + 1 == args.steps):
+            model.eval()
+            val = masked_token_metrics(model, data, args.block_size, 0.0, 1.0)
+            model.train()
+            curve.append(dict(
+                step=step + 1, tokens=tokens, seconds=round(seconds, 2), val_loss=val["loss"],
+                val_accuracy=val["accuracy"], load_cv=sum(cvs) / len(cvs),
+            ))  # fmt: skip
+            cvs = []
+        if step % 100 == 0:
+            unique = sum(
+                unique_experts_per_block(r.ids, args.block_size).float().mean() for r in out.routing
+            ) / len(out.routing)
+            print(
+                f"step {step:5d}  loss {loss.item():.4f}  unique experts {unique:.1f}  "
+                f"{seconds:6.1f}s",
+                flush=True,
+            )
+        if args.eval_every and step and step % args.eval_every == 0:
+            model.eval()
+            m = evaluate_generation(model, data, settings_of(args, 64), "test")
+            model.train()
+            print(f"step {step:5d}  exact match on 64 test prompts {m['accuracy']:.3f}", flush=True)
+    return curve
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    tokenizer = char_tokenizer()
+    model = build_model(args.preset, seed=args.seed)
+    if (policy := routing_of(args)) is not None:
+        model.set_routing(policy)
+    # the data module reads its tokenizer from a model directory: the base-to-be's
+    tok_dir = Path(tempfile.mkdtemp())
+    tokenizer.save_pretrained(tok_dir)
+    (tok_dir / "config.json").write_text(json.dumps(model.config.to_dict()))
+    data = DiffusionDataModule(
+        str(tok_dir), source=args.source, max_seq_len=args.max_seq_len,
+        batch_size=args.batch_size, train_size=args.train_size, test_size=args.test_size,
+    )  # fmt: skip
+    data.setup()
+    curve = train_base(model, data, args)
+    model.eval()
+    test = evaluate_generation(model, data, settings_of(args, args.test_size), "test")
+    quality = {
+        "base": args.base,
+        "train_steps": args.steps,
+        "batch_size": args.batch_size,
+        "routing": model.config.routing.to_dict(),
+        "train_seconds": curve[-1]["seconds"] if curve else None,
+        "train_tokens_per_s": curve[-1]["tokens"] / curve[-1]["seconds"] if curve else None,
+        "masked_token_accuracy": masked_token_metrics(model, data, args.block_size)["accuracy"],
+        "test_problems": test["samples"],
+        "exact_match": test["accuracy"],
+        "exact_match_by_skill": test.get("accuracy_by_skill", {}),
+        "correct": test["correct"],  # per test problem: paired intervals between bases
+        "unique_experts_per_block": test["unique_experts_per_block"],
+        "share_of_experts_per_block": test["unique_experts_per_block"] / model.config.num_experts,
+        "decoding": test["settings"],
+        "curve": curve,
+    }
+    print(json.dumps({k: v for k, v in quality.items() if k != "curve"}, indent=2))
+    out_dir = Path(args.out)
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
