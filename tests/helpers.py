@@ -19,6 +19,7 @@ from dmoe_train.cli.common import (  # (registers the resolvers)
     PROJECT_ROOT,  # noqa: F401 (tests import it from here)
 )
 from dmoe_train.cli.common import CONFIG_DIR as CONFIGS  # (registers the resolvers)
+from dmoe_train.routing import MoeSpec
 
 TINY_BASE = ASSETS / "tiny-llada2"  # the shipped base (assets/ links to it)
 TRAIN_CMD = (sys.executable, "-m", "dmoe_train.cli.train")  # what `dmoe-train` runs
@@ -147,3 +148,8 @@ class RecordTopP(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         RecordTopP.seen.append(pl_module.model.config.routing.top_p)
+
+
+def moe_spec(scores: torch.Tensor, top_k: int, **settings) -> MoeSpec:
+    """The MoE layer routing sees, for scores `[..., E]` of a hand-computed case."""
+    return MoeSpec(num_experts=scores.shape[-1], top_k=top_k, expert_width=1, **settings)

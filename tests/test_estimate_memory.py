@@ -64,9 +64,9 @@ def test_fsdp_holds_the_root_unit_gathered_beside_two_layers():
 def test_every_trainable_set_counts_its_own_weights():
     cfg = read_config(TINY)
     counts = {t: parameter_counts(cfg, t).trained for t in TRAINABLE_SETS}
-    h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe.expert_width
     layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
-    shared = layers * 3 * h * cfg.shared_expert_intermediate_size
+    shared = layers * 3 * h * cfg.moe.shared_width
     lora = layers * 3 * 8 * e * (h + i)  # rank 8: A [8 E, in] and B [out, 8 E] per projection
     assert counts["router+shared"] - counts["router"] == shared
     assert counts["router+lora"] - counts["router"] == lora

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import compose_train
+from helpers import compose_train, moe_spec
 from safetensors.torch import load_file, save_file
 
 from dmoe_train.cli.train import train
@@ -59,7 +59,7 @@ def test_capacity_schedules(schedule, expected):
 def test_route_expert_choice_capacity_and_weights():
     scores = _scores(2, 16)
     policy = RoutingPolicy("expert_choice", block_size=8, capacity_factor=2.0)
-    r = route(policy, scores, None, K, 1, 1, renormalise=False)
+    r = route(policy, scores, moe=moe_spec(scores, K, renormalise=False))
     c = round(2.0 * K * 8 / E)  # = 4 tokens per expert and block
     for block in range(2):
         ids = r.ids[:, block * 8 : (block + 1) * 8]
@@ -77,7 +77,7 @@ def test_timestep_capacity_follows_the_block_noise_level():
     scores = _scores(1, 16)
     policy = RoutingPolicy("expert_choice", block_size=8, k_min=2, k_max=8, schedule="linear")
     ratio = torch.tensor([[0.0] * 8 + [1.0] * 8])  # a clean block, then a fully masked one
-    r = route(policy, scores, None, K, 1, 1, ratio=ratio)
+    r = route(policy, scores, moe=moe_spec(scores, K), ratio=ratio)
     per_block = [int((r.ids[:, s : s + 8] >= 0).sum()) for s in (0, 8)]
     assert per_block == [E * round(2 * 8 / E), E * round(8 * 8 / E)]  # c = 1, then c = 4
 
@@ -89,7 +89,7 @@ def test_combined_mode_never_leaves_the_coreset(coreset):
         policy = RoutingPolicy(
             "expert_choice", block_size=8, ec_coreset=coreset, top_p=0.5, min_experts=4, capacity=6
         )
-        r = route(policy, scores, None, K, 1, 1, renormalise=True)
+        r = route(policy, scores, moe=moe_spec(scores, K))
         per_token = r.coreset.repeat_interleave(8, dim=1)  # [B, L, E]
         picked = r.ids >= 0
         inside = per_token.gather(-1, r.ids.clamp_min(0))
@@ -248,7 +248,7 @@ def test_retrofit_lowers_expert_choice_validation_loss(tmp_path):
 
 def test_router_z_loss_is_mean_squared_logsumexp():
     logits = torch.randn(2, 5, E, generator=torch.Generator().manual_seed(0))
-    r = route(RoutingPolicy("token"), logits.softmax(-1), None, K, 1, 1)
+    r = route(RoutingPolicy("token"), logits.softmax(-1), moe=moe_spec(logits.softmax(-1), K))
     r.logits = logits
     expected = logits.logsumexp(-1).pow(2).mean()
     torch.testing.assert_close(router_z_loss([r, r]), expected)
@@ -256,6 +256,6 @@ def test_router_z_loss_is_mean_squared_logsumexp():
 
 def test_sequence_groups_choose_over_the_whole_sequence():
     policy = RoutingPolicy("expert_choice", block_size=4, ec_group="sequence")
-    r = route(policy, _scores(2, 16), None, K, 1, 1)
+    r = route(policy, _scores(2, 16), moe=moe_spec(_scores(2, 16), K))
     load = torch.stack([expert_load(r.ids[b : b + 1], E) for b in range(2)])
     assert (load == round(K * 16 / E)).all()  # c = 4 tokens per expert across 4 blocks

@@ -35,14 +35,7 @@ def test_token_routing_equals_deepseek_v3s_router(n_group, topk_group):
         theirs.e_score_correction_bias.copy_(moe.gate.expert_bias)
     x = torch.randn(2, 64, cfg.hidden_size, generator=gen)
     _, scores, bias = moe.gate(x)
-    ours = route(
-        RoutingPolicy("token", block_size=8),
-        scores,
-        bias,
-        cfg.num_experts_per_tok,
-        cfg.n_group,
-        cfg.topk_group,
-    )
+    ours = route(RoutingPolicy("token", block_size=8), scores, moe=cfg.moe, expert_bias=bias)
     _, weights, ids = theirs(x)
     ours_ids, order = ours.ids.flatten(0, 1).sort(-1)
     ours_weights = ours.weights.flatten(0, 1).gather(-1, order) * cfg.routed_scaling_factor

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import moe_spec
 
 from dmoe_train.routing import (
     RoutingPolicy,
@@ -15,14 +16,14 @@ from dmoe_train.routing import (
 def test_token_topk_group_limited_by_hand():
     # 4 groups of 2; group scores (top-2 sums): g0 0.2, g1 1.5, g2 1.6, g3 0.9 -> keep g2, g1
     scores = torch.tensor([[0.1, 0.1, 0.7, 0.8, 0.9, 0.7, 0.85, 0.05]])
-    ids, weights = token_topk(scores, None, top_k=2, n_group=4, topk_group=2)
+    ids, weights = token_topk(scores, None, moe=moe_spec(scores, 2, n_group=4, topk_group=2))
     assert ids.tolist() == [[4, 3]]  # 0.85 (g3) is better than 0.8 but its group is dropped
     torch.testing.assert_close(weights, torch.tensor([[0.9 / 1.7, 0.8 / 1.7]]))
 
 
 def test_token_topk_bias_steers_selection_not_weights():
     scores = torch.tensor([[0.5, 0.4, 0.3]])
-    ids, weights = token_topk(scores, torch.tensor([0.0, 0.0, 0.5]), 2, 1, 1)
+    ids, weights = token_topk(scores, torch.tensor([0.0, 0.0, 0.5]), moe=moe_spec(scores, 2))
     assert sorted(ids.tolist()[0]) == [0, 2]
     assert torch.allclose(weights.sum(-1), torch.ones(1))
     assert weights[0, ids[0].tolist().index(2)] == pytest.approx(0.3 / 0.8)
@@ -92,8 +93,16 @@ def test_padded_tokens_never_vote(policy):
     changed = scores.clone()
     changed[:, 10:] = torch.rand(2, 6, 32)
     pol = RoutingPolicy(policy, block_size=8, top_p=0.5, min_experts=4, capacity=6)
-    a = route(pol, scores, bias, 4, 4, 2, valid)
-    b = route(pol, changed, bias, 4, 4, 2, valid)
+    a = route(
+        pol, scores, moe=moe_spec(scores, 4, n_group=4, topk_group=2), expert_bias=bias, valid=valid
+    )
+    b = route(
+        pol,
+        changed,
+        moe=moe_spec(changed, 4, n_group=4, topk_group=2),
+        expert_bias=bias,
+        valid=valid,
+    )
     assert torch.equal(a.coreset, b.coreset)
     assert torch.equal(a.ids[:, :10], b.ids[:, :10])
 
@@ -103,14 +112,17 @@ def test_padded_tokens_never_vote(policy):
 def test_topp_one_equals_token_routing(seed, groups):
     scores, bias = _random_scores(seed)
     n_group, topk_group = groups
-    token = route(RoutingPolicy("token"), scores, bias, 4, n_group, topk_group)
+    token = route(
+        RoutingPolicy("token"),
+        scores,
+        moe=moe_spec(scores, 4, n_group=n_group, topk_group=topk_group),
+        expert_bias=bias,
+    )
     topp = route(
         RoutingPolicy("topp", block_size=8, top_p=1.0, min_experts=0),
         scores,
-        bias,
-        4,
-        n_group,
-        topk_group,
+        moe=moe_spec(scores, 4, n_group=n_group, topk_group=topk_group),
+        expert_bias=bias,
     )
     assert torch.equal(token.ids.sort(-1).values, topp.ids.sort(-1).values)
     torch.testing.assert_close(
@@ -127,7 +139,9 @@ def test_route_in_coreset_never_leaves_coreset(seed):
     coreset.scatter_(
         -1, torch.rand(4, 1, 32, generator=g).argsort(-1)[..., :size].expand(4, 8, size), True
     )
-    ids, weights = route_in_coreset(scores, bias, coreset, 4, n_group=8, topk_group=2)
+    ids, weights = route_in_coreset(
+        scores, bias, coreset, moe=moe_spec(scores, 4, n_group=8, topk_group=2)
+    )
     chosen = ids >= 0
     assert coreset.gather(-1, ids.clamp_min(0))[chosen].all()
     # the group rule widens until k coreset experts are reachable: no slot left empty needlessly

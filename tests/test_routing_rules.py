@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import CONFIGS
+from helpers import CONFIGS, moe_spec
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -39,7 +39,7 @@ def test_votes_plain_against_routed():
     scores = torch.tensor([[[0.9, 0.1, 0.8, 0.7]]])
     for vote, expected in (("routed", [2]), ("plain", [0])):
         policy = RoutingPolicy("topp", block_size=1, top_p=0.5, min_experts=0, vote=vote)
-        routing = route(policy, scores, None, 2, n_group=2, topk_group=1)
+        routing = route(policy, scores, moe=moe_spec(scores, 2, n_group=2, topk_group=1))
         assert routing.coreset[0, 0].nonzero().flatten().tolist() == expected
 
 
@@ -72,7 +72,11 @@ def _coreset(*experts):
 def test_selection_inside_the_coreset():
     core = _coreset(0, 1, 2, 4, 5, 6)
     picks = {
-        rule: _ids(route_in_coreset(TOKEN, None, core, 2, 4, 2, in_coreset=rule)[0])
+        rule: _ids(
+            route_in_coreset(
+                TOKEN, None, core, moe=moe_spec(TOKEN, 2, n_group=4, topk_group=2), in_coreset=rule
+            )[0]
+        )
         for rule in IN_CORESET
     }
     # ranked: the token's own best groups g1, g2 hold 3 coreset experts: e2 .8, e4 .6
@@ -89,13 +93,21 @@ def test_masked_groups_fills_where_dmoe_would_leak():
     # top-3 inside it meets -inf and would return an expert outside the coreset; we take the best
     # coreset expert of the other groups, e6 .95
     ids, weights = route_in_coreset(
-        TOKEN, None, _coreset(4, 5, 6), 3, 4, 1, in_coreset="masked_groups"
+        TOKEN,
+        None,
+        _coreset(4, 5, 6),
+        moe=moe_spec(TOKEN, 3, n_group=4, topk_group=1),
+        in_coreset="masked_groups",
     )
     assert ids.tolist() == [[4, 5, 6]]
     torch.testing.assert_close(weights, torch.tensor([[0.6, 0.5, 0.95]]) / 2.05)
     # a coreset smaller than k leaves empty slots, never an expert outside it
     ids, weights = route_in_coreset(
-        TOKEN, None, _coreset(4, 5), 3, 4, 1, in_coreset="masked_groups"
+        TOKEN,
+        None,
+        _coreset(4, 5),
+        moe=moe_spec(TOKEN, 3, n_group=4, topk_group=1),
+        in_coreset="masked_groups",
     )
     assert ids.tolist() == [[4, 5, -1]] and weights[0, 2] == 0
 
@@ -125,7 +137,12 @@ def test_llada22_pool_and_plain_topk():
     policy = instantiate(OmegaConf.load(CONFIGS / "router" / "llada22.yaml"))
     policy = RoutingPolicy(**{**policy.to_dict(), "block_size": 2, "capacity": 3})
     assert policy.rule == "llada22"
-    routing = route(policy, biased - bias, bias, 2, n_group=3, topk_group=1)
+    routing = route(
+        policy,
+        biased - bias,
+        moe=moe_spec(biased - bias, 2, n_group=3, topk_group=1),
+        expert_bias=bias,
+    )
     # block max: e0 .5, e1 .75, e2 .75, e3 .5, ...: e1, e2, then e0 over e3 (tie: lower id)
     assert routing.coreset[0, 0].nonzero().flatten().tolist() == [0, 1, 2]
     # each token's plain top-2 in the pool, across groups: t0 e2 .75 (g1), e0 .5 (g0); t1 e1, e2
@@ -188,7 +205,13 @@ def test_every_combination_stays_in_its_coreset(name, vote, vote_mass, guard_tie
             guard_ties=guard_ties,
             in_coreset=in_coreset,
         )
-        routing = route(policy, scores, bias, 4, 8, 2, valid)
+        routing = route(
+            policy,
+            scores,
+            moe=moe_spec(scores, 4, n_group=8, topk_group=2),
+            expert_bias=bias,
+            valid=valid,
+        )
         per_token = routing.coreset.repeat_interleave(8, 1)
         chosen = routing.ids >= 0
         assert per_token.gather(-1, routing.ids.clamp_min(0))[chosen].all()
@@ -196,7 +219,16 @@ def test_every_combination_stays_in_its_coreset(name, vote, vote_mass, guard_tie
         # padded positions never vote
         changed = scores.clone()
         changed[1, 11:] = torch.rand(5, 32)
-        assert torch.equal(route(policy, changed, bias, 4, 8, 2, valid).coreset, routing.coreset)
+        assert torch.equal(
+            route(
+                policy,
+                changed,
+                moe=moe_spec(changed, 4, n_group=8, topk_group=2),
+                expert_bias=bias,
+                valid=valid,
+            ).coreset,
+            routing.coreset,
+        )
         if name == "topp" and vote_mass == "clamp":  # a subset of the votes (no guard)
             free = RoutingPolicy(**{**policy.to_dict(), "min_experts": 0, "top_p": 0.9})
             selection = scores + bias
@@ -209,14 +241,28 @@ def test_every_combination_stays_in_its_coreset(name, vote, vote_mass, guard_tie
                 & valid[..., None]
             )
             union = votes.unflatten(1, (2, 8)).any(2)
-            assert not (route(free, scores, bias, 4, 8, 2, valid).coreset & ~union).any()
+            assert not (
+                route(
+                    free,
+                    scores,
+                    moe=moe_spec(scores, 4, n_group=8, topk_group=2),
+                    expert_bias=bias,
+                    valid=valid,
+                ).coreset
+                & ~union
+            ).any()
 
 
 @pytest.mark.parametrize(("vote_mass", "guard_ties"), itertools.product(VOTE_MASSES, GUARD_TIES))
 @pytest.mark.parametrize("seed", range(5))
 def test_routed_votes_at_top_p_one_are_token_routing(vote_mass, guard_ties, seed):
     scores, bias = _random(seed)
-    token = route(RoutingPolicy("token"), scores, bias, 4, 8, 2)
+    token = route(
+        RoutingPolicy("token"),
+        scores,
+        moe=moe_spec(scores, 4, n_group=8, topk_group=2),
+        expert_bias=bias,
+    )
     topp = route(
         RoutingPolicy(
             "topp",
@@ -227,10 +273,8 @@ def test_routed_votes_at_top_p_one_are_token_routing(vote_mass, guard_ties, seed
             guard_ties=guard_ties,
         ),
         scores,
-        bias,
-        4,
-        8,
-        2,
+        moe=moe_spec(scores, 4, n_group=8, topk_group=2),
+        expert_bias=bias,
     )
     assert torch.equal(token.ids.sort(-1).values, topp.ids.sort(-1).values)
     torch.testing.assert_close(

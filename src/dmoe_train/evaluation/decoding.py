@@ -233,7 +233,7 @@ def _metrics(
     cfg = model.config
     per_layer = torch.cat(tally.unique).mean(0)
     param = next(model.parameters())
-    expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    expert_params = 3 * cfg.hidden_size * cfg.moe.expert_width
     expert_bytes = expert_params * param.element_size()
     load, routed = tally.load, tally.routed
     decoded = routed > 0  # else no forward ran: nothing to count

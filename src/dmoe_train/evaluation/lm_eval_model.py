@@ -237,7 +237,7 @@ class DiffusionLM(LM):
         unique = float(stats[0] / stats[1]) if stats[1] else float("nan")
         cfg = self.model.config
         param = next(self.model.parameters())
-        expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * param.element_size()
+        expert_bytes = 3 * cfg.hidden_size * cfg.moe.expert_width * param.element_size()
         return {
             "routing": self.policy.describe(),
             # no retained share here: lm-eval scores the tasks; the base's reference is a second
@@ -245,7 +245,7 @@ class DiffusionLM(LM):
             "router": self.router or "the base's own",
             "processes": self.world_size,
             "unique_experts_per_block": unique,
-            "num_experts": cfg.num_experts,
+            "num_experts": cfg.moe.num_experts,
             "expert_bytes_per_block": unique * expert_bytes,
             "decoding": asdict(self.settings),
         }

@@ -8,7 +8,7 @@ earlier blocks of x_0 and never x_t. Logits are read from the x_t half.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -18,7 +18,7 @@ from dmoe_train.routing import Routing
 
 # block_diffusion_flex: the same mask as flex_attention's BlockMask (no dense [2L, 2L] tensor)
 AttentionMode = Literal["block_diffusion", "block_diffusion_flex", "full"]
-ATTENTION_MODES = ("block_diffusion", "block_diffusion_flex", "full")
+ATTENTION_MODES = get_args(AttentionMode)
 
 
 def block_diffusion_mask(n: int, block_size: int, device: torch.device | None = None) -> Tensor:

@@ -25,6 +25,7 @@ from dmoe_train.models.block_diffusion import as_additive
 from dmoe_train.models.grouped_experts import LowRank, expert_mlp
 from dmoe_train.models.lora import expert_low_rank, is_lora_param
 from dmoe_train.routing import (
+    MoeSpec,
     Routing,
     RoutingPolicy,
     from_blocks,
@@ -41,6 +42,16 @@ class PublishedConfig:
     fields (same names); the others are kept in `extra` and written back; `routing` is ours."""
 
     model_type: ClassVar[str]
+    # what the shared blocks read, in every family under these names
+    hidden_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    mask_token_id: int
+    rope_theta: float
+    rotary_dim: int
+    routing: RoutingPolicy
+    moe: MoeSpec  # the family's MoE layer, built once from its published fields
 
     def resolve_common(self) -> None:
         """The first steps of every family's `__post_init__`."""
@@ -163,14 +174,14 @@ class SwiGLU(nn.Module):
 class Router(nn.Module):
     """`weight` `[E, H]` and an optional `expert_bias` `[E]` that only steers selection."""
 
-    def __init__(self, hidden: int, num_experts: int, score_function: str, bias: bool) -> None:
+    def __init__(self, hidden: int, moe: MoeSpec) -> None:
         super().__init__()
-        if score_function not in ("sigmoid", "softmax"):
-            raise ValueError(f"score_function={score_function!r}: 'sigmoid' or 'softmax'")
-        self.score_function = score_function
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.score_function = moe.score_function
+        self.weight = nn.Parameter(torch.empty(moe.num_experts, hidden))
         self.expert_bias = (
-            nn.Parameter(torch.zeros(num_experts), requires_grad=False) if bias else None
+            nn.Parameter(torch.zeros(moe.num_experts), requires_grad=False)
+            if moe.expert_bias
+            else None
         )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -203,44 +214,31 @@ class Experts(nn.Module):
 
 
 class SparseMoe(nn.Module):
-    """The one MoE block of every family: router, routed experts, optional shared expert. Reads
-    from the config: num_experts, num_experts_per_tok, moe_intermediate_size,
-    shared_expert_intermediate_size, score_function, moe_router_enable_expert_bias, n_group,
-    topk_group, norm_topk_prob, routed_scaling_factor and the routing policy."""
+    """The one MoE block of every family: router, routed experts, optional shared expert, as
+    the config's `moe` describes them; it routes by the config's current `routing`."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, config: PublishedConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        h = cfg.hidden_size
-        self.gate = Router(
-            h, cfg.num_experts, cfg.score_function, cfg.moe_router_enable_expert_bias
-        )
-        self.experts = Experts(cfg.num_experts, h, cfg.moe_intermediate_size)
-        shared = cfg.shared_expert_intermediate_size
-        self.shared_experts = SwiGLU(h, shared) if shared else None
+        self.config = config
+        moe, h = config.moe, config.hidden_size
+        self.gate = Router(h, moe)
+        self.experts = Experts(moe.num_experts, h, moe.expert_width)
+        self.shared_experts = SwiGLU(h, moe.shared_width) if moe.shared_width else None
 
     def forward(
         self, x: Tensor, valid: Tensor | None, ratio: Tensor | None
     ) -> tuple[Tensor, Routing]:
-        cfg = self.cfg
+        moe = self.config.moe
         logits, scores, bias = self.gate(x)
         routing = route(
-            cfg.routing,
-            scores,
-            bias,
-            cfg.num_experts_per_tok,
-            cfg.n_group,
-            cfg.topk_group,
-            valid,
-            ratio,
-            bool(cfg.norm_topk_prob),
+            self.config.routing, scores, moe=moe, expert_bias=bias, valid=valid, ratio=ratio
         )
         routing.logits = logits
         experts, low_rank = expert_low_rank(self.experts)  # peft's wrappers, if adapted
         out = experts(
             x.flatten(0, 1),
             routing.ids.flatten(0, 1),
-            routing.weights.flatten(0, 1) * cfg.routed_scaling_factor,
+            routing.weights.flatten(0, 1) * moe.scaling,
             low_rank,
         ).view_as(x)
         if self.shared_experts is not None:
@@ -252,7 +250,9 @@ class DecoderLayer(nn.Module):
     """Pre-norm: x + attention(norm(x)), then x + mlp(norm(x)). The attention block is registered
     under the checkpoint's name for it (`attention` in LLaDA2, `self_attn` in LLaDA-MoE)."""
 
-    def __init__(self, cfg: Any, attention_name: str, attention: nn.Module, mlp: nn.Module) -> None:
+    def __init__(
+        self, cfg: PublishedConfig, attention_name: str, attention: nn.Module, mlp: nn.Module
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attention_name = attention_name
@@ -308,7 +308,7 @@ class MoeDiffusionLM(nn.Module):
     # (our name suffix, the published one) where a family's checkpoint names differ from ours
     published_names: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def __init__(self, config: Any, model: nn.Module) -> None:
+    def __init__(self, config: PublishedConfig, model: nn.Module) -> None:
         super().__init__()
         self.config = config
         self.model = model
@@ -323,7 +323,7 @@ class MoeDiffusionLM(nn.Module):
 
     def set_routing(self, policy: RoutingPolicy) -> None:
         """Switch every MoE layer to `policy` (they share this config)."""
-        policy.check_against(self.config.num_experts, self.config.num_experts_per_tok)
+        policy.check_against(self.config.moe.num_experts, self.config.moe.top_k)
         self.config.routing = policy
 
     @contextmanager

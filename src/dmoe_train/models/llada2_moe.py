@@ -9,6 +9,7 @@ through `dmoe_train.routing`, so a block-level policy from the config replaces p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from torch import Tensor, nn
 
@@ -22,7 +23,7 @@ from dmoe_train.models.common import (
     SwiGLU,
     attend,
 )
-from dmoe_train.routing import RoutingPolicy
+from dmoe_train.routing import MoeSpec, RoutingPolicy
 
 
 @dataclass
@@ -72,19 +73,28 @@ class LLaDA2MoeConfig(PublishedConfig):
                 raise ValueError(f"{unsupported}={self.extra[unsupported]}: not supported (false)")
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise ValueError(f"rotary_dim={self.rotary_dim}: must be even and <= head_dim")
-        if self.num_experts % self.n_group:
-            raise ValueError(f"n_group={self.n_group} does not divide num_experts")
-        group_size = self.num_experts // self.n_group
+        group_size = self.num_experts // self.moe.n_group
         if self.topk_group * group_size < self.num_experts_per_tok:
             raise ValueError(
                 f"topk_group={self.topk_group} groups of {group_size} hold fewer than "
                 f"num_experts_per_tok={self.num_experts_per_tok} experts"
             )
-        self.routing.check_against(self.num_experts, self.num_experts_per_tok)
+        self.routing.check_against(self.moe.num_experts, self.moe.top_k)
 
-    @property
-    def shared_expert_intermediate_size(self) -> int:
-        return self.moe_intermediate_size * self.num_shared_experts
+    @cached_property
+    def moe(self) -> MoeSpec:
+        return MoeSpec(
+            num_experts=self.num_experts,
+            top_k=self.num_experts_per_tok,
+            expert_width=self.moe_intermediate_size,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            score_function=self.score_function,
+            renormalise=bool(self.norm_topk_prob),
+            scaling=self.routed_scaling_factor,
+            expert_bias=self.moe_router_enable_expert_bias,
+            shared_width=self.moe_intermediate_size * self.num_shared_experts,
+        )
 
 
 PRESETS: dict[str, dict] = {

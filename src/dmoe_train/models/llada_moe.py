@@ -9,6 +9,7 @@ Everything but the attention projections and the names is shared with LLaDA2 (`c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from torch import Tensor, nn
 
@@ -22,7 +23,7 @@ from dmoe_train.models.common import (
     SwiGLU,
     attend,
 )
-from dmoe_train.routing import RoutingPolicy
+from dmoe_train.routing import MoeSpec, RoutingPolicy
 
 MODEL_TYPES = ("llada_moe", "lladamoe")
 
@@ -74,26 +75,24 @@ class LLaDAMoeConfig(PublishedConfig):
         for unsupported in ("attention_bias", "clip_qkv", "rope_scaling"):
             if self.extra.get(unsupported):
                 raise ValueError(f"{unsupported}={self.extra[unsupported]}: not supported")
-        self.routing.check_against(self.num_experts, self.num_experts_per_tok)
+        self.routing.check_against(self.moe.num_experts, self.moe.top_k)
 
-    # the names the shared MoE block and LM read
-    @property
-    def moe_intermediate_size(self) -> int:
-        return self.expert_intermediate_size
+    @cached_property
+    def moe(self) -> MoeSpec:
+        return MoeSpec(
+            num_experts=self.num_experts,
+            top_k=self.num_experts_per_tok,
+            expert_width=self.expert_intermediate_size,
+            n_group=self.router_num_group or 1,
+            topk_group=self.router_topk_group or 1,
+            score_function=self.moe_router_score_function,
+            renormalise=bool(self.norm_topk_prob),
+            scaling=self.routed_scaling_factor,
+            expert_bias=self.moe_router_enable_expert_bias,
+            shared_width=self.shared_expert_intermediate_size or 0,
+        )
 
-    @property
-    def score_function(self) -> str:
-        return self.moe_router_score_function
-
-    @property
-    def n_group(self) -> int:
-        return self.router_num_group or 1
-
-    @property
-    def topk_group(self) -> int:
-        return self.router_topk_group or 1
-
-    @property
+    @property  # derived from its published fields (LLaDA2 publishes it)
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 

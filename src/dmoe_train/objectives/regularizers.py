@@ -10,7 +10,7 @@ training loss adds weight * size / E.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -48,8 +48,10 @@ class CoresetRegularizer:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("none", "union", "entropy"):
-            raise ValueError(f"regularizer.kind={self.kind!r}: must be none, union or entropy")
+        if self.kind not in get_args(RegularizerKind):
+            raise ValueError(
+                f"regularizer.kind={self.kind!r}: must be one of {get_args(RegularizerKind)}"
+            )
         if self.weight < 0:
             raise ValueError(f"regularizer.weight={self.weight}: must be >= 0")
 

@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dmoe_train.routing.policy import RoutingPolicy
+from dmoe_train.routing.moe_spec import MoeSpec
+from dmoe_train.routing.policy import InCoreset, RoutingPolicy
 
 
 @dataclass
@@ -77,29 +78,27 @@ def _topk(
     return ids, _slot_weights(scores, ids, renormalise)
 
 
+def selection_scores(scores: Tensor, expert_bias: Tensor | None) -> Tensor:
+    """What experts are selected by: the scores plus the expert bias (weights stay unbiased)."""
+    return scores if expert_bias is None else scores + expert_bias
+
+
 def token_topk(
-    scores: Tensor,
-    expert_bias: Tensor | None,
-    top_k: int,
-    n_group: int,
-    topk_group: int,
-    renormalise: bool = True,
+    scores: Tensor, expert_bias: Tensor | None, *, moe: MoeSpec
 ) -> tuple[Tensor, Tensor]:
     """The published per-token routing: group-limited top-k on scores + bias; the weights are
     the unbiased scores of the chosen experts (the model scales them)."""
-    selection = scores if expert_bias is None else scores + expert_bias
-    return _topk(scores, group_limited(selection, n_group, topk_group), top_k, renormalise)
+    selection = group_limited(selection_scores(scores, expert_bias), moe.n_group, moe.topk_group)
+    return _topk(scores, selection, moe.top_k, moe.renormalise)
 
 
 def route_in_coreset(
     scores: Tensor,
     expert_bias: Tensor | None,
     coreset: Tensor,
-    top_k: int,
-    n_group: int,
-    topk_group: int,
-    renormalise: bool = True,
-    in_coreset: str = "ranked_groups",
+    *,
+    moe: MoeSpec,
+    in_coreset: InCoreset = "ranked_groups",
 ) -> tuple[Tensor, Tensor]:
     """Each token takes its top-k among its block's coreset (`coreset` `[..., E]` per token), by
     the `in_coreset` rule (`RoutingPolicy`); no rule leaves the coreset. A coreset smaller than
@@ -111,7 +110,13 @@ def route_in_coreset(
     the union of the tokens' own choices (or any superset) every token keeps exactly its own
     experts, so top_p = 1 reproduces token routing.
     """
-    selection = scores if expert_bias is None else scores + expert_bias
+    top_k, n_group, topk_group, renormalise = (
+        moe.top_k,
+        moe.n_group,
+        moe.topk_group,
+        moe.renormalise,
+    )
+    selection = selection_scores(scores, expert_bias)
     grouped = n_group > 1 and topk_group < n_group
     if in_coreset == "plain" or not grouped:
         return _topk(scores, selection.masked_fill(~coreset, float("-inf")), top_k, renormalise)
@@ -267,17 +272,13 @@ def from_blocks(per_block: Tensor, block_size: int, length: int) -> Tensor:
 
 
 def block_coreset(
-    policy: RoutingPolicy,
-    selection: Tensor,
-    top_k: int,
-    n_group: int,
-    topk_group: int,
-    valid: Tensor,
+    policy: RoutingPolicy, selection: Tensor, valid: Tensor, *, moe: MoeSpec
 ) -> Tensor:
     """The coreset `[B, n_blocks, E]` of every block of `selection` `[B, L, E]` (score + bias)
     under `policy`; `routed` votes see each token's group-limited scores."""
     if policy.vote == "routed":
-        selection = group_limited(selection, n_group, topk_group)
+        selection = group_limited(selection, moe.n_group, moe.topk_group)
+    top_k = moe.top_k
     blocks = to_blocks(selection, policy.block_size, float("-inf"))
     block_valid = to_blocks(valid, policy.block_size, False)
     if policy.coreset_kind == "topp":

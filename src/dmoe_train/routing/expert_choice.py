@@ -13,6 +13,7 @@ from dmoe_train.routing.coresets import (
     from_blocks,
     to_blocks,
 )
+from dmoe_train.routing.moe_spec import MoeSpec
 from dmoe_train.routing.policy import RoutingPolicy
 
 
@@ -54,18 +55,16 @@ def route_expert_choice(
     policy: RoutingPolicy,
     scores: Tensor,
     selection: Tensor,
-    top_k: int,
-    n_group: int,
-    topk_group: int,
     valid: Tensor,
     ratio: Tensor,
-    renormalise: bool,
+    *,
+    moe: MoeSpec,
 ) -> Routing:
     """Expert choice over `[B, L, E]`, optionally inside block coresets; `ratio` `[B, L]` is each
     position's noise level r."""
     coreset = None
     if policy.ec_coreset != "none":
-        coreset = block_coreset(policy, selection, top_k, n_group, topk_group, valid)
+        coreset = block_coreset(policy, selection, valid, moe=moe)
         per_token = from_blocks(coreset, policy.block_size, scores.shape[1])
         selection = selection.masked_fill(~per_token, float("-inf"))
     size = policy.block_size if policy.ec_group == "block" else selection.shape[1]
@@ -75,8 +74,8 @@ def route_expert_choice(
     tokens = group_valid.sum(-1).clamp_min(1)
     r = (group_ratio * group_valid).sum(-1) / tokens
     experts = ((groups > float("-inf")) & group_valid[..., None]).any(-2).sum(-1).clamp_min(1)
-    c = policy.capacity_factor * scheduled_k(policy, top_k, r) * tokens / experts
+    c = policy.capacity_factor * scheduled_k(policy, moe.top_k, r) * tokens / experts
     chosen = expert_choice(groups, c.round().clamp_min(1), group_valid)
     chosen = chosen.unflatten(0, (scores.shape[0], -1)).flatten(1, 2)[:, : scores.shape[1]]
-    ids, weights = _chosen_to_slots(chosen, scores, renormalise)
+    ids, weights = _chosen_to_slots(chosen, scores, moe.renormalise)
     return Routing(ids, weights, scores, coreset)

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 PolicyName = Literal["token", "topk_cap", "des_vote", "capacity_max", "topp", "expert_choice"]
-POLICIES: tuple[str, ...] = (
-    "token",
-    "topk_cap",
-    "des_vote",
-    "capacity_max",
-    "topp",
-    "expert_choice",
+Schedule = Literal["static", "linear", "linear_reverse", "cosine"]
+Vote = Literal["routed", "plain"]
+VoteMass = Literal["clamp", "raw"]
+GuardTies = Literal["max_score", "topk"]
+InCoreset = Literal["ranked_groups", "masked_groups", "plain"]
+EcGroup = Literal["block", "sequence"]
+EcCoreset = Literal["none", "topp", "capacity"]
+# each field's allowed values, read once from its type
+POLICIES, SCHEDULES, VOTES, VOTE_MASSES, GUARD_TIES, IN_CORESET, EC_GROUPS, EC_CORESETS = map(
+    get_args, (PolicyName, Schedule, Vote, VoteMass, GuardTies, InCoreset, EcGroup, EcCoreset)
 )
-SCHEDULES = ("static", "linear", "linear_reverse", "cosine")
-VOTES = ("routed", "plain")
-VOTE_MASSES = ("clamp", "raw")
-GUARD_TIES = ("max_score", "topk")
-IN_CORESET = ("ranked_groups", "masked_groups", "plain")
 # the rule settings of the published block rules (and ours, the defaults); `RoutingPolicy.rule`
 RULES: dict[str, dict[str, str]] = {
     "dmoe-train": dict(
@@ -27,8 +25,6 @@ RULES: dict[str, dict[str, str]] = {
     "dmoe": dict(vote="plain", vote_mass="raw", guard_ties="topk", in_coreset="masked_groups"),
     "llada22": dict(vote="plain", in_coreset="plain"),
 }
-EC_GROUPS = ("block", "sequence")
-EC_CORESETS = ("none", "topp", "capacity")
 # the policies that route tokens inside a block coreset: where every rule setting applies
 CORESET_POLICIES = ("topp", "des_vote", "capacity_max")
 
@@ -81,13 +77,13 @@ class RoutingPolicy:
     capacity_factor: float = 1.0
     k_min: int | None = None
     k_max: int | None = None
-    schedule: str = "static"
-    ec_group: str = "block"
-    ec_coreset: str = "none"
-    vote: str = "routed"
-    vote_mass: str = "clamp"
-    guard_ties: str = "max_score"
-    in_coreset: str = "ranked_groups"
+    schedule: Schedule = "static"
+    ec_group: EcGroup = "block"
+    ec_coreset: EcCoreset = "none"
+    vote: Vote = "routed"
+    vote_mass: VoteMass = "clamp"
+    guard_ties: GuardTies = "max_score"
+    in_coreset: InCoreset = "ranked_groups"
 
     def __post_init__(self) -> None:
         for key in ("block_size", "min_experts", "capacity", "top_p", "capacity_factor"):

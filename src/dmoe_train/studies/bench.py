@@ -29,7 +29,7 @@ from dmoe_train.locations import ASSETS
 from dmoe_train.models import build_model
 from dmoe_train.models.block_diffusion import block_diffusion_block_mask
 from dmoe_train.models.grouped_experts import expert_mlp
-from dmoe_train.routing import route_in_coreset, token_topk, topp_coreset
+from dmoe_train.routing import MoeSpec, route_in_coreset, token_topk, topp_coreset
 from dmoe_train.studies.bench_full_width import run_all as run_full_width
 from dmoe_train.studies.bench_full_width import train_rows as strategy_train_rows
 
@@ -158,12 +158,13 @@ def compute_rows(s: dict, repeat: int, gen: torch.Generator) -> list[dict]:
 def routing_rows(s: dict, repeat: int, gen: torch.Generator, moe_ms: float) -> list[dict]:
     scores = torch.rand(1, s["block"], s["experts"], generator=gen)
     bias = torch.zeros(s["experts"])
-    groups = (8, 4) if s["experts"] % 8 == 0 else (1, 1)
-    token = timeit(lambda: token_topk(scores, bias, s["top_k"], *groups), repeat)
+    n_group, topk_group = (8, 4) if s["experts"] % 8 == 0 else (1, 1)
+    moe = MoeSpec(s["experts"], s["top_k"], s["inter"], n_group=n_group, topk_group=topk_group)
+    token = timeit(lambda: token_topk(scores, bias, moe=moe), repeat)
 
     def block():
         core = topp_coreset((scores + bias)[0], s["top_k"], 0.6, 2 * s["top_k"])
-        return route_in_coreset(scores, bias, core.expand_as(scores), s["top_k"], *groups)
+        return route_in_coreset(scores, bias, core.expand_as(scores), moe=moe)
 
     blk = timeit(block, repeat)
     return [

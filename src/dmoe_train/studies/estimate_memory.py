@@ -95,16 +95,12 @@ def parameter_counts(cfg: Any, trainable: TrainableSet = "router", lora_rank: in
 
 def layer_activations(cfg: Any, tokens: int) -> float:
     """Bytes one MoE decoder layer keeps for backward (bf16 unless noted)."""
-    h, k, i = cfg.hidden_size, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    h, k, i = cfg.hidden_size, cfg.moe.top_k, cfg.moe.expert_width
     q_kv = cfg.head_dim * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
     attention = tokens * (2 * h + 2 * q_kv + h) * BF16  # norms, qkv + roped q/k, output
     router = tokens * cfg.num_experts * 3 * FP32  # logits, scores, biased selection scores
     routed = tokens * k * (2 * h + 3 * i) * BF16  # gathered inputs/outputs, gate/up/act
-    shared = (
-        tokens * 3 * cfg.shared_expert_intermediate_size * BF16
-        if cfg.shared_expert_intermediate_size
-        else 0
-    )
+    shared = tokens * 3 * cfg.moe.shared_width * BF16
     return attention + router + routed + shared + 2 * tokens * h * BF16  # residual, norm
 
 

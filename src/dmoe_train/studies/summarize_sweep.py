@@ -1,6 +1,7 @@
 """Gather every run's `metrics.json` of a sweep directory into one table and a plot.
 
-Usage: python -m dmoe_train.studies.summarize_sweep multirun/<sweep dir>  ->  sweep.md, sweep.csv, sweep.png
+Usage: python -m dmoe_train.studies.summarize_sweep multirun/<sweep dir>
+(writes sweep.md, sweep.csv, sweep.png there)
 """
 
 from __future__ import annotations

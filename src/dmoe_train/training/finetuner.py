@@ -270,12 +270,12 @@ class RouterFineTuner(L.LightningModule):
         out = noised(self.model)
         count = self.mean_count(out.masked)
         lm = masked_diffusion_loss(out.logits, x0, out.masked, out.t, self.loss_weighting, count)
-        reg = self.regularizer.size(out.routing, self.block_size, cfg.num_experts_per_tok)
+        reg = self.regularizer.size(out.routing, self.block_size, cfg.moe.top_k)
         z = router_z_loss(out.routing)
         kl = self.distillation(noised, out.logits, out.masked, count)
         loss = (
             lm
-            + self.regularizer.weight * reg / cfg.num_experts
+            + self.regularizer.weight * reg / cfg.moe.num_experts
             + self.z_loss_weight * z
             + self.distill_weight * kl
         )
