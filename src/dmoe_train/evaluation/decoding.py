@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -13,6 +15,7 @@ from torch import Tensor
 from dmoe_train.data.module import DiffusionDataModule
 from dmoe_train.evaluation.sampler import Generation, generate
 from dmoe_train.models.block_diffusion import noised_forward
+from dmoe_train.models.expert_cache import CacheStats, offload_experts, resident_caches
 from dmoe_train.objectives.expert_metrics import load_balance_cv
 from dmoe_train.objectives.masked_diffusion import masked_diffusion_loss
 
@@ -70,6 +73,35 @@ class GenerationSettings:
     threshold: float | None = None
     cache: bool = True
     max_samples: int = 256
+    # routed experts resident per MoE layer (`models.expert_cache`), or all of them; the rest
+    # wait in `expert_store`: host memory, or the model directory's safetensors
+    expert_cache: int | str = "all"
+    expert_store: str = "memory"
+
+    def __post_init__(self) -> None:
+        if self.expert_cache != "all" and (
+            isinstance(self.expert_cache, bool) or not isinstance(self.expert_cache, int)
+        ):
+            raise ValueError(
+                f"generation.expert_cache={self.expert_cache!r}: an expert count or 'all'"
+            )
+
+
+def apply_expert_cache(
+    model: torch.nn.Module, settings: GenerationSettings, experts_changed: bool = False
+) -> None:
+    """Keep only `settings.expert_cache` routed experts per layer resident (none: all are). The
+    disk store reads the model directory's experts: refused when a router checkpoint changed them
+    (`router+experts`, adapters)."""
+    if settings.expert_cache == "all":
+        return
+    if settings.expert_store == "disk" and experts_changed:
+        raise ValueError(
+            "generation.expert_store=disk reads the base's experts from its files, but the "
+            "router checkpoint changed them: use generation.expert_store=memory"
+        )
+    path = model.name_or_path
+    offload_experts(model, settings.expert_cache, settings.expert_store, path and Path(path))
 
 
 class MoeTimer:
@@ -131,6 +163,8 @@ class _Tally:
     seconds: float = 0.0
     load: Tensor | int = 0  # [layers, E]
     routed: int = 0
+    forwards: int = 0  # denoising forwards of the decoded batches
+    blocks: int = 0
 
     def add(self, out: Generation, correct: list[bool], skills: list[str], gen_length: int) -> None:
         self.unique.append(out.per_sample(out.unique_experts))  # mean over its forwards
@@ -141,6 +175,7 @@ class _Tally:
         self.tokens_out += out.tokens.shape[0] * gen_length
         self.seconds += out.seconds
         self.load, self.routed = self.load + out.expert_load, self.routed + out.tokens_routed
+        self.forwards, self.blocks = self.forwards + out.counted.shape[0], self.blocks + out.blocks
 
 
 @torch.no_grad()
@@ -150,6 +185,8 @@ def evaluate_generation(
     """Decode a split and measure experts per block, accuracy, expert bytes and latency."""
     loader = data.test_dataloader() if split == "test" else data.val_dataloader()
     tally, timer = _Tally(), MoeTimer(model)
+    for cache in resident_caches(model):  # this decode's own loads and hits
+        cache.stats = CacheStats()
     for batch in loader:
         prompts = batch_prompts(batch)[: settings.max_samples - tally.samples]
         if not prompts:
@@ -255,7 +292,37 @@ def _metrics(
         # the accuracy pass's own wall time, first calls included (latency_*: timed properly)
         "seconds_per_token": tally.seconds / max(tally.tokens_out, 1),
         "seconds_per_moe_layer": timer.seconds / max(timer.calls, 1),
+        "forwards_per_block": tally.forwards / max(tally.blocks, 1),
+        "tokens_per_second": tally.tokens_out / max(tally.seconds, 1e-9),
+        **cache_metrics(model, tally.blocks, tally.tokens_out),
         "device": str(param.device),
         "dtype": str(param.dtype).removeprefix("torch."),
         "settings": asdict(settings),
+    }
+
+
+def cache_metrics(model: torch.nn.Module, blocks: int, tokens: int) -> dict:
+    """Under `generation.expert_cache`: expert bytes loaded (all MoE layers) per decoded block
+    and per generated token (of `blocks` and `tokens` decoded), hits within a block's denoising
+    forwards and across blocks, the peak resident expert bytes; and the process's peak memory
+    (RSS; the CUDA allocator's peak on a GPU)."""
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    caches = resident_caches(model)
+    if not caches:
+        return out
+    stats = [c.stats for c in caches]
+    loaded = sum(s.bytes_loaded for s in stats)
+    uses = sum(s.loads + s.hits_within_block + s.hits_across_blocks for s in stats)
+    return out | {
+        "expert_cache": caches[0].capacity,
+        "expert_bytes_loaded_per_block": loaded / max(blocks, 1),
+        "expert_bytes_loaded_per_token": loaded / max(tokens, 1),
+        "expert_loads_per_block_per_layer": sum(s.loads for s in stats)
+        / max(blocks, 1)
+        / len(stats),
+        "cache_hits_within_block": sum(s.hits_within_block for s in stats) / max(uses, 1),
+        "cache_hits_across_blocks": sum(s.hits_across_blocks for s in stats) / max(uses, 1),
+        "peak_resident_expert_bytes": sum(c.stats.peak_resident * c.expert_bytes for c in caches),
     }

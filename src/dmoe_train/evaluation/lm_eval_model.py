@@ -35,7 +35,12 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from dmoe_train.data.tokenizer import load_tokenizer
-from dmoe_train.evaluation.decoding import GenerationSettings, decode
+from dmoe_train.evaluation.decoding import (
+    GenerationSettings,
+    apply_expert_cache,
+    cache_metrics,
+    decode,
+)
 from dmoe_train.locations import CONFIG_DIR
 from dmoe_train.models import load_model
 from dmoe_train.models.adapted_weights import load_router
@@ -81,7 +86,8 @@ class DiffusionLM(LM):
     ) -> None:
         super().__init__()
         policy_keys = {"top_p", "min_experts", "capacity"}
-        decoding_keys = {"block_length", "steps", "threshold", "gen_length"}
+        decoding_keys = {"block_length", "steps", "threshold", "gen_length", "expert_cache"}
+        decoding_keys |= {"expert_store"}
         unknown = set(overrides) - policy_keys - decoding_keys - {"max_batch_size"}
         if unknown:
             raise ValueError(f"model_args {sorted(unknown)}: unknown to the dmoe model")
@@ -110,8 +116,10 @@ class DiffusionLM(LM):
         if routing is not None:
             policy = instantiate({**preset("router", routing), **_pick(overrides, policy_keys)})
             policy = replace(policy, block_size=self.settings.block_length)
+        experts_changed = False
         if router is not None:
-            load_router(self.model, router, policy)
+            tensors = load_router(self.model, router, policy)["tensors"]
+            experts_changed = any(".mlp.experts" in n for n in tensors)
         elif policy is not None:
             self.model.set_routing(policy)
         self.policy: RoutingPolicy = self.model.config.routing
@@ -121,9 +129,13 @@ class DiffusionLM(LM):
                 f"router block_size={self.policy.block_size} != block_length="
                 f"{self.settings.block_length}: routing blocks must be the decoding blocks"
             )
+        if isinstance(self.settings.expert_cache, str) and self.settings.expert_cache.isdigit():
+            self.settings = replace(self.settings, expert_cache=int(self.settings.expert_cache))
+        apply_expert_cache(self.model, self.settings, experts_changed)
         self.batch_size = 8 if batch_size == "auto" else int(batch_size)
         self.mc_samples, self.seed = int(mc_samples), int(seed)
         self.unique_sum, self.forwards = 0.0, 0  # decoding forwards' unique experts per block
+        self.blocks, self.tokens_out = 0, 0  # what this process decoded (the cache's measures)
         DiffusionLM.latest = self
 
     # lm-eval's data-parallel primitives (see lm_eval.api.model.LM)
@@ -175,6 +187,10 @@ class DiffusionLM(LM):
             # over every sample's own decoding forwards, as dMoE counts
             self.unique_sum += float((gen.unique_experts.mean(-1) * gen.counted).sum())
             self.forwards += int(gen.counted.sum())
+            self.blocks, self.tokens_out = (
+                self.blocks + gen.blocks,
+                self.tokens_out + gen.tokens.numel(),
+            )
             for (_, kwargs), tokens, n in zip(batch, gen.tokens, lengths, strict=True):
                 text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
                 until = kwargs.get("until") or []
@@ -248,6 +264,7 @@ class DiffusionLM(LM):
             "num_experts": cfg.moe.num_experts,
             "expert_bytes_per_block": unique * expert_bytes,
             "decoding": asdict(self.settings),
+            **cache_metrics(self.model, self.blocks, self.tokens_out),  # this process's
         }
 
 

@@ -12,7 +12,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dmoe_train.evaluation.decoding import GenerationSettings, evaluate_generation
+from dmoe_train.evaluation.decoding import (
+    GenerationSettings,
+    apply_expert_cache,
+    evaluate_generation,
+)
 from dmoe_train.files import write_json
 from dmoe_train.models.adapted_weights import load_router
 from dmoe_train.routing import RoutingPolicy
@@ -35,10 +39,13 @@ def prepare_eval(
 
 
 def route(model: torch.nn.Module, cfg: DictConfig, settings: GenerationSettings) -> None:
-    """Apply the router checkpoint (its policy, or `router=`) or the `router=` policy."""
+    """Apply the router checkpoint (its policy, or `router=`) or the `router=` policy, then
+    `generation.expert_cache`."""
     routing = instantiate(cfg.router) if cfg.get("router") else None
+    experts_changed = False
     if cfg.router_checkpoint:
-        load_router(model, cfg.router_checkpoint, routing)
+        tensors = load_router(model, cfg.router_checkpoint, routing)["tensors"]
+        experts_changed = any(".mlp.experts" in n for n in tensors)
     elif routing is not None:
         model.set_routing(routing)
     policy = model.config.routing
@@ -47,6 +54,7 @@ def route(model: torch.nn.Module, cfg: DictConfig, settings: GenerationSettings)
             f"router.block_size={policy.block_size} != generation.block_length="
             f"{settings.block_length}: routing blocks must be the decoding blocks"
         )
+    apply_expert_cache(model, settings, experts_changed)
 
 
 def run_eval(cfg: DictConfig) -> dict:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from dmoe_train.models.block_diffusion import as_additive
 from dmoe_train.models.common import LMOutput
+from dmoe_train.models.expert_cache import resident_caches
 from dmoe_train.objectives.expert_metrics import expert_load, unique_experts_per_block
 
 
@@ -35,6 +36,7 @@ class Generation:
     expert_load: Tensor  # [moe_layers, E]: tokens each expert processed, over all forwards
     tokens_routed: int  # decoded-block positions routed per MoE layer, over counted forwards
     seconds: float
+    blocks: int  # blocks decoded (a batch's, each of its denoising forwards counted once)
 
     def per_sample(self, unique: Tensor) -> Tensor:
         """`unique` `[forwards, B, layers]` -> its mean over each sample's counted forwards."""
@@ -180,8 +182,13 @@ def generate(
     if cache and first > 0:  # prefill the prompt's full blocks
         dec.past = dec.forward(0, first * block_length)[0].key_values
     began = time.perf_counter()
+    caches = resident_caches(model)
+    blocks = 0
     for lo in range(first * block_length, width, block_length):
         hi = min(lo + block_length, width)
+        blocks += 1
+        for c in caches:
+            c.begin_block(lo // block_length)
         for step in range(steps):
             if not dec.masked(lo, hi).any():
                 break
@@ -202,6 +209,7 @@ def generate(
         dec.load.cpu(),
         dec.routed,
         seconds,
+        blocks,
     )
 
 

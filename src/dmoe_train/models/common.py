@@ -224,6 +224,7 @@ class SparseMoe(nn.Module):
         self.gate = Router(h, moe)
         self.experts = Experts(moe.num_experts, h, moe.expert_width)
         self.shared_experts = SwiGLU(h, moe.shared_width) if moe.shared_width else None
+        self.resident = None  # `models.expert_cache.offload_experts`: experts off the device
 
     def forward(
         self, x: Tensor, valid: Tensor | None, ratio: Tensor | None
@@ -234,13 +235,16 @@ class SparseMoe(nn.Module):
             self.config.routing, scores, moe=moe, expert_bias=bias, valid=valid, ratio=ratio
         )
         routing.logits = logits
-        experts, low_rank = expert_low_rank(self.experts)  # peft's wrappers, if adapted
-        out = experts(
+        args = (
             x.flatten(0, 1),
             routing.ids.flatten(0, 1),
             routing.weights.flatten(0, 1) * moe.scaling,
-            low_rank,
-        ).view_as(x)
+        )
+        if self.resident is not None:
+            out = self.resident.run(*args, routing.coreset).view_as(x)
+        else:
+            experts, low_rank = expert_low_rank(self.experts)  # peft's wrappers, if adapted
+            out = experts(*args, low_rank).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out, routing

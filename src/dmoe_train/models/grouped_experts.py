@@ -88,6 +88,22 @@ def expert_mlp(
     `low_rank`: adapters per projection name (`adapted_linear`). Computed in the experts' dtype
     (fp32 master weights when they train beside a bf16 base), returned in the caller's.
     """
+    rows = expert_rows(x, ids, weights, gate_proj, up_proj, down_proj, low_rank)
+    return rows.view(*ids.shape, -1).sum(1)
+
+
+def expert_rows(
+    x: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+    low_rank: dict[str, LowRank] | None = None,
+) -> Tensor:
+    """`expert_mlp` before its sum over slots: `[N * k, H]`, row `n * k + s` the weighted output
+    of token n's slot s (zero for an empty slot). Rows computed in parts (experts resident a few
+    at a time) add up to exactly these."""
     low_rank = low_rank or {}
     n, k = ids.shape
     flat_ids = ids.reshape(-1)
@@ -102,4 +118,4 @@ def expert_mlp(
     ys = adapted_linear(hidden, down_proj, counts, low_rank.get("down_proj"))
     ys = ys * weights.reshape(-1)[order, None].to(xs.dtype)
     ys = ys.to(x.dtype)
-    return x.new_zeros(n * k, x.shape[1]).index_copy(0, order, ys).view(n, k, -1).sum(1)
+    return x.new_zeros(n * k, x.shape[1]).index_copy(0, order, ys)
