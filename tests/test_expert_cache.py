@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from dmoe_train.cli.train import train
 from dmoe_train.evaluation.run import run_eval
 from dmoe_train.evaluation.sampler import generate
-from dmoe_train.models import load_model
+from dmoe_train.models import load_model, model_dir
 from dmoe_train.models.expert_cache import (
     MemoryStore,
     ResidentExperts,
@@ -81,6 +81,21 @@ def test_decoding_with_few_experts_resident_gives_the_same_tokens(policy, capaci
     assert all(layer.mlp.experts.gate_proj.numel() == 0 for layer in model.model.layers[1:])
 
 
+def test_a_model_loads_with_its_experts_left_in_the_files(monkeypatch):
+    read, real = [], model_dir.iter_tensors
+
+    def recording(path, device, keep=lambda name: True):
+        for name, tensor in real(path, device, keep):
+            read.append(name)
+            yield name, tensor
+
+    monkeypatch.setattr(model_dir, "iter_tensors", recording)
+    model = load_model(TINY_BASE, routing=POLICIES["topp"], expert_cache=8)
+    assert read and not any(model_dir.is_routed_expert(n) for n in read)
+    reference = load_model(TINY_BASE, routing=POLICIES["topp"])
+    assert torch.equal(_decode(model).tokens, _decode(reference).tokens)
+
+
 def _eval(out, *overrides):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(
@@ -96,7 +111,11 @@ def test_a_trained_router_decodes_the_same_with_its_coreset_resident(tmp_path):
     router = f"router_checkpoint={tmp_path / 'run' / 'checkpoints' / 'router.safetensors'}"
     full = _eval(tmp_path / "all", router)
     cached = _eval(tmp_path / "c8", router, "generation.expert_cache=8")
-    assert cached["correct"] == full["correct"]
+    disk = _eval(
+        tmp_path / "d8", router, "generation.expert_cache=8", "generation.expert_store=disk"
+    )
+    assert cached["correct"] == full["correct"] == disk["correct"]
+    assert disk["expert_bytes_loaded_per_block"] == cached["expert_bytes_loaded_per_block"]
     assert cached["unique_experts_per_block"] == full["unique_experts_per_block"]
     assert "expert_bytes_loaded_per_block" not in full and full["peak_rss_bytes"] > 0
     expert_bytes = 3 * 128 * 64 * 4  # the tiny base: hidden 128, expert width 64, in fp32

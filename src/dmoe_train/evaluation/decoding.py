@@ -100,8 +100,18 @@ def apply_expert_cache(
             "generation.expert_store=disk reads the base's experts from its files, but the "
             "router checkpoint changed them: use generation.expert_store=memory"
         )
+    if resident_caches(model):  # loaded with its experts left in the files
+        return
     path = model.name_or_path
     offload_experts(model, settings.expert_cache, settings.expert_store, path and Path(path))
+
+
+def experts_in_files(settings: GenerationSettings) -> int | None:
+    """The `load_model(expert_cache=...)` of these settings: with the disk store the routed
+    experts are never loaded whole (a base larger than memory loads), else None."""
+    if settings.expert_cache == "all" or settings.expert_store != "disk":
+        return None
+    return settings.expert_cache
 
 
 class MoeTimer:

@@ -40,6 +40,7 @@ from dmoe_train.evaluation.decoding import (
     apply_expert_cache,
     cache_metrics,
     decode,
+    experts_in_files,
 )
 from dmoe_train.locations import CONFIG_DIR
 from dmoe_train.models import load_model
@@ -91,9 +92,10 @@ class DiffusionLM(LM):
         unknown = set(overrides) - policy_keys - decoding_keys - {"max_batch_size"}
         if unknown:
             raise ValueError(f"model_args {sorted(unknown)}: unknown to the dmoe model")
-        self.settings = GenerationSettings(
-            **{**preset("generation", decoding), **_pick(overrides, decoding_keys)}
-        )
+        picked = _pick(overrides, decoding_keys)
+        if str(picked.get("expert_cache", "all")).isdigit():  # model_args arrive as text
+            picked["expert_cache"] = int(picked["expert_cache"])
+        self.settings = GenerationSettings(**{**preset("generation", decoding), **picked})
         self.accelerator = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: data parallel
             from accelerate import Accelerator
@@ -105,7 +107,12 @@ class DiffusionLM(LM):
             device = "cpu" if device.type == "cpu" else str(device)  # not "cpu:0"
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if max_memory is None:
-            self.model = load_model(pretrained, dtype=getattr(torch, dtype), device=self._device)
+            self.model = load_model(
+                pretrained,
+                dtype=getattr(torch, dtype),
+                device=self._device,
+                expert_cache=experts_in_files(self.settings),
+            )
         else:  # loaded on the CPU, then spread over the devices
             self.model = load_model(pretrained, dtype=getattr(torch, dtype))
             self.model = place_model(self.model, parse_max_memory(max_memory), offload_dir)
@@ -129,8 +136,6 @@ class DiffusionLM(LM):
                 f"router block_size={self.policy.block_size} != block_length="
                 f"{self.settings.block_length}: routing blocks must be the decoding blocks"
             )
-        if isinstance(self.settings.expert_cache, str) and self.settings.expert_cache.isdigit():
-            self.settings = replace(self.settings, expert_cache=int(self.settings.expert_cache))
         apply_expert_cache(self.model, self.settings, experts_changed)
         self.batch_size = 8 if batch_size == "auto" else int(batch_size)
         self.mc_samples, self.seed = int(mc_samples), int(seed)

@@ -16,6 +16,7 @@ from dmoe_train.evaluation.decoding import (
     GenerationSettings,
     apply_expert_cache,
     evaluate_generation,
+    experts_in_files,
 )
 from dmoe_train.files import write_json
 from dmoe_train.models.adapted_weights import load_router
@@ -32,7 +33,7 @@ def prepare_eval(
     settings = GenerationSettings(**cfg.generation)
     data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
     data.setup()  # data errors surface before the model load
-    model = instantiate(cfg.model)
+    model = instantiate(cfg.model, expert_cache=experts_in_files(settings))
     if routed:
         route(model, cfg, settings)
     return model, data, settings

@@ -68,13 +68,17 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     routing: RoutingPolicy | None = None,
+    expert_cache: int | None = None,
 ) -> MoeDiffusionLM:
     """Load a model directory (published layout, family from its config.json); `routing`
-    overrides its config's policy; `device="meta"`: without weights, for a sharded load."""
+    overrides its config's policy; `device="meta"`: without weights, for a sharded load;
+    `expert_cache`: the routed experts stay in the files, that many per layer resident."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     family = model_family(Path(path))
-    return family.from_pretrained(path, dtype=dtype, device=device, routing=routing)
+    return family.from_pretrained(
+        path, dtype=dtype, device=device, routing=routing, expert_cache=expert_cache
+    )
 
 
 def build_model(preset: str, seed: int = 0, **overrides) -> MoeDiffusionLM:

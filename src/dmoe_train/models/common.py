@@ -388,10 +388,11 @@ class MoeDiffusionLM(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         routing: RoutingPolicy | None = None,
+        expert_cache: int | None = None,
     ) -> Any:
         from dmoe_train.models.model_dir import load_pretrained
 
-        return load_pretrained(cls, path, dtype, device, routing)
+        return load_pretrained(cls, path, dtype, device, routing, expert_cache)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 4 * 2**30) -> None:
         from dmoe_train.models.model_dir import save_pretrained

@@ -184,12 +184,16 @@ def offload_experts(
             continue
         experts = moe.experts
         stacked = tuple(getattr(experts, p) for p in PROJECTIONS)
-        like = stacked[0]
+        # experts never loaded (`load_model(expert_cache=...)`) are on the meta device: the
+        # resident buffers take the embedding's dtype and device
+        like = model.get_input_embeddings().weight if stacked[0].is_meta else stacked[0]
+        if store == "memory" and stacked[0].is_meta:
+            raise ValueError("generation.expert_store=memory: the experts were never loaded")
         if store == "memory":
             host: ExpertStore = MemoryStore(stacked)
         else:
             host = DiskStore(Path(model_dir), f"{name}.experts", model.published_names)
-        moe.resident = ResidentExperts(host, like.shape[0], capacity, like)
+        moe.resident = ResidentExperts(host, moe.config.moe.num_experts, capacity, like)
         for p in PROJECTIONS:  # freed: the store (or the disk) holds them now
             setattr(experts, p, nn.Parameter(like.new_empty(0), requires_grad=False))
         caches.append(moe.resident)

@@ -49,11 +49,22 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"model path {path}: no {INDEX} or {SINGLE}")
 
 
-def iter_tensors(path: Path, device: str) -> Iterator[tuple[str, Tensor]]:
+def iter_tensors(
+    path: Path, device: str, keep: Callable[[str], bool] = lambda name: True
+) -> Iterator[tuple[str, Tensor]]:
+    """The checkpoint's tensors; those `keep` refuses are never read."""
     for file in checkpoint_files(path):
         with safe_open(file, framework="pt", device=device) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                yield name, f.get_tensor(name)
+                if keep(name):
+                    yield name, f.get_tensor(name)
+
+
+def is_routed_expert(name: str) -> bool:
+    """A routed expert's weight, in the split or the merged layout."""
+    return bool(SPLIT_EXPERT.match(name)) or name.endswith(
+        tuple(f".mlp.experts.{p}" for p in ("gate_proj", "up_proj", "down_proj"))
+    )
 
 
 def _expected_shapes(model: nn.Module) -> dict[str, torch.Size]:
@@ -73,15 +84,21 @@ def read_state_dict(
     dtype: torch.dtype | None,
     device: str,
     place: Callable[[str, Tensor], Tensor] = lambda name, tensor: tensor,
+    skip_experts: bool = False,
 ) -> dict[str, Tensor]:
     """Read every tensor of `path` into the model's (merged) names, checking names and shapes;
-    each whole tensor goes through `place` (a sharded load keeps only its piece)."""
+    each whole tensor goes through `place` (a sharded load keeps only its piece).
+    `skip_experts`: the routed experts are neither read nor expected (an expert store reads
+    them later, one at a time)."""
     expected = _expected_shapes(model)
+    if skip_experts:
+        expected = {k: v for k, v in expected.items() if not is_routed_expert(k)}
     state: dict[str, Tensor] = {}
     split_parts: dict[str, dict[int, Tensor]] = defaultdict(dict)
     unexpected, bad_shapes = [], []
     published = getattr(model, "published_names", ())
-    for name, tensor in iter_tensors(path, device):
+    keep = (lambda name: not is_routed_expert(name)) if skip_experts else (lambda name: True)
+    for name, tensor in iter_tensors(path, device, keep):
         name = rename(name, [(b, a) for a, b in published])
         split = SPLIT_EXPERT.match(name)
         key = f"{split[1]}.{split[3]}" if split else name
@@ -129,8 +146,11 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     routing: Any = None,
+    expert_cache: int | None = None,
 ) -> Any:
-    """`device="meta"`: the model without its weights, for a sharded load (`load_shards`)."""
+    """`device="meta"`: the model without its weights, for a sharded load (`load_shards`).
+    `expert_cache`: the routed experts are never loaded whole; they stay in the files, and each
+    MoE layer keeps that many resident (`expert_cache.offload_experts`, the disk store)."""
     path = require_model_dir(path)
     config = model_cls.config_class.from_json(path / "config.json")
     with torch.device("meta"):
@@ -140,10 +160,15 @@ def load_pretrained(
         model.set_routing(routing)
     if str(device) == "meta":
         return (model if dtype is None else model.to(dtype)).eval()
-    state = read_state_dict(model, path, dtype, str(device or "cpu"))
+    skip = expert_cache is not None
+    state = read_state_dict(model, path, dtype, str(device or "cpu"), skip_experts=skip)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.get_input_embeddings().weight
+    if skip:
+        from dmoe_train.models.expert_cache import offload_experts
+
+        offload_experts(model, expert_cache, "disk", path)
     return model.eval()
 
 

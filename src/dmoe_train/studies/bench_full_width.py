@@ -248,7 +248,7 @@ def train_rows(path: Path) -> list[dict]:
 
 def run_all() -> dict:
     """Write the 2-layer slice to a temporary directory and run every case on it."""
-    from full_width_checkpoint import write_full_width
+    from dmoe_train.studies.full_width_checkpoint import write_full_width
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "llada2-mini-2layer"
