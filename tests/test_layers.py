@@ -10,10 +10,12 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dmoe_train"
 # module (or package) -> its layer; the first matching prefix names it. One folder per layer; the
-# two flat modules at the bottom are plain file helpers, `resolvers` is what the entry points share
+# flat modules at the bottom are plain helpers (paths, files, memory); `resolvers` is what the
+# entry points share
 LAYERS: list[tuple[str, int, str]] = [
     ("dmoe_train.locations", 0, "base"),
     ("dmoe_train.files", 0, "base"),
+    ("dmoe_train.memory", 0, "base"),
     ("dmoe_train.routing", 1, "routing"),
     ("dmoe_train.objectives", 2, "objectives"),
     ("dmoe_train.models", 3, "models"),

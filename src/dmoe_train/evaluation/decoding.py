@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,6 +13,7 @@ from torch import Tensor
 
 from dmoe_train.data.module import DiffusionDataModule
 from dmoe_train.evaluation.sampler import Generation, generate
+from dmoe_train.memory import peak_memory_bytes, resident_bytes
 from dmoe_train.models.block_diffusion import noised_forward
 from dmoe_train.models.expert_cache import CacheStats, offload_experts, resident_caches
 from dmoe_train.objectives.expert_metrics import load_balance_cv
@@ -316,9 +316,10 @@ def cache_metrics(model: torch.nn.Module, blocks: int, tokens: int) -> dict:
     and per generated token (of `blocks` and `tokens` decoded), hits within a block's denoising
     forwards and across blocks, the peak resident expert bytes; and the process's peak memory
     (RSS; the CUDA allocator's peak on a GPU)."""
-    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if torch.cuda.is_available():
-        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    device = next(model.parameters()).device
+    out = {"peak_rss_bytes": resident_bytes("VmHWM")}
+    if device.type == "cuda":
+        out["cuda_peak_bytes"] = peak_memory_bytes(device)
     caches = resident_caches(model)
     if not caches:
         return out

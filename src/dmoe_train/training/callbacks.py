@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dmoe_train.memory import peak_memory_bytes, resident_bytes
 from dmoe_train.models.adapted_weights import export_router
 
 log = logging.getLogger(__name__)
@@ -55,23 +54,6 @@ class RouterCheckpoint(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         export_router(trainer, pl_module, self.dirpath, self.base_path)
-
-
-def resident_bytes(key: str = "VmHWM") -> int:
-    """This process's resident memory: its peak (`VmHWM`, which an exec resets) or now (`VmRSS`),
-    from Linux's /proc; elsewhere the peak, ru_maxrss (in bytes on macOS)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        return int(re.search(rf"{key}:\s+(\d+) kB", status.read_text())[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """This process's peak memory: the CUDA allocator's peak on a GPU, else the peak resident
-    set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resident_bytes("VmHWM")
 
 
 class StepResources(L.Callback):
