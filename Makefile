@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare pareto ec-study sweep bench
+.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare pareto ec-study sweep bench bench-cache
 
 venv: $(VENV)/.installed
 
@@ -74,3 +74,9 @@ sweep: venv
 # the cost of an expert at LLaDA2.0-mini shapes, measured side by side -> bench/results.{md,json}
 bench: venv
 	$(BIN)/python -m dmoe_train.studies.bench --out bench
+
+# decoding LLaDA2.0-mini-shaped weights from their files, C experts resident per layer, against all
+# loaded (bench/expert_cache.{md,json}); ARGS="--layers 20" for its full depth (~32 GB on disk)
+bench-cache: venv
+	$(BIN)/python -m dmoe_train.studies.expert_cache_bench --out bench $(ARGS)
+

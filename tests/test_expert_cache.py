@@ -17,6 +17,7 @@ from dmoe_train.models.expert_cache import (
     resident_caches,
 )
 from dmoe_train.routing import RULES, RoutingPolicy
+from dmoe_train.studies import expert_cache_bench
 
 
 def _store(experts: int) -> MemoryStore:
@@ -128,3 +129,17 @@ def test_a_trained_router_decodes_the_same_with_its_coreset_resident(tmp_path):
 def test_a_bad_cache_size_is_refused_by_name(tmp_path, value):
     with pytest.raises(ValueError, match="generation.expert_cache"):
         _eval(tmp_path, f"generation.expert_cache={value}")
+
+
+def test_the_cache_bench_measures_every_rule_at_a_size(monkeypatch):
+    pools = expert_cache_bench.CACHE_POLICIES.items()
+    fit = {k: p for k, p in pools if p.name != "capacity_max" or p.capacity <= 32}
+    monkeypatch.setattr(expert_cache_bench, "CACHE_POLICIES", fit)  # the tiny base has 32
+    rows = expert_cache_bench.cache_case(TINY_BASE, "8")
+    assert [r["routing"] for r in rows] == list(fit) and len(fit) == 4
+    for r in rows:
+        assert r["loaded_MB_per_block"] > 0 and 0 <= r["hits_within_block"] <= 1
+        assert r["forwards_per_block"] >= 1 and r["peak_GiB"] >= r["loaded_peak_GiB"] > 0
+    loaded = [{**r, "expert_cache": "all", "peak_GiB": 2 * r["peak_GiB"]} for r in rows]
+    ratio = expert_cache_bench.ratios(rows + loaded)
+    assert len(ratio) == len(rows) and all(r["peak_memory_vs_all_loaded"] == 0.5 for r in ratio)

@@ -3,12 +3,9 @@ memory of `load_model` in bfloat16; end-to-end decode speed under block coresets
 and 70 experts against token routing; and training through the shipped trainer configs (cpu,
 ddp_cpu and fsdp with two CPU processes): each rank's peak resident memory once loaded and after
 the steps, tokens per second, router-only against training the experts too, and the memory
-estimate of `estimate_memory.py` beside the measurement; and decoding with the routed experts
-left in the files (`--case cache --size C`: C resident per layer, or all loaded): bytes loaded
-per block and per token, cache hits, peak memory. Each case runs in a process (or process group)
-of its own, for a clean peak, called by `bench.py`;
-`python -m dmoe_train.studies.bench_full_width --case load|decode|cache DIR` runs one, on any
-full-width directory (`full_width_checkpoint.py --layers 20` writes LLaDA2.0-mini's depth).
+estimate of `estimate_memory.py` beside the measurement. Each case runs in a process (or process
+group) of its own, for a clean peak, called by `bench.py`;
+`python -m dmoe_train.studies.bench_full_width --case load|decode DIR` runs one.
 """
 
 from __future__ import annotations
@@ -29,11 +26,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from dmoe_train.evaluation.decoding import cache_metrics
 from dmoe_train.evaluation.sampler import generate
 from dmoe_train.memory import resident_bytes
 from dmoe_train.models import load_model
-from dmoe_train.models.expert_cache import CacheStats, resident_caches
 from dmoe_train.resolvers import CONFIG_DIR
 from dmoe_train.routing import RULES, RoutingPolicy
 from dmoe_train.studies.estimate_memory import Layout, estimate, read_config
@@ -136,74 +131,6 @@ def decode_case(path: Path, rounds: int = 3) -> list[dict]:
         row["projected_speed_vs_token"] = round(
             token["projected_20_layer_ms"] / row["projected_20_layer_ms"], 2
         )
-    return rows
-
-
-# decoding with the routed experts in the files (`load_model(expert_cache=C)`, the disk store):
-# C resident per MoE layer, or all of them loaded; two blocks of 32, so hits across blocks count
-CACHE_SIZES = ("16", "32", "64", "256", "all")
-CACHE_POLICIES = {
-    "token": RoutingPolicy("token", block_size=BLOCK),
-    **{
-        f"llada22 pool {c}": RoutingPolicy(
-            "capacity_max", block_size=BLOCK, capacity=c, **RULES["llada22"]
-        )
-        for c in (16, 32, 48)
-    },
-    "dmoe top-p 0.6": RoutingPolicy("topp", block_size=BLOCK, top_p=0.6, **RULES["dmoe"]),
-}
-
-
-def cache_case(path: Path, size: str) -> list[dict]:
-    """Every `CACHE_POLICIES` decode (2 blocks, 32 steps each) with `size` experts resident per
-    layer (a fresh cache for each), in one process: its peak resident memory is this size's."""
-    capacity = None if size == "all" else int(size)
-    model = load_model(path, dtype=torch.bfloat16, expert_cache=capacity)
-    loaded = resident_bytes("VmHWM")
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, 150000, (PROMPTS, PROMPT_LEN), generator=g).tolist()
-    args = (prompts, 2 * BLOCK, BLOCK, BLOCK, model.config.mask_token_id, -1)
-    rows = []
-    for name, policy in CACHE_POLICIES.items():
-        model.set_routing(policy)
-        for cache in resident_caches(model):
-            cache.slot_of.clear()
-            cache.stats = CacheStats()
-        out = generate(model, *args, cache=True)
-        tokens = PROMPTS * 2 * BLOCK
-        row = {
-            "routing": name,
-            "expert_cache": size,
-            "unique_experts": round(float(out.per_sample(out.unique_experts).mean()), 1),
-            "forwards_per_block": out.unique_experts.shape[0] / out.blocks,
-            "tokens_per_s": round(tokens / out.seconds, 2),
-            "loaded_peak_GiB": round(loaded / 2**30, 2),
-        }
-        metrics = cache_metrics(model, out.blocks, tokens)
-        row["peak_GiB"] = round(metrics["peak_rss_bytes"] / 2**30, 2)
-        if capacity is not None:
-            row |= {
-                "loaded_MB_per_block": round(metrics["expert_bytes_loaded_per_block"] / 2**20, 1),
-                "loaded_MB_per_token": round(metrics["expert_bytes_loaded_per_token"] / 2**20, 2),
-                "hits_within_block": round(metrics["cache_hits_within_block"], 3),
-                "hits_across_blocks": round(metrics["cache_hits_across_blocks"], 3),
-                "resident_expert_GiB": round(metrics["peak_resident_expert_bytes"] / 2**30, 3),
-            }
-        rows.append(row)
-    return rows
-
-
-def cache_rows(path: Path) -> list[dict]:
-    """`cache_case` for every size, each in its own process."""
-    rows = []
-    for size in CACHE_SIZES:
-        done = subprocess.run(
-            [*SELF, "--case", "cache", "--size", size, str(path)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        rows += json.loads(done.stdout.strip().splitlines()[-1])
     return rows
 
 
@@ -340,13 +267,12 @@ def run_all() -> dict:
             )
             for case in ("load", "decode")
         }
-        return results | {"cache": cache_rows(path), "train": train_rows(path)}
+        return results | {"train": train_rows(path)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--case", choices=("load", "decode", "cache", "train"), required=True)
-    ap.add_argument("--size", default="all", help="--case cache: experts resident per layer")
+    ap.add_argument("--case", choices=("load", "decode", "train"), required=True)
     ap.add_argument("path", type=Path)
     ap.add_argument("--trainer", choices=sorted({t for t, _ in TRAIN_CASES}), default="cpu")
     ap.add_argument("--trainable", default="router")
@@ -354,9 +280,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.case == "train":
         train_case(args.path, args.trainer, args.trainable, args.out)
-        return
-    if args.case == "cache":
-        print(json.dumps(cache_case(args.path, args.size)))
         return
     result = load_case(args.path) if args.case == "load" else decode_case(args.path)
     print(json.dumps(result))

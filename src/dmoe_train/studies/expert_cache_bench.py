@@ -1,0 +1,159 @@
+"""`make bench-cache`: LLaDA2.0-mini-shaped weights (`full_width_checkpoint.py`, random, bf16)
+decoded from their files with the routed experts left there and C resident per MoE layer
+(`load_model(expert_cache=C)`, the disk store), against all of them loaded: per routing rule and
+C, tokens per second, forwards per block, expert bytes loaded per block and per generated token,
+cache hits within and across blocks, resident expert bytes and the process's peak memory. Each C
+runs in a process of its own (a clean peak). Writes `bench/expert_cache.{md,json}`.
+
+`--layers 20` is LLaDA2.0-mini's depth (about 32 GB of weights: all experts loaded does not fit a
+24 GB machine, so that row reads "does not fit"); the default 2-layer slice fits both ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dmoe_train.evaluation.decoding import cache_metrics
+from dmoe_train.evaluation.sampler import generate
+from dmoe_train.memory import resident_bytes
+from dmoe_train.models import load_model
+from dmoe_train.models.expert_cache import CacheStats, resident_caches
+from dmoe_train.routing import RULES, RoutingPolicy
+from dmoe_train.studies.bench import table
+from dmoe_train.studies.bench_full_width import BLOCK, PROMPT_LEN, PROMPTS, available_bytes
+from dmoe_train.studies.full_width_checkpoint import write_full_width
+
+SELF = (sys.executable, "-m", "dmoe_train.studies.expert_cache_bench")  # one size per process
+
+# decoding with the routed experts in the files (`load_model(expert_cache=C)`, the disk store):
+# C resident per MoE layer, or all of them loaded; two blocks of 32, so hits across blocks count
+CACHE_SIZES = ("16", "32", "64", "256", "all")
+CACHE_POLICIES = {
+    "token": RoutingPolicy("token", block_size=BLOCK),
+    **{
+        f"llada22 pool {c}": RoutingPolicy(
+            "capacity_max", block_size=BLOCK, capacity=c, **RULES["llada22"]
+        )
+        for c in (16, 32, 48)
+    },
+    "dmoe top-p 0.6": RoutingPolicy("topp", block_size=BLOCK, top_p=0.6, **RULES["dmoe"]),
+}
+
+
+def cache_case(path: Path, size: str) -> list[dict]:
+    """Every `CACHE_POLICIES` decode (2 blocks, 32 steps each) with `size` experts resident per
+    layer (a fresh cache for each), in one process: its peak resident memory is this size's."""
+    capacity = None if size == "all" else int(size)
+    model = load_model(path, dtype=torch.bfloat16, expert_cache=capacity)
+    loaded = resident_bytes("VmHWM")
+    g = torch.Generator().manual_seed(0)
+    vocab = min(model.config.vocab_size, 150000)  # LLaDA2's special ids sit above 150000
+    prompts = torch.randint(0, vocab, (PROMPTS, PROMPT_LEN), generator=g).tolist()
+    args = (prompts, 2 * BLOCK, BLOCK, BLOCK, model.config.mask_token_id, -1)
+    rows = []
+    for name, policy in CACHE_POLICIES.items():
+        model.set_routing(policy)
+        for cache in resident_caches(model):
+            cache.slot_of.clear()
+            cache.stats = CacheStats()
+        out = generate(model, *args, cache=True)
+        tokens = PROMPTS * 2 * BLOCK
+        row = {
+            "routing": name,
+            "expert_cache": size,
+            "unique_experts": round(float(out.per_sample(out.unique_experts).mean()), 1),
+            "forwards_per_block": out.unique_experts.shape[0] / out.blocks,
+            "tokens_per_s": round(tokens / out.seconds, 2),
+            "loaded_peak_GiB": round(loaded / 2**30, 2),
+        }
+        metrics = cache_metrics(model, out.blocks, tokens)
+        row["peak_GiB"] = round(metrics["peak_rss_bytes"] / 2**30, 2)
+        if capacity is not None:
+            row |= {
+                "loaded_MB_per_block": round(metrics["expert_bytes_loaded_per_block"] / 2**20, 1),
+                "loaded_MB_per_token": round(metrics["expert_bytes_loaded_per_token"] / 2**20, 2),
+                "hits_within_block": round(metrics["cache_hits_within_block"], 3),
+                "hits_across_blocks": round(metrics["cache_hits_across_blocks"], 3),
+                "resident_expert_GiB": round(metrics["peak_resident_expert_bytes"] / 2**30, 3),
+            }
+        rows.append(row)
+    return rows
+
+
+def cache_rows(path: Path, weights: int) -> list[dict]:
+    """`cache_case` for every size, each in its own process; with every expert loaded only when
+    the weights fit the memory available (with 10% to spare), else a row that says so."""
+    rows = []
+    for size in CACHE_SIZES:
+        if size == "all" and weights * 1.1 > available_bytes():
+            avail = available_bytes() / 2**30
+            rows += [
+                {"routing": name, "expert_cache": size, "skipped": f"{weights / 2**30:.1f} GiB "
+                 f"of weights do not fit {avail:.1f} GiB available"}
+                for name in CACHE_POLICIES
+            ]  # fmt: skip
+            continue
+        done = subprocess.run(
+            [*SELF, "--size", size, str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        rows += json.loads(done.stdout.strip().splitlines()[-1])
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Each cached row against the same rule with every expert loaded: peak memory and speed."""
+    loaded = {r["routing"]: r for r in rows if r["expert_cache"] == "all" and "peak_GiB" in r}
+    out = []
+    for r in rows:
+        ref = loaded.get(r["routing"])
+        if r["expert_cache"] == "all" or ref is None:
+            continue
+        out.append({
+            "routing": r["routing"], "expert_cache": r["expert_cache"],
+            "peak_memory_vs_all_loaded": round(r["peak_GiB"] / ref["peak_GiB"], 3),
+            "speed_vs_all_loaded": round(r["tokens_per_s"] / ref["tokens_per_s"], 3),
+        })  # fmt: skip
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dir", type=Path, help="an existing full-width directory (else written)")
+    ap.add_argument("--out", type=Path, default=Path("bench"))
+    ap.add_argument("--size", help=argparse.SUPPRESS)  # one size, in this process
+    ap.add_argument("path", type=Path, nargs="?", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.size:
+        print(json.dumps(cache_case(args.path, args.size)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.dir or Path(tmp) / f"llada2-mini-{args.layers}layer"
+        if args.dir is None:
+            write_full_width(path, layers=args.layers)
+        weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        rows = cache_rows(path, weights)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"layers": args.layers, "weights_GiB": round(weights / 2**30, 2), "rows": rows}
+    (args.out / "expert_cache.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [
+        f"# Decoding with the experts in the files ({args.layers} layers at full width, "
+        f"{result['weights_GiB']} GiB of bf16 weights; `make bench-cache`)\n",
+        table(rows), "", "## Against every expert loaded\n", table(ratios(rows)) or "-", "",
+    ]  # fmt: skip
+    (args.out / "expert_cache.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
