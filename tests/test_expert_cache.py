@@ -125,10 +125,14 @@ def test_a_trained_router_decodes_the_same_with_its_coreset_resident(tmp_path):
     assert 0 <= cached["cache_hits_within_block"] + cached["cache_hits_across_blocks"] <= 1
 
 
-@pytest.mark.parametrize("value", [0, "some", True])
-def test_a_bad_cache_size_is_refused_by_name(tmp_path, value):
-    with pytest.raises(ValueError, match="generation.expert_cache"):
-        _eval(tmp_path, f"generation.expert_cache={value}")
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("expert_cache", 0), ("expert_cache", "some"), ("expert_cache", True), ("expert_store", "s3")],
+)
+def test_a_bad_cache_setting_is_refused_by_name(tmp_path, monkeypatch, setting, value):
+    monkeypatch.setattr("dmoe_train.evaluation.run.instantiate", None)  # before any model load
+    with pytest.raises(ValueError, match=f"generation.{setting}={value!r}"):
+        _eval(tmp_path, f"generation.{setting}={value}")
 
 
 def test_the_cache_bench_measures_every_rule_at_a_size(monkeypatch):

@@ -80,11 +80,15 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.expert_cache != "all" and (
-            isinstance(self.expert_cache, bool) or not isinstance(self.expert_cache, int)
+            isinstance(self.expert_cache, bool)
+            or not isinstance(self.expert_cache, int)
+            or self.expert_cache < 1
         ):
             raise ValueError(
-                f"generation.expert_cache={self.expert_cache!r}: an expert count or 'all'"
+                f"generation.expert_cache={self.expert_cache!r}: an expert count >= 1 or 'all'"
             )
+        if self.expert_store not in ("memory", "disk"):
+            raise ValueError(f"generation.expert_store={self.expert_store!r}: memory or disk")
 
 
 def apply_expert_cache(
