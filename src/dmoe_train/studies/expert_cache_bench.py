@@ -75,6 +75,9 @@ def cache_case(path: Path, size: str) -> list[dict]:
         }
         metrics = cache_metrics(model, out.blocks, tokens)
         row["peak_GiB"] = round(metrics["peak_rss_bytes"] / 2**30, 2)
+        # the peak counts the pages of the memory-mapped safetensors the reads touched (page
+        # cache the kernel can take back); anonymous memory now is what the process holds
+        row["anon_GiB"] = round(resident_bytes("RssAnon") / 2**30, 2)
         if capacity is not None:
             row |= {
                 "loaded_MB_per_block": round(metrics["expert_bytes_loaded_per_block"] / 2**20, 1),
