@@ -118,5 +118,6 @@ def test_lm_eval_token_routing_trained_router_and_two_processes(tmp_path):
     assert two.pop("decoding") == token.pop("decoding")
     assert two.pop("routing") == token.pop("routing") == "token"
     assert two.pop("router") == token.pop("router")
+    assert two.pop("peak_rss_bytes") > 0 and token.pop("peak_rss_bytes") > 0  # each process's
     # the same metrics and routing statistics as one process (sums in another order)
     assert two == pytest.approx(token, rel=1e-6)
