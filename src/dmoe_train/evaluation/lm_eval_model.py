@@ -44,7 +44,7 @@ from dmoe_train.evaluation.decoding import (
 )
 from dmoe_train.locations import CONFIG_DIR
 from dmoe_train.models import load_model
-from dmoe_train.models.adapted_weights import load_router
+from dmoe_train.models.adapted_weights import changes_routed_experts, load_router
 from dmoe_train.models.block_diffusion import noised_forward
 from dmoe_train.models.placement import parse_max_memory, place_model
 from dmoe_train.routing import RoutingPolicy
@@ -125,8 +125,7 @@ class DiffusionLM(LM):
             policy = replace(policy, block_size=self.settings.block_length)
         experts_changed = False
         if router is not None:
-            tensors = load_router(self.model, router, policy)["tensors"]
-            experts_changed = any(".mlp.experts" in n for n in tensors)
+            experts_changed = changes_routed_experts(load_router(self.model, router, policy))
         elif policy is not None:
             self.model.set_routing(policy)
         self.policy: RoutingPolicy = self.model.config.routing

@@ -19,7 +19,7 @@ from dmoe_train.evaluation.decoding import (
     experts_in_files,
 )
 from dmoe_train.files import write_json
-from dmoe_train.models.adapted_weights import load_router
+from dmoe_train.models.adapted_weights import changes_routed_experts, load_router
 from dmoe_train.routing import RoutingPolicy
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ def route(model: torch.nn.Module, cfg: DictConfig, settings: GenerationSettings)
     routing = instantiate(cfg.router) if cfg.get("router") else None
     experts_changed = False
     if cfg.router_checkpoint:
-        tensors = load_router(model, cfg.router_checkpoint, routing)["tensors"]
-        experts_changed = any(".mlp.experts" in n for n in tensors)
+        manifest = load_router(model, cfg.router_checkpoint, routing)
+        experts_changed = changes_routed_experts(manifest)
     elif routing is not None:
         model.set_routing(routing)
     policy = model.config.routing

@@ -63,6 +63,12 @@ def save_router(tensors: dict[str, torch.Tensor], directory: str | Path, manifes
     return directory / ROUTER_FILE
 
 
+def changes_routed_experts(manifest: dict) -> bool:
+    """Whether a router checkpoint (its manifest) carries routed-expert tensors or adapters:
+    then the base's files no longer hold the experts it decodes with."""
+    return any(".mlp.experts" in name for name in manifest["tensors"])
+
+
 def read_manifest(router_file: str | Path) -> dict:
     path = Path(router_file).with_name(MANIFEST_FILE)
     if not path.is_file():
