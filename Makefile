@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare pareto ec-study sweep bench bench-cache
+.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare pareto ec-study sweep bench bench-cache bench-cache-20
 
 venv: $(VENV)/.installed
 
@@ -79,4 +79,9 @@ bench: venv
 # loaded (bench/expert_cache.{md,json}); ARGS="--layers 20" for its full depth (~32 GB on disk)
 bench-cache: venv
 	$(BIN)/python -m dmoe_train.studies.expert_cache_bench --out bench $(ARGS)
+
+# the headline: LLaDA2.0-mini's 20 layers (about 32 GB written to a temporary directory; 33 min here)
+bench-cache-20: venv
+	$(BIN)/python -m dmoe_train.studies.expert_cache_bench --layers 20 --steps 8 \
+		--sizes 16 32 64 256 all --out bench/20-layers $(ARGS)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from helpers import CONFIGS, TINY_BASE, compose_train, steps
 from hydra import compose, initialize_config_dir
+from safetensors.torch import save_file
 
 from dmoe_train.cli.train import train
 from dmoe_train.evaluation.run import run_eval
@@ -13,6 +14,7 @@ from dmoe_train.models import load_model, model_dir
 from dmoe_train.models.expert_cache import (
     MemoryStore,
     ResidentExperts,
+    SafetensorsFile,
     offload_experts,
     resident_caches,
 )
@@ -97,6 +99,24 @@ def test_a_model_loads_with_its_experts_left_in_the_files(monkeypatch):
     assert torch.equal(_decode(model).tokens, _decode(reference).tokens)
 
 
+def test_the_disk_reader_gives_a_tensor_or_one_row_of_it_as_safetensors_stored_it(tmp_path):
+    stacked = torch.randn(5, 3, 4).to(torch.bfloat16)
+    save_file({"stacked": stacked, "ids": torch.arange(7)}, tmp_path / "w.safetensors")
+    f = SafetensorsFile(tmp_path / "w.safetensors")
+    assert sorted(f.keys()) == ["ids", "stacked"]
+    assert torch.equal(f.read("ids"), torch.arange(7))
+    for row in range(5):
+        assert torch.equal(f.read("stacked", row=row), stacked[row])
+    with pytest.raises(IndexError, match="stacked has 5 rows, asked for row 5"):
+        f.read("stacked", row=5)
+    path = tmp_path / "w.safetensors"
+    last = max(f.header, key=lambda n: f.header[n]["data_offsets"][1])
+    size = f.header[last]["data_offsets"][1] - f.header[last]["data_offsets"][0]
+    path.write_bytes(path.read_bytes()[:-8])  # a truncated file: the last tensor's tail is gone
+    with pytest.raises(OSError, match=f"{last}: read {size - 8} of {size} bytes"):
+        SafetensorsFile(path).read(last)
+
+
 def _eval(out, *overrides):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(
@@ -139,11 +159,24 @@ def test_the_cache_bench_measures_every_rule_at_a_size(monkeypatch):
     pools = expert_cache_bench.CACHE_POLICIES.items()
     fit = {k: p for k, p in pools if p.name != "capacity_max" or p.capacity <= 32}
     monkeypatch.setattr(expert_cache_bench, "CACHE_POLICIES", fit)  # the tiny base has 32
-    rows = expert_cache_bench.cache_case(TINY_BASE, "8")
+    rows = expert_cache_bench.cache_case(TINY_BASE, "8", steps=8)
     assert [r["routing"] for r in rows] == list(fit) and len(fit) == 4
     for r in rows:
         assert r["loaded_MB_per_block"] > 0 and 0 <= r["hits_within_block"] <= 1
         assert r["forwards_per_block"] >= 1 and r["peak_GiB"] >= r["loaded_peak_GiB"] > 0
     loaded = [{**r, "expert_cache": "all", "peak_GiB": 2 * r["peak_GiB"]} for r in rows]
+    loaded[0]["tokens"] = "other"
     ratio = expert_cache_bench.ratios(rows + loaded)
     assert len(ratio) == len(rows) and all(r["peak_memory_vs_all_loaded"] == 0.5 for r in ratio)
+    assert [r["same_tokens"] for r in ratio] == [False] + [True] * (len(rows) - 1)
+    versus = expert_cache_bench.against_token(rows, weights_gib=1.0)
+    token = rows[0]
+    assert [r["routing"] for r in versus] == [r["routing"] for r in rows[1:]]
+    for r, v in zip(rows[1:], versus, strict=True):
+        assert v["loaded_vs_token"] == round(
+            r["loaded_MB_per_block"] / token["loaded_MB_per_block"], 3
+        )
+        assert v["peak_vs_all_weights"] == round(r["peak_GiB"], 3)
+    result = {"layers": 2, "weights_GiB": 1.0, "prompts": 1, "blocks": 2, "steps_per_block": 8}
+    md = expert_cache_bench.report(result | {"rows": rows})
+    assert "every expert loaded does not fit" in md and "loaded_vs_token" in md

@@ -16,6 +16,8 @@ def fake_metrics(experts: float, hits: int, n: int = 100) -> dict:
         "unique_experts_per_block": experts,
         "correct": correct,
         "policy": {"name": "topp", "block_size": 32},
+        "forwards_per_block": 2.0,
+        "expert_bytes_per_generated_token": 100.0 * experts,
     }
 
 
@@ -32,6 +34,30 @@ def test_a_finished_point_is_not_recomputed(tmp_path, monkeypatch):
     again = pareto.measure_point(point, tmp_path)
     assert first == again and len(calls) == 1
     assert json.loads((tmp_path / "points" / "topp__p0.5" / "point.json").read_text()) == first
+
+
+def test_a_point_measured_before_the_paid_metrics_is_measured_again_where_no_training_needs(
+    tmp_path, monkeypatch
+):
+    calls = []
+
+    def fake_eval(cfg):
+        calls.append(cfg.paths.output_dir)
+        return fake_metrics(10.0, 50)
+
+    monkeypatch.setattr(study_points, "run_eval", fake_eval)
+    free = pareto.Spec("topp", "p=0.5", ["router=topp"])
+    trained = pareto.Spec("trained", "p=0.5", train_overrides=["router.top_p=0.5"])
+    old = {k: v for k, v in fake_metrics(9.0, 40).items() if k not in pareto.PAID}
+    for spec in (free, trained):
+        (tmp_path / "points" / spec.slug).mkdir(parents=True)
+        (tmp_path / "points" / spec.slug / "point.json").write_text(json.dumps(old))
+    assert pareto.measure_point(free, tmp_path, refresh=False) == old  # --report-only
+    again = pareto.measure_point(free, tmp_path)
+    assert again["forwards_per_block"] == 2.0 and len(calls) == 1
+    assert json.loads((tmp_path / "points" / free.slug / "point.json").read_text()) == again
+    # its run is gone: measuring again would train it again, so it is left as it was
+    assert pareto.measure_point(trained, tmp_path) == old and len(calls) == 1
 
 
 def test_points_of_another_base_are_refused_and_kept(tmp_path):

@@ -178,6 +178,8 @@ class _Tally:
     load: Tensor | int = 0  # [layers, E]
     routed: int = 0
     forwards: int = 0  # denoising forwards of the decoded batches
+    # unique experts per MoE layer (mean over layers), summed over every sample's own forwards
+    experts_over_forwards: float = 0.0
     blocks: int = 0
 
     def add(self, out: Generation, correct: list[bool], skills: list[str], gen_length: int) -> None:
@@ -190,6 +192,8 @@ class _Tally:
         self.seconds += out.seconds
         self.load, self.routed = self.load + out.expert_load, self.routed + out.tokens_routed
         self.forwards, self.blocks = self.forwards + out.counted.shape[0], self.blocks + out.blocks
+        per_forward = out.unique_experts.float().mean(-1)  # [forwards, B]
+        self.experts_over_forwards += float((per_forward * out.counted).sum())
 
 
 @torch.no_grad()
@@ -299,6 +303,11 @@ def _metrics(
         "unique_experts_per_block_per_layer": per_layer.tolist(),
         "unique_experts_per_block_masked": float(torch.cat(tally.unique_masked).mean()),
         "expert_bytes_per_block": float(per_layer.mean()) * expert_bytes,
+        # what a user pays per MoE layer without a cache: every forward loads its block's unique
+        # experts, and a block takes several forwards for its tokens
+        "expert_bytes_per_generated_token": tally.experts_over_forwards
+        * expert_bytes
+        / max(tally.tokens_out, 1),
         # of the decoded blocks, per MoE layer: 0 = every expert processed as many tokens
         "load_balance_cv": float(load_balance_cv(load).mean()) if decoded else float("nan"),
         "experts_per_token": experts_per_token,

@@ -99,6 +99,8 @@ COLUMNS = (
     ("accuracy", lambda m: f"{m['accuracy']:.3f}"),
     ("retained", lambda m: f"{m.get('accuracy_retained', float('nan')):.3f}"),
     ("expert MB/block", lambda m: f"{m['expert_bytes_per_block'] / 2**20:.2f}"),
+    ("forwards/block", lambda m: f"{m['forwards_per_block']:.2f}"),
+    ("expert KB/token", lambda m: f"{m['expert_bytes_per_generated_token'] / 2**10:.1f}"),
     ("load CV", lambda m: f"{m['load_balance_cv']:.2f}"),
     ("experts/token", lambda m: f"{m['experts_per_token']:.2f}"),
     ("expert MFLOPs/token", lambda m: f"{m['expert_flops_per_token'] / 1e6:.2f}"),

@@ -9,13 +9,14 @@ one forward needs more than fit, and the parts add up to the all-resident result
 from __future__ import annotations
 
 import json
+import os
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from dmoe_train.models.common import SparseMoe
@@ -43,9 +44,55 @@ class MemoryStore:
         return tuple(t[expert] for t in self.stacked)
 
 
+# safetensors' dtype names (its header) -> torch dtypes
+DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class SafetensorsFile:
+    """Rows of a safetensors file's tensors read with `os.pread` at the offsets its header gives:
+    no memory map, so what a read touched is the kernel's page cache, not this process's memory
+    (a map would hold every expert page it ever read in the process's resident set)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd = path, os.open(path, os.O_RDONLY)
+        (length,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        self.header = json.loads(os.pread(self.fd, length, 8))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + length
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def read(self, name: str, row: int | None = None) -> Tensor:
+        """Tensor `name`, or its row `row` along the first dimension."""
+        info = self.header[name]
+        dtype, shape = DTYPES[info["dtype"]], info["shape"]
+        start, end = info["data_offsets"]
+        if row is not None:
+            if not 0 <= row < shape[0]:
+                raise IndexError(f"{self.path}: {name} has {shape[0]} rows, asked for row {row}")
+            size = (end - start) // shape[0]
+            start, end, shape = start + row * size, start + (row + 1) * size, shape[1:]
+        data = bytearray(os.pread(self.fd, end - start, self.data_start + start))
+        if len(data) != end - start:  # a truncated file (or a read past 2 GiB, which Linux cuts)
+            raise OSError(f"{self.path}: {name}: read {len(data)} of {end - start} bytes")
+        return (
+            torch.frombuffer(data, dtype=dtype).view(shape)
+            if data
+            else torch.empty(shape, dtype=dtype)
+        )
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 class DiskStore:
     """A layer's experts read from the model directory's safetensors on demand: one expert's
-    tensors (split layout), or its slice of the stacked tensor (merged layout), never the whole
+    tensors (split layout), or its row of the stacked tensor (merged layout), never the whole
     layer."""
 
     def __init__(self, model_dir: Path, prefix: str, published: tuple[tuple[str, str], ...]):
@@ -54,15 +101,16 @@ class DiskStore:
             weight_map = json.loads((model_dir / INDEX).read_text())["weight_map"]
             self.file_of = {n: model_dir / f for n, f in weight_map.items()}
         else:
-            with safe_open(model_dir / SINGLE, framework="pt") as f:
-                self.file_of = dict.fromkeys(f.keys(), model_dir / SINGLE)  # noqa: SIM118
-        self.handles: dict[Path, object] = {}
+            self.file_of = dict.fromkeys(
+                SafetensorsFile(model_dir / SINGLE).keys(), model_dir / SINGLE
+            )
+        self.files: dict[Path, SafetensorsFile] = {}
 
-    def _open(self, name: str):
-        file = self.file_of[name]
-        if file not in self.handles:
-            self.handles[file] = safe_open(file, framework="pt")
-        return self.handles[file]
+    def _file(self, name: str) -> SafetensorsFile:
+        path = self.file_of[name]
+        if path not in self.files:
+            self.files[path] = SafetensorsFile(path)
+        return self.files[path]
 
     def read(self, expert: int) -> tuple[Tensor, Tensor, Tensor]:
         out = []
@@ -70,9 +118,9 @@ class DiskStore:
             prefix, _, proj = stacked.rpartition(".")
             split = f"{prefix}.{expert}.{proj}.weight"
             if split in self.file_of:
-                out.append(self._open(split).get_tensor(split))
+                out.append(self._file(split).read(split))
             else:
-                out.append(self._open(stacked).get_slice(stacked)[expert])
+                out.append(self._file(stacked).read(stacked, row=expert))
         return tuple(out)
 
 

@@ -69,6 +69,8 @@ CSV_COLUMNS = {
     "accuracy": "accuracy",
     "accuracy_retained": "accuracy_retained",
     "expert_bytes_per_block": "expert_bytes_per_block",
+    "forwards_per_block": "forwards_per_block",
+    "expert_bytes_per_generated_token": "expert_bytes_per_generated_token",
     "load_balance_cv": "load_balance_cv",
     "experts_per_token": "experts_per_token",
     "expert_flops_per_token": "expert_flops_per_token",

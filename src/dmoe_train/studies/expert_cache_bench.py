@@ -12,6 +12,7 @@ runs in a process of its own (a clean peak). Writes `bench/expert_cache.{md,json
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -47,16 +48,17 @@ CACHE_POLICIES = {
 }
 
 
-def cache_case(path: Path, size: str) -> list[dict]:
-    """Every `CACHE_POLICIES` decode (2 blocks, 32 steps each) with `size` experts resident per
-    layer (a fresh cache for each), in one process: its peak resident memory is this size's."""
+def cache_case(path: Path, size: str, steps: int) -> list[dict]:
+    """Every `CACHE_POLICIES` decode (2 blocks, `steps` forwards each) with `size` experts
+    resident per layer (a fresh cache for each), in one process: its peak resident memory is this
+    size's."""
     capacity = None if size == "all" else int(size)
     model = load_model(path, dtype=torch.bfloat16, expert_cache=capacity)
     loaded = resident_bytes("VmHWM")
     g = torch.Generator().manual_seed(0)
     vocab = min(model.config.vocab_size, 150000)  # LLaDA2's special ids sit above 150000
     prompts = torch.randint(0, vocab, (PROMPTS, PROMPT_LEN), generator=g).tolist()
-    args = (prompts, 2 * BLOCK, BLOCK, BLOCK, model.config.mask_token_id, -1)
+    args = (prompts, 2 * BLOCK, BLOCK, steps, model.config.mask_token_id, -1)
     rows = []
     for name, policy in CACHE_POLICIES.items():
         model.set_routing(policy)
@@ -72,6 +74,8 @@ def cache_case(path: Path, size: str) -> list[dict]:
             "forwards_per_block": out.unique_experts.shape[0] / out.blocks,
             "tokens_per_s": round(tokens / out.seconds, 2),
             "loaded_peak_GiB": round(loaded / 2**30, 2),
+            # the decoded tokens, to compare against every expert loaded
+            "tokens": hashlib.sha256(out.tokens.numpy().tobytes()).hexdigest()[:12],
         }
         metrics = cache_metrics(model, out.blocks, tokens)
         row["peak_GiB"] = round(metrics["peak_rss_bytes"] / 2**30, 2)
@@ -90,21 +94,24 @@ def cache_case(path: Path, size: str) -> list[dict]:
     return rows
 
 
-def cache_rows(path: Path, weights: int) -> list[dict]:
-    """`cache_case` for every size, each in its own process; with every expert loaded only when
-    the weights fit the memory available (with 10% to spare), else a row that says so."""
+def cache_rows(path: Path, weights: int, sizes: list[str], steps: int) -> list[dict]:
+    """`cache_case` for every size, each in its own process; a size runs only when what it could
+    hold resident (every expert, for `all`; else its share of them, as the experts are nearly
+    all of the weights) fits the memory available with 10% to spare, else a row says so."""
+    experts = json.loads((path / "config.json").read_text())["num_experts"]
     rows = []
-    for size in CACHE_SIZES:
-        if size == "all" and weights * 1.1 > available_bytes():
+    for size in sizes:
+        needs = weights if size == "all" else weights * min(int(size) / experts, 1.0)
+        if needs * 1.1 > available_bytes():
             avail = available_bytes() / 2**30
             rows += [
-                {"routing": name, "expert_cache": size, "skipped": f"{weights / 2**30:.1f} GiB "
+                {"routing": name, "expert_cache": size, "skipped": f"{needs / 2**30:.1f} GiB "
                  f"of weights do not fit {avail:.1f} GiB available"}
                 for name in CACHE_POLICIES
             ]  # fmt: skip
             continue
         done = subprocess.run(
-            [*SELF, "--size", size, str(path)],
+            [*SELF, "--size", size, "--steps", str(steps), str(path)],
             check=True,
             capture_output=True,
             text=True,
@@ -125,37 +132,78 @@ def ratios(rows: list[dict]) -> list[dict]:
             "routing": r["routing"], "expert_cache": r["expert_cache"],
             "peak_memory_vs_all_loaded": round(r["peak_GiB"] / ref["peak_GiB"], 3),
             "speed_vs_all_loaded": round(r["tokens_per_s"] / ref["tokens_per_s"], 3),
+            "same_tokens": r["tokens"] == ref["tokens"],
         })  # fmt: skip
     return out
 
 
+def against_token(rows: list[dict], weights_gib: float) -> list[dict]:
+    """Each block rule against token routing at the same cache size (expert bytes loaded per
+    block), and the process's peak against the all-resident model's weights."""
+    token = {r["expert_cache"]: r for r in rows if r["routing"] == "token" and "peak_GiB" in r}
+    return [
+        {
+            "routing": r["routing"], "expert_cache": r["expert_cache"],
+            "unique_experts": r["unique_experts"],
+            "loaded_vs_token": round(r["loaded_MB_per_block"] / t["loaded_MB_per_block"], 3),
+            "peak_vs_all_weights": round(r["peak_GiB"] / weights_gib, 3),
+        }  # fmt: skip
+        for r in rows
+        if r["routing"] != "token" and "loaded_MB_per_block" in r
+        and (t := token.get(r["expert_cache"])) is not None
+    ]  # fmt: skip
+
+
+def report(result: dict) -> str:
+    """`expert_cache.md`: the rows, the ratios to token routing and to every expert loaded."""
+    rows = result["rows"]
+    loaded = ratios(rows)
+    return "\n".join([
+        f"# Decoding with the experts in the files ({result['layers']} layers at full width, "
+        f"{result['weights_GiB']} GiB of bf16 weights; `make bench-cache`): "
+        f"{result['prompts']} prompt, {result['blocks']} blocks of {BLOCK}, "
+        f"{result['steps_per_block']} forwards each\n",
+        table(rows), "",
+        "## Against token routing at the same cache size, and the weights\n",
+        table(against_token(rows, result["weights_GiB"])), "",
+        "## Against every expert loaded\n",
+        table(loaded) if loaded else "- (every expert loaded does not fit)", "",
+    ])  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=2, help="of the directory written (no --dir)")
     ap.add_argument("--dir", type=Path, help="an existing full-width directory (else written)")
     ap.add_argument("--out", type=Path, default=Path("bench"))
+    ap.add_argument("--sizes", nargs="+", default=list(CACHE_SIZES), choices=CACHE_SIZES)
+    ap.add_argument("--steps", type=int, default=BLOCK, help="denoising forwards per block")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     ap.add_argument("--size", help=argparse.SUPPRESS)  # one size, in this process
     ap.add_argument("path", type=Path, nargs="?", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.size:
-        print(json.dumps(cache_case(args.path, args.size)))
+        print(json.dumps(cache_case(args.path, args.size, args.steps)))
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.dir or Path(tmp) / f"llada2-mini-{args.layers}layer"
-        if args.dir is None:
-            write_full_width(path, layers=args.layers)
-        weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        rows = cache_rows(path, weights)
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"layers": args.layers, "weights_GiB": round(weights / 2**30, 2), "rows": rows}
-    (args.out / "expert_cache.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [
-        f"# Decoding with the experts in the files ({args.layers} layers at full width, "
-        f"{result['weights_GiB']} GiB of bf16 weights; `make bench-cache`)\n",
-        table(rows), "", "## Against every expert loaded\n", table(ratios(rows)) or "-", "",
-    ]  # fmt: skip
-    (args.out / "expert_cache.md").write_text("\n".join(md))
-    print("\n".join(md))
+    stored = args.out / "expert_cache.json"
+    if args.report_only:
+        result = json.loads(stored.read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = args.dir or Path(tmp) / f"llada2-mini-{args.layers}layer"
+            if args.dir is None:
+                write_full_width(path, layers=args.layers)
+            weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+            layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+            rows = cache_rows(path, weights, args.sizes, args.steps)
+        result = {
+            "layers": layers, "weights_GiB": round(weights / 2**30, 2), "prompts": PROMPTS,
+            "blocks": 2, "steps_per_block": args.steps, "rows": rows,
+        }  # fmt: skip
+        args.out.mkdir(parents=True, exist_ok=True)
+        stored.write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "expert_cache.md").write_text(report(result))
+    print(report(result))
 
 
 if __name__ == "__main__":

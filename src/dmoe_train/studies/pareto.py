@@ -35,6 +35,7 @@ from dmoe_train.evaluation.frontier import (
     fewest_experts,
     strictly_above,
 )
+from dmoe_train.files import write_json  # noqa: E402
 from dmoe_train.locations import PROJECT_ROOT  # noqa: E402
 from dmoe_train.models import LLaDA2MoeConfig  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
@@ -214,9 +215,15 @@ def train_point(spec: Spec, runs: Path) -> tuple[Path, float]:
     return run_dir / "checkpoints" / "router.safetensors", seconds
 
 
-def measure_point(spec: Spec, out: Path) -> dict:
+# what a user pays beside unique experts per forward: a point measured before these existed is
+# measured again where that needs no training (training-free, or its run's router still there)
+PAID = ("forwards_per_block", "expert_bytes_per_generated_token")
+
+
+def measure_point(spec: Spec, out: Path, refresh: bool = True) -> dict:
     """The spec's metrics on the test split, computed once and kept in `out/points/<slug>`
-    (`point.json`, beside run_eval's `metrics.json`)."""
+    (`point.json`, beside run_eval's `metrics.json`); with `refresh`, measured again when it
+    lacks a `PAID` metric and needs no training for it."""
     point_dir = out / "points" / spec.slug
 
     def measure() -> dict:
@@ -228,7 +235,13 @@ def measure_point(spec: Spec, out: Path) -> dict:
         trained = sum(t.numel() for t in load_file(router).values())
         return metrics | {"train_seconds": seconds, "trainable_params": trained}
 
-    return kept(point_dir / "point.json", measure)
+    point = kept(point_dir / "point.json", measure)
+    router = out / "runs" / spec.slug / "checkpoints" / "router.safetensors"
+    trainless = spec.train_overrides is None or router.is_file()
+    if refresh and trainless and any(k not in point for k in PAID):
+        point |= measure()
+        write_json(point_dir / "point.json", point)
+    return point
 
 
 def claim_store(store: Path, base: Path) -> None:
@@ -247,6 +260,12 @@ def claim_store(store: Path, base: Path) -> None:
         )
     store.mkdir(parents=True, exist_ok=True)
     stamp.write_text(digest + "\n")
+
+
+def paid_share(m: dict, token: dict) -> float | None:
+    """The point's expert bytes per generated token as a share of token routing's."""
+    key = "expert_bytes_per_generated_token"
+    return m[key] / token[key] if key in m and key in token else None
 
 
 def analyse(specs: list[Spec], metrics: list[dict]) -> list[dict]:
@@ -276,6 +295,8 @@ def analyse(specs: list[Spec], metrics: list[dict]) -> list[dict]:
                 "retained_lo": ci["retained"][i, 0],
                 "retained_hi": ci["retained"][i, 1],
                 "dominated": bool(beaten[i]),
+                "forwards_per_block": m.get("forwards_per_block"),
+                "expert_bytes_per_token_vs_token": paid_share(m, metrics[points.index(token)]),
                 "train_seconds": m.get("train_seconds"),
                 "trainable_params": m.get("trainable_params"),
                 "accuracy_by_skill": m.get("accuracy_by_skill", {}),
@@ -328,16 +349,21 @@ def goal(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict]) -> str:
     head = (
         "method", "point", "rule", "experts/block", "share of token", "exact match [95% CI]",
-        "retained [95% CI]", "dominated", "train s",
+        "retained [95% CI]", "forwards/block", "expert bytes/token vs token", "dominated",
+        "train s",
     )  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
+        forwards = r["forwards_per_block"]
+        forwards = "-" if forwards is None else f"{forwards:.2f}"
+        paid = r["expert_bytes_per_token_vs_token"]
+        paid = "-" if paid is None else f"{paid:.0%}"
         lines.append(
             f"| {r['method']} | {r['label']} | {r['rule']} | {r['experts']:.2f} | "
             f"{r['experts_share_of_token']:.0%} | {r['accuracy']:.3f} "
             f"[{r['accuracy_lo']:.3f}, {r['accuracy_hi']:.3f}] | {r['retained']:.3f} "
-            f"[{r['retained_lo']:.3f}, {r['retained_hi']:.3f}] | "
+            f"[{r['retained_lo']:.3f}, {r['retained_hi']:.3f}] | {forwards} | {paid} | "
             f"{'yes' if r['dominated'] else ''} | {secs} |"
         )
     lines += ["", "Fewest experts per block at a retained share, per method:", ""]
@@ -600,7 +626,10 @@ def main() -> None:
     claim_store(store, BASE)
     if args.report_only:  # the points finished so far, nothing computed
         specs = [s for s in specs if (store / "points" / s.slug / "point.json").is_file()]
-    metrics = [measure_point(s, store) for s in tqdm(specs, desc="pareto points", unit="point")]
+    metrics = [
+        measure_point(s, store, refresh=not args.report_only)
+        for s in tqdm(specs, desc="pareto points", unit="point")
+    ]
     rows = analyse(specs, metrics)
     with open(args.out / "pareto.csv", "w", newline="") as f:
         w = csv.DictWriter(
