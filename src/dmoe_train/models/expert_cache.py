@@ -97,14 +97,13 @@ class DiskStore:
 
     def __init__(self, model_dir: Path, prefix: str, published: tuple[tuple[str, str], ...]):
         self.names = {p: rename(f"{prefix}.{p}", published) for p in PROJECTIONS}
+        self.files: dict[Path, SafetensorsFile] = {}  # opened when first read
         if (model_dir / INDEX).is_file():
             weight_map = json.loads((model_dir / INDEX).read_text())["weight_map"]
             self.file_of = {n: model_dir / f for n, f in weight_map.items()}
         else:
-            self.file_of = dict.fromkeys(
-                SafetensorsFile(model_dir / SINGLE).keys(), model_dir / SINGLE
-            )
-        self.files: dict[Path, SafetensorsFile] = {}
+            single = self.files[model_dir / SINGLE] = SafetensorsFile(model_dir / SINGLE)
+            self.file_of = dict.fromkeys(single.keys(), model_dir / SINGLE)
 
     def _file(self, name: str) -> SafetensorsFile:
         path = self.file_of[name]

@@ -202,8 +202,9 @@ def main() -> None:
         }  # fmt: skip
         args.out.mkdir(parents=True, exist_ok=True)
         stored.write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "expert_cache.md").write_text(report(result))
-    print(report(result))
+    md = report(result)
+    (args.out / "expert_cache.md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":

@@ -35,12 +35,16 @@ from dmoe_train.evaluation.frontier import (
     fewest_experts,
     strictly_above,
 )
-from dmoe_train.files import write_json  # noqa: E402
 from dmoe_train.locations import PROJECT_ROOT  # noqa: E402
 from dmoe_train.models import LLaDA2MoeConfig  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 from dmoe_train.studies.estimate_memory import parameter_counts  # noqa: E402
-from dmoe_train.studies.points import evaluate, kept, train_run  # noqa: E402
+from dmoe_train.studies.points import (  # noqa: E402
+    evaluate,
+    kept,
+    router_checkpoint,
+    train_run,
+)
 
 BASE = PROJECT_ROOT / "assets" / "tiny256-llada2"
 # every evaluation: the base, the skills test split (no training data needed), LLaDA2.0 decoding
@@ -212,7 +216,7 @@ def train_point(spec: Spec, runs: Path) -> tuple[Path, float]:
         return {"train_seconds": time.time() - began}
 
     seconds = kept(run_dir / "cost.json", timed)["train_seconds"]
-    return run_dir / "checkpoints" / "router.safetensors", seconds
+    return router_checkpoint(run_dir), seconds
 
 
 # what a user pays beside unique experts per forward: a point measured before these existed is
@@ -235,13 +239,14 @@ def measure_point(spec: Spec, out: Path, refresh: bool = True) -> dict:
         trained = sum(t.numel() for t in load_file(router).values())
         return metrics | {"train_seconds": seconds, "trainable_params": trained}
 
-    point = kept(point_dir / "point.json", measure)
-    router = out / "runs" / spec.slug / "checkpoints" / "router.safetensors"
-    trainless = spec.train_overrides is None or router.is_file()
-    if refresh and trainless and any(k not in point for k in PAID):
-        point |= measure()
-        write_json(point_dir / "point.json", point)
-    return point
+    trainless = (
+        spec.train_overrides is None or router_checkpoint(out / "runs" / spec.slug).is_file()
+    )
+    return kept(
+        point_dir / "point.json",
+        measure,
+        stale=lambda point: refresh and trainless and any(k not in point for k in PAID),
+    )
 
 
 def claim_store(store: Path, base: Path) -> None:

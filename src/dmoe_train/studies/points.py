@@ -14,16 +14,25 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from dmoe_train.evaluation.run import run_eval
+from dmoe_train.files import write_json
 from dmoe_train.resolvers import CONFIG_DIR
 
 
-def kept(stored: Path, compute: Callable[[], dict]) -> dict:
-    """`compute()` once: its result is written to `stored` (only once complete) and read back."""
-    if not stored.is_file():
+def kept(
+    stored: Path, compute: Callable[[], dict], stale: Callable[[dict], bool] = lambda _: False
+) -> dict:
+    """`compute()` once: its result is written to `stored` (atomically, once complete) and read
+    back; computed again only when `stale` says the stored result lacks what is asked now."""
+    if not stored.is_file() or stale(json.loads(stored.read_text())):
         result = compute()
         stored.parent.mkdir(parents=True, exist_ok=True)
-        stored.write_text(json.dumps(result) + "\n")
+        write_json(stored, result)
     return json.loads(stored.read_text())
+
+
+def router_checkpoint(run_dir: Path) -> Path:
+    """Where a `dmoe-train` run in `run_dir` writes its trained router."""
+    return run_dir / "checkpoints" / "router.safetensors"
 
 
 def train_run(run_dir: Path, overrides: list[str]) -> Path:
@@ -33,7 +42,7 @@ def train_run(run_dir: Path, overrides: list[str]) -> Path:
         cmd = [sys.executable, "-m", "dmoe_train.cli.train", *overrides]
         cmd += [f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return run_dir / "checkpoints" / "router.safetensors"
+    return router_checkpoint(run_dir)
 
 
 def evaluate(out: Path, overrides: list[str]) -> dict:
