@@ -8,7 +8,7 @@ from helpers import RecordTopP, compose_train, steps
 
 from dmoe_train.cli.train import build, train
 from dmoe_train.routing import RoutingPolicy
-from dmoe_train.training.finetuner import curriculum_policy, masked_kl
+from dmoe_train.training.finetuner import curriculum_policy, masked_kl, random_tokens
 
 
 def test_masked_kl_by_hand():
@@ -41,6 +41,44 @@ def test_teacher_is_the_starting_router_under_token_routing(tmp_path):
         + 0.03 * stats["regularizer"].item() / 32,  # the default's union weight, 32 experts
         rel=1e-5,
     )
+
+
+def test_random_tokens_skip_the_mask_and_follow_their_keys():
+    tokens = random_tokens([1, 2, 1], 4000, vocab=10, mask_id=3)
+    assert tokens.shape == (3, 4000)
+    assert set(tokens.unique().tolist()) == {0, 1, 2, 4, 5, 6, 7, 8, 9}  # all but the mask
+    assert torch.equal(tokens[0], tokens[2]) and not torch.equal(tokens[0], tokens[1])
+    assert torch.equal(tokens[1], random_tokens([2], 4000, vocab=10, mask_id=3)[0])
+
+
+def test_distillation_on_random_inputs_holds_no_task_token(tmp_path):
+    block = build(
+        compose_train(
+            tmp_path, "router.top_p=0.5", "module.distill_weight=1.0",
+            "module.distill_inputs=random",
+        )
+    )  # fmt: skip
+    batch = _batch(block)
+    seen = []
+    forward = block.module.model.forward
+    block.module.model.forward = lambda ids, *a, **kw: seen.append(ids) or forward(ids, *a, **kw)
+    stats = block.module.step_stats(batch, 0)
+    assert stats["distill_kl"].item() > 1e-3
+    # the training forward, then the student and the teacher on the same random input
+    assert len(seen) == 3 and torch.equal(seen[1], seen[2])
+    # block diffusion reads [x_t, x_0]: the clean half is the batch, then tokens of no task
+    x0 = batch["input_ids"]
+    assert torch.equal(seen[0][:, x0.shape[1] :], x0)
+    assert (seen[1][:, x0.shape[1] :] != x0).float().mean() > 0.9
+    token = build(
+        compose_train(
+            tmp_path / "t", "router=token", "module.distill_weight=1.0",
+            "module.distill_inputs=random",
+        )
+    )  # fmt: skip
+    assert token.module.step_stats(batch, 0)["distill_kl"].item() == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="module.distill_inputs='task'"):
+        build(compose_train(tmp_path / "bad", "module.distill_inputs=task"))
 
 
 def test_curriculum_values_by_hand():

@@ -159,6 +159,7 @@ def test_trainable_sets_and_held_out_skills_are_tabled_and_judged(tmp_path):
         pareto.Spec("topp", "p=0.5"),
         pareto.Spec("sets", "p=0.6 router+lora r=2"),
         pareto.Spec("held-out", "p=0.6 router+lora r=2 add+sort"),
+        pareto.Spec("held-out", "p=0.6 router+lora r=2 add+sort distill random"),
     ]
     trained = {"train_seconds": 300.0, "trainable_params": 880_000}
     metrics = [
@@ -166,6 +167,7 @@ def test_trainable_sets_and_held_out_skills_are_tabled_and_judged(tmp_path):
         fake_metrics(10.0, 20) | skills(0.1, 0.3, 0.3, 0.1),
         fake_metrics(8.0, 80) | skills(0.8, 0.8, 0.8, 0.8) | trained,
         fake_metrics(12.0, 40) | skills(0.8, 0.8, 0.78, 0.05) | trained,
+        fake_metrics(12.0, 50) | skills(0.8, 0.8, 0.8, 0.4) | trained,
     ]
     rows = pareto.analyse(specs, metrics)
     report = pareto.markdown(rows)
@@ -178,6 +180,11 @@ def test_trainable_sets_and_held_out_skills_are_tabled_and_judged(tmp_path):
         "| held-out p=0.6 router+lora r=2 add+sort | add, sort | 12.00 | 80.0% | 80.0% | " in held
     )
     assert "| topp p=0.5 | - (training-free) | 10.00 |" in held
+    assert "add+sort distill random | add, sort; KL on random tokens | 12.00 |" in held
+    assert (
+        "distill random: 50.0% of token routing on the worse held-out skill (not reached); "
+        "never below" in held
+    )
     assert (
         "6.2% of token routing on the worse held-out skill (not reached); below topp p=0.5" in held
     )

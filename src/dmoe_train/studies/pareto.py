@@ -175,6 +175,21 @@ HELD_OUT.insert(
     ),  # fmt: skip
 )
 
+# KL to the token-routed base on inputs of no task at all (uniformly random tokens, no labels)
+HELD_OUT.append(
+    Spec(
+        "held-out",
+        "p=0.6 router+lora r=2 add+sort distill random",
+        train_overrides=[
+            "router.top_p=0.6",
+            TWO_SKILLS,
+            *SETS["router+lora r=2"],
+            "module.distill_weight=1.0",
+            "module.distill_inputs=random",
+        ],
+    )  # fmt: skip
+)
+
 
 def generated_data() -> None:
     """The base's own decodes (token routing) of 4000 train prompts of the two training skills
@@ -431,6 +446,13 @@ def at_p06(rows: list[dict]) -> list[dict]:
     ]
 
 
+def held_out_training(label: str) -> str:
+    """What a held-out row's training read, from its label."""
+    if "generated" in label:
+        return "add, sort: the base's generations"
+    return "add, sort; KL on random tokens" if "random" in label else "add, sort"
+
+
 def held_out(rows: list[dict]) -> list[str]:
     """Per-skill exact match of every held-out row beside token routing, the same sets trained
     on all four skills and the training-free coreset of the same size; then the goal lines."""
@@ -443,10 +465,7 @@ def held_out(rows: list[dict]) -> list[str]:
         (token, "all four (the base)"),
         *((r, "all four") for r in at_p06(rows)),
         *((f, "- (training-free)") for f in free.values()),
-        *(
-            (r, "add, sort: the base's generations" if "generated" in r["label"] else "add, sort")
-            for r in held
-        ),
+        *((r, held_out_training(r["label"])) for r in held),
     ]
     lines = [
         "Skills held out (top_p 0.6, 500 steps; every row on the same 1000 test prompts of all "

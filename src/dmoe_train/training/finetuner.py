@@ -38,6 +38,7 @@ from dmoe_train.routing import Routing, RoutingPolicy
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, lr=1e-3)
+DISTILL_INPUTS = ("batch", "random")
 
 
 def routing_stats(routing: list[Routing], block_size: int) -> dict[str, Tensor]:
@@ -68,6 +69,16 @@ def masked_kl(
     return (log_t.exp() * (log_t - log_s)).sum() / count.clamp_min(1)
 
 
+def random_tokens(keys: list[int], n: int, vocab: int, mask_id: int) -> Tensor:
+    """`[B, n]` tokens drawn uniformly from the vocabulary less the mask token, row i from a
+    generator seeded by `keys[i]` (as `row_uniforms`): inputs that belong to no task."""
+    rows = [
+        torch.randint(vocab - 1, (n,), generator=torch.Generator().manual_seed(k)) for k in keys
+    ]
+    tokens = torch.stack(rows)
+    return tokens + (tokens >= mask_id).long()  # skip the mask token
+
+
 def curriculum_policy(policy: RoutingPolicy, start: float, progress: float) -> RoutingPolicy:
     """The policy `progress` (0..1) of the way from `start` to its own coreset setting: top_p for
     `topp`, the capacity for capacity policies (rounded to whole experts)."""
@@ -85,7 +96,9 @@ def curriculum_policy(policy: RoutingPolicy, start: float, progress: float) -> R
 class RouterFineTuner(L.LightningModule):
     """Router fine-tuning. Objectives beside the diffusion loss: the coreset-size `regularizer`;
     `distill_weight`: self-distillation from the run's starting model under token routing (one
-    forward without gradients on the same noised input; KL on the masked positions); a curriculum
+    forward without gradients; KL on the masked positions) on `distill_inputs`: "batch", the same
+    noised input, or "random", uniformly random tokens of the batch's shape and response mask
+    (no task's prompt or response: one more forward with gradients); a curriculum
     that moves the coreset from `curriculum_start` to the policy's own setting over the first
     `curriculum_fraction` of the steps (validation always runs the policy's own setting)."""
 
@@ -106,6 +119,7 @@ class RouterFineTuner(L.LightningModule):
         max_bad_batches: int = 0,
         z_loss_weight: float = 0.0,
         distill_weight: float = 0.0,
+        distill_inputs: str = "batch",
         curriculum_start: float | None = None,
         curriculum_fraction: float = 0.5,
         lora: dict | None = None,
@@ -121,6 +135,10 @@ class RouterFineTuner(L.LightningModule):
                 init_expert_lora(model, seed)
         if distill_weight < 0:
             raise ValueError(f"module.distill_weight={distill_weight}: must be >= 0")
+        if distill_inputs not in DISTILL_INPUTS:
+            raise ValueError(
+                f"module.distill_inputs={distill_inputs!r}: must be one of {DISTILL_INPUTS}"
+            )
         if not 0.0 < curriculum_fraction <= 1.0:
             raise ValueError(f"module.curriculum_fraction={curriculum_fraction}: must be in (0, 1]")
         if not 0.0 <= t_low <= t_high <= 1.0:
@@ -137,7 +155,7 @@ class RouterFineTuner(L.LightningModule):
         self.train_expert_bias, self.trainable = train_expert_bias, trainable
         self.seed = seed
         self.z_loss_weight = z_loss_weight
-        self.distill_weight = distill_weight
+        self.distill_weight, self.distill_inputs = distill_weight, distill_inputs
         self.target_policy = model.config.routing
         self.curriculum_start, self.curriculum_fraction = curriculum_start, curriculum_fraction
         if curriculum_start is not None:
@@ -272,7 +290,14 @@ class RouterFineTuner(L.LightningModule):
         lm = masked_diffusion_loss(out.logits, x0, out.masked, out.t, self.loss_weighting, count)
         reg = self.regularizer.size(out.routing, self.block_size, cfg.moe.top_k)
         z = router_z_loss(out.routing)
-        kl = self.distillation(noised, out.logits, out.masked, count)
+        if self.distill_weight and self.distill_inputs == "random":
+            noised = partial(noised, x0=self.random_inputs(keys, x0))
+            out_kl = noised(self.model)
+            kl = self.distillation(
+                noised, out_kl.logits, out_kl.masked, self.mean_count(out_kl.masked)
+            )
+        else:
+            kl = self.distillation(noised, out.logits, out.masked, count)
         loss = (
             lm
             + self.regularizer.weight * reg / cfg.moe.num_experts
@@ -287,6 +312,13 @@ class RouterFineTuner(L.LightningModule):
             "distill_kl": kl,
             **routing_stats(out.routing, self.block_size),
         }
+
+    def random_inputs(self, keys: list[int], x0: Tensor) -> Tensor:
+        """Random tokens in `x0`'s shape, keyed apart from the noise (tuples of ints hash the
+        same in every process): distillation inputs of no task."""
+        cfg = self.model.config
+        keys = [hash((k, -1)) % 2**63 for k in keys]
+        return random_tokens(keys, x0.shape[1], cfg.vocab_size, cfg.mask_token_id).to(x0.device)
 
     def distillation(
         self, noised: Callable, logits: Tensor, masked: Tensor, count: Tensor
