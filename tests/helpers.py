@@ -1,6 +1,7 @@
 """What tests share: composing and launching runs, reading their routers, and test-only
 callbacks that configs name by `_target_` (tests/ is on sys.path under pytest)."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from safetensors.torch import load_file
@@ -72,6 +74,40 @@ def compose_train(
             overrides=[f"paths.output_dir={output_dir}", *(FAST if fast else []), *overrides],
             return_hydra_config=return_hydra_config,
         )
+
+
+def compose_generate(out_dir: Path, *overrides: str) -> DictConfig:
+    """The `dmoe-generate` config writing into `out_dir`, on small splits."""
+    small = ["data.train_size=64", "data.val_size=16", "data.test_size=16", "shard_size=16"]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(
+            "generate",
+            [f"paths.output_dir={out_dir}", f"out_dir={out_dir}", *small, *overrides],
+        )
+
+
+def hashes(directory: Path) -> dict[str, str]:
+    """Every file under `directory` (relative path -> sha256): what a refusal must not touch."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def run_main(main, *args: str) -> int:
+    """A Hydra command's `main` in this process with `args` as its command line; its exit code
+    (0 when it returns)."""
+    argv = sys.argv
+    sys.argv = ["dmoe", *args]
+    try:
+        main()
+        return 0
+    except SystemExit as done:
+        return int(done.code or 0)
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
 
 
 class InterruptAtStep(L.Callback):

@@ -3,21 +3,36 @@ naming its key, path or row, exits non-zero and loses nothing, or does what it s
 docs/reliability.md lists what these tests guarantee, in one table."""
 
 import errno
+import hashlib
 import json
+import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_BASE, cli_train, compose_train, router_of, run_cli, steps
+from helpers import (
+    TINY_BASE,
+    cli_train,
+    compose_generate,
+    compose_train,
+    hashes,
+    router_of,
+    run_cli,
+    run_main,
+    steps,
+)
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from safetensors.torch import load_file
 
 from dmoe_train.cli import export as export_cli
+from dmoe_train.cli.common import message_of
+from dmoe_train.cli.generate import run_generate
 from dmoe_train.cli.train import train
-from dmoe_train.evaluation.run import run_eval
+from dmoe_train.evaluation.run import format_table, run_eval
 from dmoe_train.files import atomic_write
 from dmoe_train.locations import CONFIG_DIR
 from dmoe_train.models import is_router_param, load_model
@@ -539,3 +554,222 @@ def test_a_bad_sweep_point_is_reported_and_the_others_run(tmp_path):
     assert "router.top_p=1.5: must be in (0, 1]" in out.stderr
     assert json.loads((sweep / "1" / "summary.json").read_text())["policy"]["top_p"] == 0.9
     assert not (sweep / "0" / "summary.json").exists()
+
+
+# --- dmoe-generate writes only what it owns -------------------------------------------------
+
+
+def test_generate_refuses_a_directory_it_did_not_write(tmp_path, monkeypatch):
+    run = tmp_path / "run"  # a training run's directory
+    train(compose_train(run, *steps(1)))
+    before = hashes(run)
+    monkeypatch.setattr("dmoe_train.cli.generate.instantiate", _no_load)
+    with pytest.raises(ValueError, match=rf"out_dir={run}: not empty and not dmoe-generate output"):
+        run_generate(compose_generate(run, "max_rows=16"))
+    assert hashes(run) == before
+
+
+def test_generate_resumes_only_under_the_same_settings(tmp_path, monkeypatch):
+    out = tmp_path / "gen"
+    summary = run_generate(compose_generate(out, "max_rows=32"))
+    # the summary says what the shards hold: which prompts, decoded how
+    assert summary["complete"] and summary["prompt_rows"] == [[0, 16], [16, 32]]
+    assert summary["settings"]["max_rows"] == 32 and summary["settings"]["seed"] == 0
+    assert summary["kept"] == len([1 for f in (out / "rows").iterdir() for _ in f.open()])
+    before = hashes(out)
+    monkeypatch.setattr("dmoe_train.cli.generate.instantiate", _no_load)
+    changed = r"\(data.seed: 0 -> 1; max_rows: 32 -> 16; seed: 0 -> 1\)"
+    with pytest.raises(ValueError, match=rf"out_dir={out} holds dmoe-generate output .* {changed}"):
+        run_generate(compose_generate(out, "seed=1", "max_rows=16"))
+    assert hashes(out) == before
+
+
+# --- own data in the format the base knows --------------------------------------------------
+
+
+def test_question_answer_rows_read_as_the_plain_text_a_base_without_template_knows(
+    tmp_path, tokenizer_dir, caplog
+):
+    from dmoe_train.data.module import DiffusionDataModule
+
+    caplog.set_level(logging.INFO)
+    qa = _jsonl(tmp_path / "qa.jsonl", SUMS)
+    plain = [{"prompt": r["question"], "response": r["answer"]} for r in SUMS]
+    pr = _jsonl(tmp_path / "pr.jsonl", plain)
+    modules = [DiffusionDataModule(str(tokenizer_dir), source=str(f)) for f in (qa, pr)]
+    for dm in modules:
+        dm.setup()
+    a, b = (dm.splits["train"][:]["input_ids"] for dm in modules)
+    assert torch.equal(a, b)  # the same tokens: no chat wrapping, no newline the base never saw
+    assert f"data.source={qa}: question -> prompt, answer -> response; the base has no chat " in (
+        caplog.text
+    )
+
+
+@pytest.mark.parametrize("field", ["question", "answer"])
+def test_an_empty_field_is_refused_naming_file_and_row(tmp_path, field, no_model_load):
+    rows = [*SUMS[:5], {**SUMS[5], field: "  "}, *SUMS[6:]]
+    data = _jsonl(tmp_path / "sums.jsonl", rows)
+    with pytest.raises(ValueError, match=rf"sums.jsonl:6: field '{field}' is empty"):
+        train(compose_train(tmp_path / "run", f"data.source={data}"))
+
+
+def test_a_reference_that_scored_zero_leaves_the_retained_share_undefined(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    words = [{"question": r["question"], "answer": "a word"} for r in SUMS]  # never right
+    data = _jsonl(tmp_path / "words.jsonl", words)
+    metrics = _eval(tmp_path / "eval", f"data.source={data}")
+    assert metrics["accuracy_token"] == 0 and metrics["accuracy_retained"] is None
+    assert "| undefined (reference 0) |" in caplog.text
+    # 4 test rows (5% of 80): said, with the count
+    assert "exact match on 4 samples of the test split (fewer than 30)" in caplog.text
+
+
+# --- files readable as the rest of the output -----------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_written_has_the_users_permissions(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        _export_a_lora_run(tmp_path)
+    finally:
+        os.umask(previous)
+    wanted = oct(0o666 & ~umask)
+    written = [p for d in ("run", "exp", "adapter") for p in (tmp_path / d).rglob("*")]
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written}
+    assert {p: m for p, m in modes.items() if (tmp_path / p).is_file() and m != wanted} == {}
+
+
+def _export_a_lora_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(compose_train(run, *steps(2), "module.trainable=router+lora", "module.lora.rank=2"))
+    router = run / "checkpoints" / "router.safetensors"
+    export_cli.export(router, tmp_path / "exp", adapter_out=tmp_path / "adapter")
+
+
+# --- refusals name what the user gave, in one line ------------------------------------------
+
+
+def test_adapter_out_refusal_names_adapter_out(tmp_path):
+    run = tmp_path / "run"
+    train(compose_train(run, *steps(1), "module.trainable=router+lora", "module.lora.rank=2"))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("someone else's")
+    with pytest.raises(ValueError, match=rf"^--adapter-out {taken}: not empty"):
+        export_cli.export(run / "checkpoints" / "router.safetensors", tmp_path / "exp", None, taken)
+    assert not (tmp_path / "exp").exists() and hashes(taken) == {
+        "notes.txt": hashlib.sha256(b"someone else's").hexdigest()
+    }
+
+
+def test_export_prints_every_directory_it_wrote(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(compose_train(run, *steps(1), "module.trainable=router+lora", "module.lora.rank=2"))
+    router = str(run / "checkpoints" / "router.safetensors")
+    exp, adapter = tmp_path / "exp", tmp_path / "adapter"
+    export_cli.main(["--router", router, "--out", str(exp), "--adapter-out", str(adapter)])
+    printed = capsys.readouterr().out
+    assert f"wrote {exp}" in printed and f"wrote {adapter}" in printed
+
+
+def test_disk_store_with_a_checkpoint_that_changed_the_experts(tmp_path, monkeypatch):
+    router = _perturbed_router(TINY_BASE, tmp_path / "ckpt")
+    model = load_model(TINY_BASE)
+    experts = {n: p.detach() for n, p in model.named_parameters() if ".mlp.experts." in n}
+    manifest = json.loads(router.with_name("router.json").read_text())
+    save_router({**load_file(router), **experts}, tmp_path / "ckpt", manifest)
+    monkeypatch.setattr("dmoe_train.evaluation.run.instantiate", _data_only)
+    with pytest.raises(ValueError) as refused:
+        _eval(
+            tmp_path / "eval", f"router_checkpoint={router}", "generation.expert_cache=8",
+            "generation.expert_store=disk",
+        )  # fmt: skip
+    message = str(refused.value)
+    assert message.startswith("generation.expert_store=disk reads the base's routed experts")
+    assert f"router_checkpoint={router} changed them" in message
+    assert "\n" not in message and len(message) < len(str(router)) + 250  # no shape dump
+
+
+def test_an_empty_skill_list_is_called_empty(tmp_path, no_model_load):
+    with pytest.raises(InstantiationException) as refused:
+        train(compose_train(tmp_path, "data=skills", "data.train_skills=[]"))
+    assert message_of(refused.value) == (
+        "data.train_skills=[]: empty; name at least one of ['add', 'sort', 'reverse', 'count']"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["router.top_p=1.5"], "error: router.top_p=1.5: must be in (0, 1]"),
+        (
+            ["data=skills", "data.train_skills=[add,multiply]"],
+            "error: data.train_skills=['add', 'multiply']: unknown ['multiply']; each must be "
+            "one of ['add', 'sort', 'reverse', 'count']",
+        ),
+        (
+            ["data.train_skills=[add]"],
+            "error: data.train_skills: not a setting of the data preset in use; data=skills has "
+            "it (add that to the command)",
+        ),
+    ],
+    ids=["instantiated-policy", "instantiated-data", "another-presets-key"],
+)
+def test_a_refusal_is_one_line_even_inside_hydra(tmp_path, capfd, args, line):
+    from dmoe_train.cli import train as train_cli
+
+    run = tmp_path / "run"
+    assert run_main(train_cli.main, f"hydra.run.dir={run}", *args) == 1
+    errors = [e for e in capfd.readouterr().err.splitlines() if "error" in e.lower()]
+    assert [e[e.index("error: ") :] for e in errors] == [line]
+    assert not (run / "checkpoints").exists()
+
+
+def test_a_refused_module_setting_writes_nothing_into_the_run(tmp_path):
+    overrides = ("module.trainable=router+lora", "module.lora.rank=0")
+    with pytest.raises(ValueError, match=r"module.lora.rank=0: must be an integer >= 1"):
+        train(compose_train(tmp_path / "run", *overrides))
+    assert not (tmp_path / "run").exists()
+
+
+# --- dmoe-eval says what it measured against and where it wrote -----------------------------
+
+
+def test_eval_says_where_metrics_went_and_shows_the_cache(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    metrics = _eval(tmp_path / "eval", "generation.expert_cache=8", "reference_token=false")
+    assert f"metrics: {tmp_path / 'eval' / 'metrics.json'}" in caplog.text
+    head, _, row = format_table([metrics]).splitlines()
+    cells = dict(zip(head.split(" | "), row.split(" | "), strict=True))
+    assert cells["expert cache"] == "8" and float(cells["MB loaded/block"]) > 0
+
+
+def test_eval_of_an_export_measures_against_its_base(tmp_path):
+    router = _perturbed_router(TINY_BASE, tmp_path / "ckpt")
+    exported = export_cli.export(router, tmp_path / "exp")
+    base = _eval(tmp_path / "base", "router=token", "reference_token=false")
+    metrics = _eval(tmp_path / "of_export", f"model.path={exported}")
+    assert metrics["reference"].startswith(f"{TINY_BASE} under token routing (the base")
+    assert metrics["accuracy_token"] == base["accuracy"]
+    # the base no longer at hand: the export's own token routing, and said so
+    record = json.loads((exported / "dmoe_export.json").read_text())
+    record["base"] = str(tmp_path / "moved")
+    (exported / "dmoe_export.json").write_text(json.dumps(record))
+    alone = _eval(tmp_path / "alone", f"model.path={exported}")
+    assert alone["reference"].startswith(f"the export {exported} itself under token routing")
+    assert "is not at hand" in alone["reference"]
+
+
+def _no_load(*_, **__):
+    raise AssertionError("data or model loaded before the output directory was checked")
+
+
+def _data_only(node, *args, **kwargs):
+    """`instantiate` that builds the data module and refuses the model."""
+    from hydra.utils import instantiate
+
+    if "load_model" in str(node.get("_target_", "")):
+        raise AssertionError("the model was loaded before the bad setting was refused")
+    return instantiate(node, *args, **kwargs)

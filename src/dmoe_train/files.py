@@ -1,4 +1,5 @@
-"""Writes that never leave a half-written file, and a full disk reported as one."""
+"""Writes that never leave a half-written file, a full disk reported as one, files with the
+user's permissions, and the differences between two JSON records."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import save_file
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -26,7 +30,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if full:
             raise no_space(path, f"the previous {path.name}") from err
         raise
+    os.chmod(tmp, file_mode())
     os.replace(tmp, path)
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` gives a new file under the user's umask (0644 under
+    the usual 022). Some writers (safetensors, tempfile) create theirs 0600, which a serving
+    engine running as another user cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """`safetensors.torch.save_file`, with the permissions of every other file we write."""
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, file_mode())
 
 
 def no_space(path: Path, previous: str) -> OSError:
@@ -53,3 +75,19 @@ def disk_full(err: BaseException, directory: Path) -> bool:
 def write_json(path: Path, data: Any) -> None:
     """`data` as indented JSON, written atomically."""
     atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as `a.b.c` keys (lists stay values)."""
+    if not isinstance(tree, dict):
+        return {prefix.removesuffix("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= flatten(value, f"{prefix}{key}.")
+    return out
+
+
+def differences(old: dict, new: dict) -> dict[str, list]:
+    """`key: [old, new]` for every flattened key whose value differs between two records."""
+    a, b = flatten(old), flatten(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}

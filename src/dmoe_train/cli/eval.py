@@ -3,17 +3,17 @@
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from dmoe_train.cli.common import exit_on_error
+from dmoe_train.cli.common import exit_on_error, hydra_entry
 from dmoe_train.evaluation.run import run_eval
-from dmoe_train.locations import CONFIG_DIR
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
-def main(cfg: DictConfig) -> None:
+def job(cfg: DictConfig) -> None:
     exit_on_error(run_eval, cfg)
+
+
+main = hydra_entry("eval", job)
 
 
 if __name__ == "__main__":

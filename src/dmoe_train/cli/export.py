@@ -10,18 +10,14 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model_state_dict
-from safetensors.torch import save_file
 
 from dmoe_train.cli.common import exit_on_error_cli
-from dmoe_train.files import disk_full, no_space, write_json
+from dmoe_train.files import disk_full, no_space, save_safetensors, write_json
 from dmoe_train.models import load_model
-from dmoe_train.models.adapted_weights import load_router, read_manifest
+from dmoe_train.models.adapted_weights import EXPORT_MARKER, load_router, read_manifest
 from dmoe_train.models.common import is_router_param
 from dmoe_train.models.lora import ADAPTER, has_expert_lora, merge_expert_lora
 from dmoe_train.routing import RoutingPolicy
-
-# written into every export: what makes a directory one `--out` may replace
-EXPORT_MARKER = "dmoe_export.json"
 
 
 def check_servable(policy: RoutingPolicy) -> None:
@@ -38,26 +34,29 @@ def check_servable(policy: RoutingPolicy) -> None:
         )
 
 
-def check_out_dir(out: Path, base: Path) -> None:
-    """`--out` must be new, empty or an earlier export, and never hold the base."""
+def check_out_dir(out: Path, base: Path, flag: str = "--out") -> None:
+    """A directory to write (`flag` names it) must be new, empty or an earlier export, and never
+    hold the base."""
     if out.resolve() == base.resolve() or out.resolve() in base.resolve().parents:
-        raise ValueError(f"--out {out}: holds the base model {base}; write the export elsewhere")
+        raise ValueError(f"{flag} {out}: holds the base model {base}; write the export elsewhere")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file, not a directory")
+        raise ValueError(f"{flag} {out}: a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
         raise ValueError(
-            f"--out {out}: not empty and not an earlier dmoe-export (no {EXPORT_MARKER}); "
+            f"{flag} {out}: not empty and not an earlier dmoe-export (no {EXPORT_MARKER}); "
             "give a new or empty directory"
         )
 
 
-def save_adapter(model: torch.nn.Module, out: Path) -> Path:
+def save_adapter(model: torch.nn.Module, out: Path, record: dict) -> Path:
     """peft's adapter directory of a model with expert adapters: `adapter_config.json` and
-    `adapter_model.safetensors`, as `PeftModel.save_pretrained` writes them."""
+    `adapter_model.safetensors`, as `PeftModel.save_pretrained` writes them, and `record` (the
+    export's router and base) as `EXPORT_MARKER`."""
     out.mkdir(parents=True, exist_ok=True)
     model.peft_config[ADAPTER].save_pretrained(out)
     state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_safetensors(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_json(out / EXPORT_MARKER, record)
     return out
 
 
@@ -74,19 +73,26 @@ def export(
     unchanged; `adapter_out` also writes them as peft's adapter directory. The router stays in
     the dtype it was trained in (fp32 beside a bf16 base). Written beside `out` and renamed into
     place: an earlier export is replaced only once the new one is whole."""
-    base, out = Path(base or read_manifest(router)["base_path"]), Path(out)
+    manifest = read_manifest(router)
+    base, out = Path(base or manifest["base_path"]), Path(out)
     check_out_dir(out, base)
     if adapter_out is not None:
-        check_out_dir(Path(adapter_out), base)
+        if not manifest.get("lora"):
+            raise ValueError(f"--adapter-out {adapter_out}: router {router} trained no adapters")
+        check_out_dir(Path(adapter_out), base, "--adapter-out")
     model = load_model(base)
     load_router(model, router)
     check_servable(model.config.routing)
+    # what dmoe-eval reads to measure an export against its base
+    record = {
+        "router": str(router),
+        "base": str(base),
+        "base_fingerprint": manifest["base_fingerprint"],
+    }
     if has_expert_lora(model):
         if adapter_out is not None:
-            save_adapter(model, Path(adapter_out))
+            save_adapter(model, Path(adapter_out), record)
         merge_expert_lora(model)
-    elif adapter_out is not None:
-        raise ValueError(f"--adapter-out {adapter_out}: router {router} trained no adapters")
     staged, old = (out.with_name(f".{out.name}.{kind}") for kind in ("staged", "replaced"))
     shutil.rmtree(staged, ignore_errors=True)
     try:
@@ -95,8 +101,7 @@ def export(
             if (base / name).is_file():
                 shutil.copyfile(base / name, staged / name)
         dtypes = {str(p.dtype) for n, p in model.named_parameters() if is_router_param(n)}
-        marker = {"router": str(router), "base": str(base), "router_dtype": sorted(dtypes)}
-        write_json(staged / EXPORT_MARKER, marker)
+        write_json(staged / EXPORT_MARKER, {**record, "router_dtype": sorted(dtypes)})
     except Exception as err:
         full = disk_full(err, staged.parent)
         shutil.rmtree(staged, ignore_errors=True)
@@ -117,9 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base", help="base model directory (default: the one the router names)")
     ap.add_argument("--adapter-out", help="also write a +lora run's adapters as peft's directory")
     args = ap.parse_args(argv)
-    exit_on_error_cli(
-        lambda: print(f"wrote {export(args.router, args.out, args.base, args.adapter_out)}")
-    )
+
+    def run() -> None:
+        print(f"wrote {export(args.router, args.out, args.base, args.adapter_out)}")
+        if args.adapter_out:
+            print(f"wrote {args.adapter_out} (peft's adapter directory)")
+
+    exit_on_error_cli(run)
 
 
 if __name__ == "__main__":

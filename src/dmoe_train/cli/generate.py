@@ -10,29 +10,58 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
-import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dmoe_train.cli.common import exit_on_error
+from dmoe_train.cli.common import exit_on_error, hydra_entry
 from dmoe_train.evaluation.decoding import GenerationSettings
-from dmoe_train.evaluation.self_generation import generate_split, summarize
-from dmoe_train.locations import CONFIG_DIR
+from dmoe_train.evaluation.self_generation import (
+    SUMMARY,
+    check_out_dir,
+    generate_split,
+    rows_asked,
+    summarize,
+)
 from dmoe_train.routing import RoutingPolicy
 
 log = logging.getLogger(__name__)
+
+
+def recorded_settings(cfg: DictConfig, settings: GenerationSettings) -> dict:
+    """What the shards depend on: the base, the data source and split, the seed, the decoding
+    (`max_samples` aside: `max_rows` is the row budget here), the routing and the sharding."""
+    decoding = {k: v for k, v in asdict(settings).items() if k != "max_samples"}
+    return {
+        "model": cfg.model.path,
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "split": cfg.split,
+        "seed": cfg.seed,
+        "decoding": decoding,
+        "routing": "token",  # the base's own
+        "shard_size": cfg.shard_size,
+        "max_rows": cfg.max_rows,
+    }
 
 
 def run_generate(cfg: DictConfig) -> dict | None:
     """Decode this process's missing shards; the main process then writes the summary."""
     if cfg.split not in ("train", "validation", "test"):
         raise ValueError(f"split={cfg.split}: must be train, validation or test")
-    if not isinstance(cfg.shard_size, int) or cfg.shard_size < 1:
-        raise ValueError(f"shard_size={cfg.shard_size}: must be an integer >= 1")
+    for key, optional in (("shard_size", False), ("max_rows", True)):
+        value = cfg[key]
+        if not (optional and value is None) and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}={value}: must be an integer >= 1")
     settings = GenerationSettings(**cfg.generation)
+    out_dir = Path(cfg.out_dir)
+    # hydra's own files of this job, when it runs in out_dir itself
+    ours = HydraConfig.initialized() and Path(HydraConfig.get().runtime.output_dir) == out_dir
+    record = recorded_settings(cfg, settings)
+    check_out_dir(out_dir, record, (".hydra", "generate.log") * ours)
     data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
     data.setup()
     accelerator, rank, world = None, 0, 1
@@ -46,24 +75,20 @@ def run_generate(cfg: DictConfig) -> dict | None:
     else:
         model = instantiate(cfg.model)
     model.eval().set_routing(RoutingPolicy("token", block_size=settings.block_length))
-    out_dir = Path(cfg.out_dir)
     with torch.no_grad():
         done = generate_split(
-            model, data, settings, out_dir, cfg.split, cfg.shard_size, cfg.max_rows, rank, world
-        )
+            model, data, settings, out_dir, record, cfg.split, cfg.shard_size, cfg.max_rows,
+            rank=rank, world=world,
+        )  # fmt: skip
     log.info("rank %d decoded %d shards into %s", rank, done, out_dir)
     if accelerator is not None:
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return None
-    source = {
-        "model": cfg.model.path,
-        "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "split": cfg.split,
-    }
-    summary = summarize(out_dir, settings, source)
+    summary = summarize(out_dir, rows_asked(data, cfg.split, cfg.max_rows), cfg.shard_size)
     log.info(
-        "kept %d of %d samples (%.1f%%; %d unfinished), %d agree with the reference; %s",
+        "%s: kept %d of %d samples (%.1f%%; %d unfinished), %d agree with the reference; %s",
+        out_dir / SUMMARY,
         summary["kept"],
         summary["prompts"],
         100 * summary["kept_fraction"],
@@ -74,9 +99,11 @@ def run_generate(cfg: DictConfig) -> dict | None:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="generate")
-def main(cfg: DictConfig) -> None:
+def job(cfg: DictConfig) -> None:
     exit_on_error(run_generate, cfg)
+
+
+main = hydra_entry("generate", job)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import zipfile
 from collections.abc import Callable
@@ -11,7 +12,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -19,10 +19,10 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrateg
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from dmoe_train.cli.common import exit_on_error
-from dmoe_train.evaluation.decoding import GenerationSettings, evaluate_generation
+from dmoe_train.cli.common import exit_on_error, hydra_entry
+from dmoe_train.evaluation.decoding import GenerationSettings, evaluate_generation, warn_if_few
 from dmoe_train.files import write_json
-from dmoe_train.locations import CONFIG_DIR, PROJECT_ROOT
+from dmoe_train.locations import PROJECT_ROOT
 from dmoe_train.models.adapted_weights import export_router, load_router
 from dmoe_train.routing import RoutingPolicy
 from dmoe_train.training.finetuner import RouterFineTuner
@@ -148,17 +148,17 @@ class Run:
 
 
 def prepare_output(cfg: DictConfig) -> tuple[Path, str | None, dict]:
-    """The run directory, writable now (not after the first checkpoint interval), the
+    """The run directory, checked writable now (not after the first checkpoint interval), the
     checkpoint to resume from and the run's config record (a relaunch under another
-    configuration stops here, before anything is written)."""
+    configuration stops here). Nothing is written: a run refused later leaves no trace."""
     output_dir = Path(cfg.paths.output_dir)
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OSError(f"paths.output_dir={output_dir}: cannot write ({existing} is not a "
+                      "writable directory)")  # fmt: skip
     ckpt_path = resume_checkpoint(cfg, output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     record = check_relaunch(output_dir, config, resuming=ckpt_path is not None)
-    try:
-        (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OSError(f"paths.output_dir={output_dir}: cannot write ({err})") from err
     return output_dir, ckpt_path, record
 
 
@@ -181,8 +181,6 @@ def build(cfg: DictConfig) -> Run:
             f"{type(trainer.strategy).__name__} cannot (weights may be sharded); run dmoe-eval on "
             "the exported router instead"
         )
-    if trainer.is_global_zero:
-        write_json(output_dir / "checkpoints" / RUN_INFO, run_info(record))
     if cfg.init_router and isinstance(trainer.strategy, ModelParallelStrategy):
         raise ValueError(
             f"init_router={cfg.init_router} with trainer.strategy=ModelParallelStrategy: the "
@@ -190,7 +188,11 @@ def build(cfg: DictConfig) -> Run:
         )
     model = load_routed_model(cfg, policy, trainer)
     check_tokenizer(cfg, model, data)
-    return Run(trainer, build_module(cfg, model), data, policy, output_dir, ckpt_path)
+    module = build_module(cfg, model)
+    if trainer.is_global_zero:  # every setting passed: the run starts
+        (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_json(output_dir / "checkpoints" / RUN_INFO, run_info(record))
+    return Run(trainer, module, data, policy, output_dir, ckpt_path)
 
 
 def fit(run: Run) -> bool:
@@ -222,9 +224,11 @@ def report(cfg: DictConfig, run: Run, measured: dict[str, dict[str, float]]) -> 
         log.info(format_summary(summary, run.output_dir))
         if cfg.evaluate_after:
             settings = GenerationSettings(**cfg.generation)
+            warn_if_few(run.data, "test", settings)
             metrics = evaluate_generation(run.module.model.eval(), run.data, settings, "test")
             metrics |= {"summary": summary, "overrides": _overrides()}
             write_json(run.output_dir / "metrics.json", metrics)
+            log.info("test split decoded: %s", run.output_dir / "metrics.json")
     return summary
 
 
@@ -262,10 +266,12 @@ def format_summary(s: dict, output_dir: Path) -> str:
     )
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> None:
+def job(cfg: DictConfig) -> None:
     with multirun_job_relaunchable():
         exit_on_error(train, cfg)
+
+
+main = hydra_entry("train", job)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 # text columns that travel with a sample to evaluation (`skill`: per-skill accuracy)
 KEPT_COLUMNS = ("prompt", "response", "skill")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-SOURCE_COLUMNS = (("question", "answer"), ("messages",), ("prompt", "response"))
+# the column sets own data is read from, in order of precedence (`source_fields`)
+SOURCE_COLUMNS = (("prompt", "response"), ("messages",), ("question", "answer"))
 
 
 def encode(
@@ -64,29 +65,64 @@ def check_lengths(source: str, split: str, full_lens: list[int], max_seq_len: in
     log.warning("%s; they train on a truncated answer", message)
 
 
-def to_prompt_response(example: dict, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
-    """GSM8K style (`question`/`answer`), conversation style (`messages`, last = the answer) or
-    `prompt`/`response` as the model reads them (what `dmoe-generate` writes: no template is
-    applied). A missing or non-text field is a ValueError naming it."""
-    if "prompt" in example and "response" in example:
-        for field in ("prompt", "response"):
-            if not isinstance(example[field], str):
-                raise ValueError(f"field {field!r} is not text ({example[field]!r:.40})")
-        return {"prompt": example["prompt"], "response": example["response"]}
-    if example.get("messages") is not None:
+def source_fields(columns: list[str]) -> tuple[str, ...]:
+    """The columns a file's rows are read from, the first set it has: `prompt`/`response` (as
+    the model reads them: what `dmoe-generate` writes), `messages` (conversations), or
+    `question`/`answer` (GSM8K style)."""
+    return next(c for c in SOURCE_COLUMNS if set(c) <= set(columns))
+
+
+def source_format(fields: tuple[str, ...], tokenizer: PreTrainedTokenizerBase) -> str:
+    """How rows of `fields` become prompt and response text on this base, in words (printed at
+    the start of every run that reads own data)."""
+    if fields == ("prompt", "response"):
+        return "fields prompt, response read as they are"
+    mapping = (
+        "the turns before the last -> prompt, the last (the assistant's) -> response"
+        if fields == ("messages",)
+        else "question -> prompt, answer -> response"
+    )
+    if tokenizer.chat_template:
+        return f"{mapping}; the prompt in the base's chat template (a chat base)"
+    return (
+        f"{mapping}; the base has no chat template: plain text as the shipped bases were trained "
+        "on (the prompt as written, turns joined by newlines, the response right after it)"
+    )
+
+
+def to_prompt_response(
+    example: dict, fields: tuple[str, ...], tokenizer: PreTrainedTokenizerBase
+) -> dict[str, str]:
+    """One row of a source read from `fields` (`source_fields`) as `source_format` says. A
+    missing, non-text or empty field is a ValueError naming it."""
+    if fields == ("prompt", "response"):
+        return {"prompt": _text(example, "prompt"), "response": _text(example, "response")}
+    if fields == ("messages",):
         *context, last = example["messages"] or [None]
         if not isinstance(last, dict) or last.get("role") != "assistant":
             raise ValueError(f"the last message must be the assistant's, got {last!r:.80}")
-        if not isinstance(last.get("content"), str):
-            raise ValueError(f"the assistant message has no text 'content': {last!r:.80}")
-        return {"prompt": _chat_prompt(tokenizer, context), "response": last["content"]}
-    for field in ("question", "answer"):
-        if not isinstance(example.get(field), str):
-            raise ValueError(f"field {field!r} is missing or not text ({example.get(field)!r:.40})")
-    return {
-        "prompt": _chat_prompt(tokenizer, [{"role": "user", "content": example["question"]}]),
-        "response": example["answer"],
-    }
+        if not context:
+            raise ValueError("no message before the assistant's: the prompt would be empty")
+        for message in context:
+            _text(message, "content")
+        return {"prompt": _chat_prompt(tokenizer, context), "response": _text(last, "content")}
+    question = [{"role": "user", "content": _text(example, "question")}]
+    return {"prompt": _chat_prompt(tokenizer, question), "response": _text(example, "answer")}
+
+
+def _text(example: dict, field: str) -> str:
+    value = example.get(field)
+    if not isinstance(value, str):
+        raise ValueError(f"field {field!r} is missing or not text ({value!r:.40})")
+    if not value.strip():
+        raise ValueError(f"field {field!r} is empty")
+    return value
+
+
+def _chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str:
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "\n".join(m["content"] for m in messages)
 
 
 def data_files(source: str) -> list[Path]:
@@ -132,12 +168,6 @@ def row_origin(files: list[Path], row: int) -> str:
             return f"{file}:{lines[row]}"
         row -= len(lines)
     return f"row {row}"
-
-
-def _chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str:
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return "".join(f"{m['content']}\n" for m in messages)
 
 
 class StreamSampler(Sampler[int]):
@@ -226,9 +256,13 @@ class DiffusionDataModule(L.LightningDataModule):
         # the skills the train split holds (validation and test keep all four): held-out skills
         # enter training in no form
         self.train_skills = tuple(train_skills) if train_skills is not None else SKILLS
-        if not self.train_skills or set(self.train_skills) - set(SKILLS):
+        if not self.train_skills:
+            raise ValueError(f"data.train_skills=[]: empty; name at least one of {list(SKILLS)}")
+        unknown = [s for s in self.train_skills if s not in SKILLS]
+        if unknown:
             raise ValueError(
-                f"data.train_skills={train_skills}: each must be one of {list(SKILLS)}"
+                f"data.train_skills={list(train_skills)}: unknown {unknown}; each must be one "
+                f"of {list(SKILLS)}"
             )
         self.seed, self.num_workers = seed, num_workers
         self.splits: dict[str, Dataset] = {}
@@ -312,16 +346,18 @@ class DiffusionDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"{key}={source}: no such file or directory")
         else:
             loaded = load_dataset(source)
-        columns = set(loaded["train"].column_names)
-        if not any(set(c) <= columns for c in SOURCE_COLUMNS):
+        columns = loaded["train"].column_names
+        if not any(set(c) <= set(columns) for c in SOURCE_COLUMNS):
             raise ValueError(
                 f"{key}={source}: needs columns question and answer (GSM8K style), messages "
                 f"(conversations) or prompt and response (dmoe-generate); it has {sorted(columns)}"
             )
+        fields = source_fields(columns)
+        log.info("%s=%s: %s", key, source, source_format(fields, self.tokenizer))
 
         def convert(example: dict, row: int, split: str) -> dict[str, str]:
             try:
-                return to_prompt_response(example, self.tokenizer)
+                return to_prompt_response(example, fields, self.tokenizer)
             except ValueError as err:
                 where = row_origin(files, row) if split == "train" else f"{split} row {row}"
                 raise ValueError(f"{key}={source}: {where}: {err}") from None

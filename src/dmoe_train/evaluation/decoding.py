@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import statistics
 import time
@@ -14,10 +15,15 @@ from torch import Tensor
 from dmoe_train.data.module import DiffusionDataModule
 from dmoe_train.evaluation.sampler import Generation, generate
 from dmoe_train.memory import peak_memory_bytes, resident_bytes
+from dmoe_train.models.adapted_weights import changes_routed_experts, read_manifest
 from dmoe_train.models.block_diffusion import noised_forward
 from dmoe_train.models.expert_cache import CacheStats, offload_experts, resident_caches
 from dmoe_train.objectives.expert_metrics import load_balance_cv
 from dmoe_train.objectives.masked_diffusion import masked_diffusion_loss
+
+log = logging.getLogger(__name__)
+# the fewest decoded samples whose exact match is worth a comparison (docs/evaluation.md)
+MIN_SAMPLES = 30
 
 
 def content_positions(x0: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -91,19 +97,23 @@ class GenerationSettings:
             raise ValueError(f"generation.expert_store={self.expert_store!r}: memory or disk")
 
 
-def apply_expert_cache(
-    model: torch.nn.Module, settings: GenerationSettings, experts_changed: bool = False
-) -> None:
-    """Keep only `settings.expert_cache` routed experts per layer resident (none: all are). The
-    disk store reads the model directory's experts: refused when a router checkpoint changed them
-    (`router+experts`, adapters)."""
+def check_expert_store(settings: GenerationSettings, router_file: str | Path | None) -> None:
+    """The disk store reads the model directory's routed experts: refused, before the checkpoint
+    loads, when a router checkpoint changed them (`router+experts`, adapters)."""
+    if router_file is None or experts_in_files(settings) is None:
+        return
+    if changes_routed_experts(read_manifest(router_file)):
+        raise ValueError(
+            f"generation.expert_store=disk reads the base's routed experts from its files, but "
+            f"router_checkpoint={router_file} changed them (routed-expert weights or adapters): "
+            "use generation.expert_store=memory, or dmoe-export it and evaluate the export"
+        )
+
+
+def apply_expert_cache(model: torch.nn.Module, settings: GenerationSettings) -> None:
+    """Keep only `settings.expert_cache` routed experts per layer resident (none: all are)."""
     if settings.expert_cache == "all":
         return
-    if settings.expert_store == "disk" and experts_changed:
-        raise ValueError(
-            "generation.expert_store=disk reads the base's experts from its files, but the "
-            "router checkpoint changed them: use generation.expert_store=memory"
-        )
     if resident_caches(model):  # loaded with its experts left in the files
         return
     path = model.name_or_path
@@ -216,6 +226,19 @@ def evaluate_generation(
         tally.add(out, correct, batch.get("skill", [])[: len(prompts)], gen_length)
     timer.remove()
     return _metrics(model, settings, tally, timer)
+
+
+def warn_if_few(data: DiffusionDataModule, split: str, settings: GenerationSettings) -> None:
+    """Exact match over fewer than `MIN_SAMPLES` decoded samples moves by whole points per
+    sample: said once, with the count, before the decode."""
+    n = min(len(data.splits[split]), settings.max_samples)
+    if n < MIN_SAMPLES:
+        log.warning(
+            "exact match on %d samples of the %s split (fewer than %d): one sample moves it by "
+            "%.0f points, too coarse to compare routings; give more (data.test_fraction, "
+            "data.test_source, generation.max_samples)",
+            n, split, MIN_SAMPLES, 100 / max(n, 1),
+        )  # fmt: skip
 
 
 def first_prompts(

@@ -39,12 +39,13 @@ from dmoe_train.evaluation.decoding import (
     GenerationSettings,
     apply_expert_cache,
     cache_metrics,
+    check_expert_store,
     decode,
     experts_in_files,
 )
 from dmoe_train.locations import CONFIG_DIR
 from dmoe_train.models import load_model
-from dmoe_train.models.adapted_weights import changes_routed_experts, load_router
+from dmoe_train.models.adapted_weights import load_router
 from dmoe_train.models.block_diffusion import noised_forward
 from dmoe_train.models.placement import parse_max_memory, place_model
 from dmoe_train.routing import RoutingPolicy
@@ -96,6 +97,7 @@ class DiffusionLM(LM):
         if str(picked.get("expert_cache", "all")).isdigit():  # model_args arrive as text
             picked["expert_cache"] = int(picked["expert_cache"])
         self.settings = GenerationSettings(**{**preset("generation", decoding), **picked})
+        check_expert_store(self.settings, router)
         self.accelerator = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: data parallel
             from accelerate import Accelerator
@@ -123,9 +125,8 @@ class DiffusionLM(LM):
         if routing is not None:
             policy = instantiate({**preset("router", routing), **_pick(overrides, policy_keys)})
             policy = replace(policy, block_size=self.settings.block_length)
-        experts_changed = False
         if router is not None:
-            experts_changed = changes_routed_experts(load_router(self.model, router, policy))
+            load_router(self.model, router, policy)
         elif policy is not None:
             self.model.set_routing(policy)
         self.policy: RoutingPolicy = self.model.config.routing
@@ -135,7 +136,7 @@ class DiffusionLM(LM):
                 f"router block_size={self.policy.block_size} != block_length="
                 f"{self.settings.block_length}: routing blocks must be the decoding blocks"
             )
-        apply_expert_cache(self.model, self.settings, experts_changed)
+        apply_expert_cache(self.model, self.settings)
         self.batch_size = 8 if batch_size == "auto" else int(batch_size)
         self.mc_samples, self.seed = int(mc_samples), int(seed)
         self.unique_sum, self.forwards = 0.0, 0  # decoding forwards' unique experts per block

@@ -15,11 +15,13 @@ from omegaconf import DictConfig
 from dmoe_train.evaluation.decoding import (
     GenerationSettings,
     apply_expert_cache,
+    check_expert_store,
     evaluate_generation,
     experts_in_files,
+    warn_if_few,
 )
 from dmoe_train.files import write_json
-from dmoe_train.models.adapted_weights import changes_routed_experts, load_router
+from dmoe_train.models.adapted_weights import base_fingerprint, export_base, load_router
 from dmoe_train.routing import RoutingPolicy
 
 log = logging.getLogger(__name__)
@@ -30,23 +32,38 @@ def prepare_eval(
 ) -> tuple[torch.nn.Module, Any, GenerationSettings]:
     """The model, the data and the decoding settings of an evaluation config; the model under
     its routing (`route`) unless `routed=False` (the base as loaded)."""
-    settings = GenerationSettings(**cfg.generation)
-    data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
-    data.setup()  # data errors surface before the model load
-    model = instantiate(cfg.model, expert_cache=experts_in_files(settings))
+    data, settings = checked_inputs(cfg)
+    model = load_eval_model(cfg, settings)
     if routed:
         route(model, cfg, settings)
     return model, data, settings
+
+
+def checked_inputs(cfg: DictConfig) -> tuple[Any, GenerationSettings]:
+    """The data (set up) and decoding settings of an evaluation config: their errors surface
+    before any model loads."""
+    settings = GenerationSettings(**cfg.generation)
+    check_expert_store(settings, cfg.router_checkpoint)
+    data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
+    data.setup()
+    return data, settings
+
+
+def load_eval_model(
+    cfg: DictConfig, settings: GenerationSettings, path: Path | None = None
+) -> torch.nn.Module:
+    """The config's model (or the one at `path`, as the config loads it), its experts left in
+    the files under the disk store."""
+    where = {"path": str(path)} if path is not None else {}
+    return instantiate(cfg.model, expert_cache=experts_in_files(settings), **where)
 
 
 def route(model: torch.nn.Module, cfg: DictConfig, settings: GenerationSettings) -> None:
     """Apply the router checkpoint (its policy, or `router=`) or the `router=` policy, then
     `generation.expert_cache`."""
     routing = instantiate(cfg.router) if cfg.get("router") else None
-    experts_changed = False
     if cfg.router_checkpoint:
-        manifest = load_router(model, cfg.router_checkpoint, routing)
-        experts_changed = changes_routed_experts(manifest)
+        load_router(model, cfg.router_checkpoint, routing)
     elif routing is not None:
         model.set_routing(routing)
     policy = model.config.routing
@@ -55,27 +72,61 @@ def route(model: torch.nn.Module, cfg: DictConfig, settings: GenerationSettings)
             f"router.block_size={policy.block_size} != generation.block_length="
             f"{settings.block_length}: routing blocks must be the decoding blocks"
         )
-    apply_expert_cache(model, settings, experts_changed)
+    apply_expert_cache(model, settings)
+
+
+def token_reference(
+    cfg: DictConfig, settings: GenerationSettings
+) -> tuple[torch.nn.Module | None, str]:
+    """The model whose token routing `accuracy_retained` is measured against, when it is not
+    the config's model as loaded (None: it is: the base, with its own router, never a
+    checkpoint's), and whose it is, in words. For an export (`dmoe-export`) it is the base the
+    export was made from, when that directory is at hand and still is that base."""
+    model_path = Path(cfg.model.path)
+    exported = export_base(model_path)
+    if exported is None:
+        return None, f"{model_path} (the base) under token routing"
+    base, fingerprint = exported
+    itself = f"the export {model_path} itself under token routing (its adapted router)"
+    if not (base / "config.json").is_file():
+        return None, f"{itself}: its base {base} is not at hand"
+    model = load_eval_model(cfg, settings, base)
+    if base_fingerprint(model) != fingerprint:
+        return None, f"{itself}: {base} is no longer the base it was exported from"
+    return model, f"{base} under token routing (the base {model_path} was exported from)"
+
+
+def retained(accuracy: float, reference: float) -> float | None:
+    """The share of the reference's exact match kept; undefined (None) when the reference
+    scored 0."""
+    return accuracy / reference if reference > 0 else None
 
 
 def run_eval(cfg: DictConfig) -> dict:
-    """Decode `split` under the config's routing; with `reference_token`, first the base as
-    loaded (its own router, never the checkpoint's) under token routing on the same prompts:
-    the reference of `accuracy_retained`."""
+    """Decode `split` under the config's routing; with `reference_token`, first the reference
+    (`token_reference`) under token routing on the same prompts: the reference of
+    `accuracy_retained`."""
     if cfg.split not in ("validation", "test"):
         raise ValueError(f"split={cfg.split}: must be validation or test")
-    model, data, settings = prepare_eval(cfg, routed=False)
-    token = None
+    data, settings = checked_inputs(cfg)
+    warn_if_few(data, cfg.split, settings)
+    model = token = reference = None
     if cfg.reference_token:
-        with model.routing_as(RoutingPolicy("token", block_size=settings.block_length)):
-            token = evaluate_generation(model, data, settings, cfg.split)
+        base, reference = token_reference(cfg, settings)
+        log.info("accuracy_retained against %s", reference)
+        scored = base or (model := load_eval_model(cfg, settings))
+        with scored.routing_as(RoutingPolicy("token", block_size=settings.block_length)):
+            token = evaluate_generation(scored, data, settings, cfg.split)
+        del base, scored  # an export's base is decoded before the export loads
+    model = model or load_eval_model(cfg, settings)
     route(model, cfg, settings)
     metrics = evaluate_generation(model, data, settings, cfg.split)
     metrics["router_checkpoint"] = cfg.router_checkpoint
     if token is not None:
         metrics |= {
+            "reference": reference,
             "accuracy_token": token["accuracy"],
-            "accuracy_retained": metrics["accuracy"] / max(token["accuracy"], 1e-9),
+            "accuracy_retained": retained(metrics["accuracy"], token["accuracy"]),
             "unique_experts_token": token["unique_experts_per_block"],
             "expert_bytes_fraction": metrics["unique_experts_per_block"]
             / token["unique_experts_per_block"],
@@ -83,12 +134,19 @@ def run_eval(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
-    log.info("\n%s", format_table([metrics]))
+    log.info("\n%s\nmetrics: %s", format_table([metrics]), out / "metrics.json")
     return metrics
 
 
 def _vs_token(m: dict) -> str:
     return f"{m['latency_vs_token']:.2f}" if "latency_vs_token" in m else "-"
+
+
+def _retained(m: dict) -> str:
+    if "accuracy_retained" not in m:
+        return "-"  # no reference decoded
+    share = m["accuracy_retained"]
+    return "undefined (reference 0)" if share is None else f"{share:.3f}"
 
 
 COLUMNS = (
@@ -97,7 +155,7 @@ COLUMNS = (
     ("unique experts/block", lambda m: f"{m['unique_experts_per_block']:.2f}"),
     ("masked only", lambda m: f"{m['unique_experts_per_block_masked']:.2f}"),
     ("accuracy", lambda m: f"{m['accuracy']:.3f}"),
-    ("retained", lambda m: f"{m.get('accuracy_retained', float('nan')):.3f}"),
+    ("retained", _retained),
     ("expert MB/block", lambda m: f"{m['expert_bytes_per_block'] / 2**20:.2f}"),
     ("forwards/block", lambda m: f"{m['forwards_per_block']:.2f}"),
     ("expert KB/token", lambda m: f"{m['expert_bytes_per_generated_token'] / 2**10:.1f}"),
@@ -105,18 +163,29 @@ COLUMNS = (
     ("experts/token", lambda m: f"{m['experts_per_token']:.2f}"),
     ("expert MFLOPs/token", lambda m: f"{m['expert_flops_per_token'] / 1e6:.2f}"),
     # with `interleaved_latency` (make compare): the median ratio to token routing
-    (
-        "latency vs token",
-        _vs_token,
-    ),
+    ("latency vs token", _vs_token),
+)
+# under generation.expert_cache (`cache_metrics`): what the resident experts cost and saved
+CACHE_COLUMNS = (
+    ("expert cache", lambda m: str(m["expert_cache"])),
+    ("MB loaded/block", lambda m: f"{m['expert_bytes_loaded_per_block'] / 2**20:.2f}"),
+    ("hits in block", lambda m: f"{m['cache_hits_within_block']:.3f}"),
+    ("hits across blocks", lambda m: f"{m['cache_hits_across_blocks']:.3f}"),
+    ("peak resident MB", lambda m: f"{m['peak_resident_expert_bytes'] / 2**20:.1f}"),
 )
 
 
 def format_table(rows: list[dict], names: list[str] | None = None) -> str:
-    """A markdown table of metrics rows (`names` label them, default: the policy)."""
-    head = ["run", *(c for c, _ in COLUMNS)] if names else [c for c, _ in COLUMNS]
+    """A markdown table of metrics rows (`names` label them, default: the policy); the cache's
+    columns when a row decoded under `generation.expert_cache`."""
+    columns = COLUMNS
+    if any("expert_cache" in m for m in rows):
+        columns += tuple(
+            (c, lambda m, f=f: f(m) if "expert_cache" in m else "-") for c, f in CACHE_COLUMNS
+        )
+    head = ["run", *(c for c, _ in columns)] if names else [c for c, _ in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, m in enumerate(rows):
-        cells = [fmt(m) for _, fmt in COLUMNS]
+        cells = [fmt(m) for _, fmt in columns]
         lines.append("| " + " | ".join(([names[i]] if names else []) + cells) + " |")
     return "\n".join(lines)

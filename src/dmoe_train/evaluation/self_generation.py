@@ -5,7 +5,9 @@ under token routing, keep the samples that finished (an eos within the budget), 
 Work is cut into shards of consecutive prompts; a shard is written whole (atomically: its rows
 in `<out>/rows/`, the folder to train on, then its counts in `<out>/shards/`) or not at all, so
 a rerun redoes only the shards that are missing. Under several processes shard k belongs to
-rank k % world. `<out>/summary.json` adds the counts up.
+rank k % world. `<out>/generate.json` records the settings the shards were decoded under, before
+the first one: an output directory is only ever resumed under exactly those (`claim_out_dir`).
+`<out>/summary.json` adds the counts up and says what the shards hold.
 """
 
 from __future__ import annotations
@@ -19,10 +21,33 @@ from tqdm import tqdm
 
 from dmoe_train.data.module import DiffusionDataModule, collate
 from dmoe_train.evaluation.decoding import GenerationSettings, answer_correct, batch_prompts, decode
-from dmoe_train.files import atomic_write, write_json
+from dmoe_train.files import atomic_write, differences, write_json
 
-SUMMARY = "summary.json"
+SUMMARY, SETTINGS = "summary.json", "generate.json"
 ROWS, COUNTS = "rows", "shards"
+
+
+def check_out_dir(out_dir: Path, settings: dict, ignored: tuple[str, ...] = ()) -> None:
+    """Whether `out_dir` may take a generation under `settings`: a new or empty directory (bar
+    the `ignored` names), or one holding dmoe-generate's earlier output under exactly `settings`
+    (resumed). Anything else is refused, naming the directory and what differs."""
+    recorded = out_dir / SETTINGS
+    if recorded.is_file():
+        changed = differences(json.loads(recorded.read_text()), settings)
+        if changed:
+            shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"out_dir={out_dir} holds dmoe-generate output decoded under other settings "
+                f"({shown}); give a new out_dir, or the settings of its {SETTINGS}"
+            )
+        return
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir={out_dir}: a file, not a directory")
+    if out_dir.is_dir() and any(p.name not in ignored for p in out_dir.iterdir()):
+        raise ValueError(
+            f"out_dir={out_dir}: not empty and not dmoe-generate output (no {SETTINGS}); give "
+            "a new or empty directory"
+        )
 
 
 def shard_name(k: int) -> str:
@@ -64,6 +89,11 @@ def shard_rows(
     return kept, counts
 
 
+def rows_asked(data: DiffusionDataModule, split: str, max_rows: int | None) -> int:
+    """How many of the split's prompts a generation decodes: its first `max_rows`, or all."""
+    return min(len(data.splits[split]), max_rows or len(data.splits[split]))
+
+
 def my_shards(n_rows: int, shard_size: int, rank: int, world: int) -> Iterator[tuple[int, range]]:
     for k, lo in enumerate(range(0, n_rows, shard_size)):
         if k % world == rank:
@@ -75,6 +105,7 @@ def generate_split(
     data: DiffusionDataModule,
     settings: GenerationSettings,
     out_dir: Path,
+    record: dict,
     split: str = "train",
     shard_size: int = 256,
     max_rows: int | None = None,
@@ -82,10 +113,13 @@ def generate_split(
     world: int = 1,
 ) -> int:
     """Write this rank's missing shards of `split` (its first `max_rows` prompts) under
-    `out_dir`; the number of shards it decoded."""
+    `out_dir`, `record` (what they depend on, `check_out_dir`) first; the number of shards it
+    decoded."""
     for sub in (ROWS, COUNTS):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    n_rows = min(len(data.splits[split]), max_rows or len(data.splits[split]))
+    if not (out_dir / SETTINGS).is_file():
+        write_json(out_dir / SETTINGS, record)
+    n_rows = rows_asked(data, split, max_rows)
     todo = [
         (k, rows)
         for k, rows in my_shards(n_rows, shard_size, rank, world)
@@ -101,23 +135,29 @@ def generate_split(
     return len(todo)
 
 
-def summarize(out_dir: Path, settings: GenerationSettings, source: dict) -> dict:
-    """The counts of every shard added up, with what was decoded how; written as
-    `summary.json` beside the shards."""
+def summarize(out_dir: Path, n_rows: int, shard_size: int) -> dict:
+    """What the shards hold: the counts of every shard added up, which prompts of the split they
+    cover (of the `n_rows` asked for), and the settings they were decoded under; written as
+    `summary.json` beside them."""
     shards = sorted((out_dir / COUNTS).glob("shard-*.json"))
     totals: dict[str, int] = {}
+    covered = []
     for path in shards:
         for key, value in json.loads(path.read_text()).items():
-            if key != "rows":
+            if key == "rows":
+                covered.append(value)
+            else:
                 totals[key] = totals.get(key, 0) + value
+    expected = -(-n_rows // shard_size)
     summary = {
+        "complete": len(shards) == expected,
         "shards": len(shards),
+        "shards_expected": expected,
+        "prompt_rows": covered,  # [start, stop) of the split's rows, per shard
         **totals,
         "kept_fraction": totals.get("kept", 0) / max(totals.get("prompts", 0), 1),
         "dropped": {"unfinished (no eos within the generation budget)": totals.get("unfinished")},
-        "decoding": settings.__dict__,
-        "routing": "token (the base)",
-        "source": source,
+        "settings": json.loads((out_dir / SETTINGS).read_text()),
         "train_on": f"data.source={out_dir / ROWS}",
     }
     write_json(out_dir / SUMMARY, summary)

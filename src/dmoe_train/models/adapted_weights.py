@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dmoe_train.files import atomic_write, write_json
+from dmoe_train.files import atomic_write, save_safetensors, write_json
 from dmoe_train.models.common import is_router_param
 from dmoe_train.models.lora import ExpertLora, add_expert_lora, has_expert_lora
 from dmoe_train.models.sharding import full_tensor
@@ -26,6 +26,8 @@ from dmoe_train.routing import ENGINE_KEYS, RoutingPolicy
 
 ROUTER_FILE = "router.safetensors"
 MANIFEST_FILE = "router.json"
+# what `dmoe-export` writes into every export: its router, its base and the base's fingerprint
+EXPORT_MARKER = "dmoe_export.json"
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -58,7 +60,7 @@ def save_router(tensors: dict[str, torch.Tensor], directory: str | Path, manifes
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     full = {**manifest, "tensors": sorted(tensors)}
-    atomic_write(directory / ROUTER_FILE, lambda p: save_file(tensors, p))
+    atomic_write(directory / ROUTER_FILE, lambda p: save_safetensors(tensors, p))
     write_json(directory / MANIFEST_FILE, full)
     return directory / ROUTER_FILE
 
@@ -67,6 +69,16 @@ def changes_routed_experts(manifest: dict) -> bool:
     """Whether a router checkpoint (its manifest) carries routed-expert tensors or adapters:
     then the base's files no longer hold the experts it decodes with."""
     return any(".mlp.experts" in name for name in manifest["tensors"])
+
+
+def export_base(model_dir: str | Path) -> tuple[Path, str] | None:
+    """The base directory and base fingerprint an export (`EXPORT_MARKER`) was made from; None
+    for a directory that is not an export."""
+    marker = Path(model_dir) / EXPORT_MARKER
+    if not marker.is_file():
+        return None
+    record = json.loads(marker.read_text())
+    return Path(record["base"]), record.get("base_fingerprint", "")
 
 
 def read_manifest(router_file: str | Path) -> dict:

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from dmoe_train.files import save_safetensors
 from dmoe_train.models.lora import base_name, is_lora_param
 from dmoe_train.routing import ENGINE_KEYS, engine_config
 
@@ -218,7 +218,7 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_bytes: int) ->
     )
     for file, shard in zip(names, shards, strict=True):
         # clone: safetensors refuses views that share storage (the slices of one expert stack)
-        save_file(
+        save_safetensors(
             {k: v.detach().to("cpu").clone() for k, v in shard.items()},
             path / file,
             metadata={"format": "pt"},

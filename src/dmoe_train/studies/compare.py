@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from dmoe_train.evaluation.decoding import first_prompts, interleaved_latency  # noqa: E402
-from dmoe_train.evaluation.run import format_table, prepare_eval, run_eval  # noqa: E402
+from dmoe_train.evaluation.run import format_table, prepare_eval, retained, run_eval  # noqa: E402
 from dmoe_train.resolvers import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 
@@ -93,7 +93,7 @@ def run_rows(rows: dict[str, list[str]], out: Path, overrides: list[str]) -> dic
             runs[name] = (model, settings)
     token = results["token"]
     for m in results.values():
-        m["accuracy_retained"] = m["accuracy"] / max(token["accuracy"], 1e-9)
+        m["accuracy_retained"] = retained(m["accuracy"], token["accuracy"])
     prompts, gen_length = first_prompts(data, "test", LATENCY_PROMPTS, runs["token"][1])
     latency = interleaved_latency(runs, "token", prompts, gen_length, LATENCY_ROUNDS)
     for name, m in results.items():
@@ -113,6 +113,8 @@ def write_csv(results: dict[str, dict], path: Path) -> None:
 def plot(results: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, m in results.items():
+        if m["accuracy_retained"] is None:  # token routing scored 0: nothing to retain
+            continue
         ax.scatter(m["unique_experts_per_block"], m["accuracy_retained"])
         ax.annotate(name, (m["unique_experts_per_block"], m["accuracy_retained"]), fontsize=7)
     ax.set_xlabel("unique experts per block (mean over MoE layers)")

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from dmoe_train.files import save_safetensors
 
 CONFIG = {  # LLaDA2.0-mini's config.json (the fact sheet), num_hidden_layers aside
     "architectures": ["LLaDA2MoeModelLM"],
@@ -109,7 +110,7 @@ def write_full_width(out: Path, layers: int = 2, shard_bytes: int = 2**30, seed:
 
     def flush() -> None:
         name = f"part-{len(files):05d}.safetensors"
-        save_file(shards[-1], out / name, metadata={"format": "pt"})
+        save_safetensors(shards[-1], out / name, metadata={"format": "pt"})
         files.append((name, list(shards[-1])))
         shards[-1] = {}
         sizes[-1] = 0

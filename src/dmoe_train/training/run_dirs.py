@@ -19,12 +19,13 @@ from contextlib import contextmanager
 from datetime import datetime
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
 
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import read_write
+
+from dmoe_train.files import differences
 
 STARTED = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 RUN_INFO = "run_info.json"
@@ -89,23 +90,12 @@ def multirun_job_relaunchable() -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as `a.b.c` keys (lists stay values)."""
-    if not isinstance(tree, dict):
-        return {prefix.removesuffix("."): tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out |= flatten(value, f"{prefix}{key}.")
-    return out
-
-
 def config_changes(started: dict, now: dict) -> dict[str, list]:
     """`key: [started with, now]` for every differing key but the `RELAUNCH_FREE` ones."""
-    a, b = flatten(started), flatten(now)
     return {
-        k: [a.get(k), b.get(k)]
-        for k in sorted(a.keys() | b.keys())
-        if a.get(k) != b.get(k) and not any(fnmatch(k, free) for free in RELAUNCH_FREE)
+        k: change
+        for k, change in differences(started, now).items()
+        if not any(fnmatch(k, free) for free in RELAUNCH_FREE)
     }
 
 
