@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dmoe_train.data.arithmetic import arithmetic_split
-from dmoe_train.data.module import DiffusionDataModule, StreamSampler
+from dmoe_train.data.module import StreamSampler, data_module
 from dmoe_train.data.tokenizer import char_tokenizer
 
 
@@ -37,9 +37,7 @@ def test_gsm8k_jsonl_prompt_is_not_in_response(tmp_path, tokenizer_dir):
     ]
     path = tmp_path / "gsm.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    dm = DiffusionDataModule(
-        str(tokenizer_dir), source=str(path), max_seq_len=48, val_fraction=0.25
-    )
+    dm = data_module(str(tokenizer_dir), source=str(path), max_seq_len=48, val_fraction=0.25)
     dm.setup()
     sizes = {split: len(rows) for split, rows in dm.splits.items()}
     assert sizes == {"train": 28, "validation": 10, "test": 2}  # test_fraction 0.05 of 40
@@ -79,7 +77,7 @@ def test_messages_parquet_uses_the_chat_template(tmp_path, tokenizer_dir):
         for i in range(8)
     ]
     Dataset.from_list(rows).to_parquet(tmp_path / "chat.parquet")
-    dm = DiffusionDataModule(
+    dm = data_module(
         str(tokenizer_dir), source=str(tmp_path / "chat.parquet"), max_seq_len=32, val_fraction=0.25
     )
     dm.setup()
@@ -90,18 +88,14 @@ def test_messages_parquet_uses_the_chat_template(tmp_path, tokenizer_dir):
 
 def test_sequences_are_padded_and_truncated(tokenizer_dir, caplog):
     # 2-digit problems are 7 to 10 tokens with their eos: 9 cuts a minority, which is logged
-    dm = DiffusionDataModule(
-        str(tokenizer_dir), max_seq_len=9, train_size=64, val_size=64, test_size=64
-    )
+    dm = data_module(str(tokenizer_dir), max_seq_len=9, train_size=64, val_size=64, test_size=64)
     dm.setup()
     batch = _rows(dm, "validation")
     assert batch["input_ids"].shape == (64, 9)
     pairs = zip(batch["prompt"], batch["answer"], strict=True)
     cut = sum(len(p) + len(a) + 1 > 9 for p, a in pairs)
     assert 0 < cut < 32
-    assert f"{cut} of 64 validation samples lose response tokens to data.max_seq_len=9" in (
-        caplog.text
-    )
+    assert f"max_seq_len=9: {cut} of 64 validation samples lose response tokens" in caplog.text
 
 
 def test_stream_sampler_resumes_and_shards():

@@ -74,7 +74,9 @@ def test_flex_block_mask_is_the_dense_mask():
 @pytest.mark.parametrize("policy", ["token", "topp"])
 def test_flex_attention_gives_the_dense_outputs(policy):
     model = build_model("tiny", seed=0)
-    model.set_routing(RoutingPolicy(policy, block_size=8, top_p=0.6, min_experts=4))
+    model.set_routing(
+        RoutingPolicy.from_record(dict(name=policy, block_size=8, top_p=0.6, min_experts=4))
+    )
     x0 = torch.randint(3, 40, (2, 16), generator=torch.Generator().manual_seed(0))
     response = torch.zeros_like(x0, dtype=torch.bool)
     response[:, 5:] = True

@@ -84,7 +84,9 @@ def test_block_layout_aligns_prompts_to_blocks():
 @pytest.mark.parametrize("policy", ["token", "topp"])
 def test_cache_gives_identical_tokens(policy):
     model = build_model("tiny", seed=3)
-    model.set_routing(RoutingPolicy(policy, block_size=4, top_p=0.5, min_experts=4))
+    model.set_routing(
+        RoutingPolicy.from_record(dict(name=policy, block_size=4, top_p=0.5, min_experts=4))
+    )
     prompts = [[5, 9, 11], [7, 8, 9, 10, 11, 12, 13], [20]]
     plain = generate(model, prompts, 9, 4, 4, 1, 0)
     cached = generate(model, prompts, 9, 4, 4, 1, 0, cache=True)
@@ -144,7 +146,7 @@ def test_two_point_sweep_end_to_end(tmp_path):
 def test_latency_rounds_against_a_reference(monkeypatch):
     token, topp = build_model("tiny", seed=0), build_model("tiny", seed=0)
     topp.set_routing(RoutingPolicy("topp", block_size=4, top_p=0.5, min_experts=4))
-    settings = GenerationSettings(block_length=4, steps=4)
+    settings = GenerationSettings.preset("tiny", block_length=4, steps=4)
     runs = {"token": (token, settings), "topp": (topp, settings)}
     calls = []
     real = decoding_eval.time_decode

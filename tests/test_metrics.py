@@ -54,7 +54,7 @@ def test_expert_bytes_per_generated_token_sum_every_samples_own_forwards():
     )  # fmt: skip
     tally = _Tally()
     tally.add(gen, [True, False], [], gen_length=8)
-    m = _metrics(model, GenerationSettings(), tally, MoeTimer(model))
+    m = _metrics(model, GenerationSettings.preset("tiny"), tally, MoeTimer(model))
     expert = 3 * model.config.hidden_size * model.config.moe.expert_width
     expert *= next(model.parameters()).element_size()
     assert m["unique_experts_per_block"] == 5.0  # the mean of the samples' means

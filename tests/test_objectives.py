@@ -8,7 +8,8 @@ from helpers import RecordTopP, compose_train, steps
 
 from dmoe_train.cli.train import build, train
 from dmoe_train.routing import RoutingPolicy
-from dmoe_train.training.finetuner import curriculum_policy, masked_kl, random_tokens
+from dmoe_train.objectives.curriculum import curriculum_policy
+from dmoe_train.objectives.distillation import masked_kl, random_tokens
 
 
 def test_masked_kl_by_hand():
@@ -86,7 +87,7 @@ def test_curriculum_values_by_hand():
     assert curriculum_policy(topp, 0.9, 0.0).top_p == pytest.approx(0.9)
     assert curriculum_policy(topp, 0.9, 0.25).top_p == pytest.approx(0.8)
     assert curriculum_policy(topp, 0.9, 7.0).top_p == pytest.approx(0.5)  # done: the target
-    cap = RoutingPolicy("des_vote", block_size=8, capacity=8, min_experts=4)
+    cap = RoutingPolicy("des_vote", block_size=8, capacity=8)
     assert curriculum_policy(cap, 24, 0.5).capacity == 16
     with pytest.raises(ValueError, match="curriculum_start"):
         curriculum_policy(RoutingPolicy("token"), 0.9, 0.5)
@@ -105,4 +106,7 @@ def test_a_curriculum_run_ends_under_its_own_policy(tmp_path):
     assert summary["policy"]["top_p"] == 0.5
     assert summary["unique_experts_after"] <= summary["unique_experts_token"]
     with pytest.raises(ValueError, match="curriculum_start"):
+        build(compose_train(tmp_path / "bad", "router=token", "module.curriculum_start=0.9"))
+    # and the run names the key under its group
+    with pytest.raises(ValueError, match="^module.curriculum_start=0.9 with router name 'token'"):
         build(compose_train(tmp_path / "bad", "router=token", "module.curriculum_start=0.9"))

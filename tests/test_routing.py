@@ -92,7 +92,9 @@ def test_padded_tokens_never_vote(policy):
     valid[:, 10:] = False
     changed = scores.clone()
     changed[:, 10:] = torch.rand(2, 6, 32)
-    pol = RoutingPolicy(policy, block_size=8, top_p=0.5, min_experts=4, capacity=6)
+    pol = RoutingPolicy.from_record(
+        dict(name=policy, block_size=8, top_p=0.5, min_experts=4, capacity=6)
+    )
     a = route(
         pol, scores, moe=moe_spec(scores, 4, n_group=4, topk_group=2), expert_bias=bias, valid=valid
     )
@@ -158,16 +160,30 @@ def test_group_limited_masks_dropped_groups():
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        (dict(name="nope"), "name"),
-        (dict(block_size=0), "block_size"),
-        (dict(top_p=0.0), "top_p"),
-        (dict(top_p=1.5), "top_p"),
-        (dict(capacity=0), "capacity"),
+        (dict(name="nope"), "name='nope': must be one of"),
+        (dict(block_size=0), "block_size=0: must be >= 1"),
+        (dict(name="topp", top_p=0.0), r"top_p=0.0: must be in \(0, 1\]"),
+        (dict(name="topp", top_p=1.5), r"top_p=1.5: must be in \(0, 1\]"),
+        (dict(name="des_vote", capacity=0), "capacity=0: must be >= 1"),
+        # a setting of another policy cannot be set: it would do nothing
+        (dict(name="token", top_p=0.5), r"top_p=0.5: not a setting of token \(those are \[\]\)"),
+        (dict(name="des_vote", vote_mass="raw", top_p=0.5), "top_p=0.5: not a setting of des_vote"),
+        (
+            dict(name="expert_choice", capacity=6),
+            "capacity=6: not a setting of expert_choice",  # without ec_coreset=capacity
+        ),
     ],
 )
 def test_policy_validation_names_the_key(kwargs, key):
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(ValueError, match=f"^{key}"):
         RoutingPolicy(**kwargs)
+
+
+def test_a_record_keeps_only_its_policys_settings():
+    """Manifests written before settings of other policies were refused hold all fields."""
+    record = RoutingPolicy("topp", top_p=0.5).to_dict() | {"capacity": 12, "top_k": 3}
+    assert RoutingPolicy.from_record(record) == RoutingPolicy("topp", top_p=0.5)
+    assert RoutingPolicy.from_record({"name": "token", "top_p": 0.9}) == RoutingPolicy("token")
 
 
 def test_policy_checked_against_model():

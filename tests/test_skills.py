@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from dmoe_train.data.module import DiffusionDataModule
+from dmoe_train.data.module import data_module
 from dmoe_train.data.skills import GENERATORS, SKILLS, skills_split
 
 
@@ -71,11 +71,12 @@ def test_answers_follow_their_skill(skill):
 
 
 def test_the_data_module_serves_skills_with_their_names(tokenizer_dir):
-    dm = DiffusionDataModule(
+    dm = data_module(
         str(tokenizer_dir),
         "skills",
         max_seq_len=96,
         train_size=40,
+        val_size=8,
         test_size=12,
         eval_batch_size=12,
     )
@@ -86,7 +87,7 @@ def test_the_data_module_serves_skills_with_their_names(tokenizer_dir):
 
 
 def test_held_out_skills_never_enter_the_train_split(tokenizer_dir):
-    dm = DiffusionDataModule(
+    dm = data_module(
         str(tokenizer_dir),
         "skills",
         max_seq_len=96,
@@ -101,8 +102,9 @@ def test_held_out_skills_never_enter_the_train_split(tokenizer_dir):
     # the same add and sort problems as the four-skill stream's, in their order
     full = [r for r in skills_split("train", 80, 0) if r["skill"] in ("add", "sort")][:40]
     assert dm.splits["train"]["prompt"] == [r["prompt"] for r in full]
-    unknown = r"data.train_skills=\['add', 'lookup'\]: unknown \['lookup'\]"
+    sizes = {"train_size": 8, "val_size": 8, "test_size": 8}
+    unknown = r"^train_skills=\['add', 'lookup'\]: unknown \['lookup'\]"
     with pytest.raises(ValueError, match=unknown):
-        DiffusionDataModule(str(tokenizer_dir), "skills", train_skills=["add", "lookup"])
-    with pytest.raises(ValueError, match=r"data.train_skills=\['add'\]: only for data.source"):
-        DiffusionDataModule(str(tokenizer_dir), "arithmetic", train_skills=["add"])
+        data_module(str(tokenizer_dir), "skills", train_skills=["add", "lookup"], **sizes)
+    with pytest.raises(ValueError, match=r"^train_skills=\['add'\]: only for source=skills"):
+        data_module(str(tokenizer_dir), "arithmetic", train_skills=["add"], **sizes)

@@ -15,8 +15,8 @@ from dmoe_train.cli.common import exit_on_error_cli
 from dmoe_train.files import disk_full, no_space, save_safetensors, write_json
 from dmoe_train.models import load_model
 from dmoe_train.models.adapted_weights import EXPORT_MARKER, load_router, read_manifest
-from dmoe_train.models.common import is_router_param
 from dmoe_train.models.lora import ADAPTER, has_expert_lora, merge_expert_lora
+from dmoe_train.models.trainable import is_router_param
 from dmoe_train.routing import RoutingPolicy
 
 

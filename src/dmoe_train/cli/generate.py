@@ -28,6 +28,7 @@ from dmoe_train.evaluation.self_generation import (
     summarize,
 )
 from dmoe_train.routing import RoutingPolicy
+from dmoe_train.settings import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,16 @@ def run_generate(cfg: DictConfig) -> dict | None:
         value = cfg[key]
         if not (optional and value is None) and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{key}={value}: must be an integer >= 1")
-    settings = GenerationSettings(**cfg.generation)
+    with settings_of("generation"):
+        settings = GenerationSettings(**cfg.generation)
     out_dir = Path(cfg.out_dir)
     # hydra's own files of this job, when it runs in out_dir itself
     ours = HydraConfig.initialized() and Path(HydraConfig.get().runtime.output_dir) == out_dir
     record = recorded_settings(cfg, settings)
     check_out_dir(out_dir, record, (".hydra", "generate.log") * ours)
-    data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
-    data.setup()
+    with settings_of("data"):
+        data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
+        data.setup()
     accelerator, rank, world = None, 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: data parallel
         from accelerate import Accelerator

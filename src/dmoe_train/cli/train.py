@@ -6,8 +6,7 @@ import logging
 import os
 import subprocess
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from dmoe_train.files import write_json
 from dmoe_train.locations import PROJECT_ROOT
 from dmoe_train.models.adapted_weights import export_router, load_router
 from dmoe_train.routing import RoutingPolicy
+from dmoe_train.settings import settings_of
 from dmoe_train.training.finetuner import RouterFineTuner
 from dmoe_train.training.from_config import build_module, load_routed_model
 from dmoe_train.training.run_dirs import (
@@ -33,6 +33,7 @@ from dmoe_train.training.run_dirs import (
     check_same_output_dir,
     multirun_job_relaunchable,
 )
+from dmoe_train.training.settings import Checkpointing, OptimizerSettings, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -68,40 +69,18 @@ def measure(
     }
 
 
-def _positive_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-# settings Lightning or torch would take (or refuse) only once the model is loaded and validated
-SETTINGS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("trainer.max_steps", _positive_int, "an integer >= 1 (dmoe-eval measures without training)"),
-    ("trainer.accumulate_grad_batches", _positive_int, "an integer >= 1"),
-    ("trainer.log_every_n_steps", _positive_int, "an integer >= 1"),
-    (
-        "trainer.val_check_interval",
-        lambda v: _positive_int(v) or (isinstance(v, float) and 0 < v <= 1),
-        "an integer >= 1 (steps) or a fraction in (0, 1]",
-    ),
-    (
-        "callbacks.model_checkpoint.every_n_train_steps",
-        lambda v: _positive_int(v) or v == 0,
-        "an integer >= 1 (0: no periodic saves)",
-    ),
-    ("module.optimizer.lr", lambda v: isinstance(v, int | float) and v > 0, "a number > 0"),
-    (
-        "module.optimizer.weight_decay",
-        lambda v: isinstance(v, int | float) and v >= 0,
-        "a number >= 0",
-    ),
-)
-
-
 def check_settings(cfg: DictConfig) -> None:
-    """Every training setting of `SETTINGS` in range, before anything loads."""
-    for key, ok, requirement in SETTINGS:
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and not ok(value):
-            raise ValueError(f"{key}={value}: must be {requirement}")
+    """The training settings Lightning or torch would take (or refuse) only once the model is
+    loaded and validated, checked before anything loads."""
+    for group, typed in (
+        ("trainer", Schedule),
+        ("callbacks.model_checkpoint", Checkpointing),
+        ("module.optimizer", OptimizerSettings),
+    ):
+        node = OmegaConf.select(cfg, group)
+        names = {f.name for f in fields(typed)}
+        with settings_of(group):
+            typed(**{k: v for k, v in node.items() if k in names})
 
 
 def check_data(cfg: DictConfig, policy: RoutingPolicy, data) -> None:
@@ -166,9 +145,11 @@ def build(cfg: DictConfig) -> Run:
     """Data, trainer, model and module, each checked before the next costlier step."""
     check_settings(cfg)
     output_dir, ckpt_path, record = prepare_output(cfg)
-    policy: RoutingPolicy = instantiate(cfg.router)
-    data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
-    data.setup()  # data errors surface before the (for a 16B base, minutes long) model load
+    with settings_of("router"):
+        policy: RoutingPolicy = instantiate(cfg.router)
+    with settings_of("data"):
+        data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
+        data.setup()
     check_data(cfg, policy, data)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
@@ -223,7 +204,8 @@ def report(cfg: DictConfig, run: Run, measured: dict[str, dict[str, float]]) -> 
         write_json(run.output_dir / "summary.json", summary)
         log.info(format_summary(summary, run.output_dir))
         if cfg.evaluate_after:
-            settings = GenerationSettings(**cfg.generation)
+            with settings_of("generation"):
+                settings = GenerationSettings(**cfg.generation)
             warn_if_few(run.data, "test", settings)
             metrics = evaluate_generation(run.module.model.eval(), run.data, settings, "test")
             metrics |= {"summary": summary, "overrides": _overrides()}

@@ -8,6 +8,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -20,8 +21,10 @@ from dmoe_train.models.block_diffusion import noised_forward
 from dmoe_train.models.expert_cache import CacheStats, offload_experts, resident_caches
 from dmoe_train.objectives.expert_metrics import load_balance_cv
 from dmoe_train.objectives.masked_diffusion import masked_diffusion_loss
+from dmoe_train.settings import preset, refuse, settings_of
 
 log = logging.getLogger(__name__)
+ExpertStore = Literal["memory", "disk"]
 # the fewest decoded samples whose exact match is worth a comparison (docs/evaluation.md)
 MIN_SAMPLES = 30
 
@@ -71,18 +74,24 @@ def answer_correct(generated: str, reference: str) -> bool:
     return generated.strip() == reference.strip()
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationSettings:
-    block_length: int = 8
-    steps: int = 8
-    gen_length: int | None = None  # default: up to the data's max_seq_len
-    threshold: float | None = None
-    cache: bool = True
-    max_samples: int = 256
-    # routed experts resident per MoE layer (`models.expert_cache`), or all of them; the rest
-    # wait in `expert_store`: host memory, or the model directory's safetensors
-    expert_cache: int | str = "all"
-    expert_store: str = "memory"
+    """How a split is decoded: blocks of `block_length` masks, at most `steps` forwards per block,
+    up to `gen_length` new tokens (None: up to the data's `max_seq_len`), parallel commits above
+    confidence `threshold` (None: `steps` even commits), the exact prefix `cache`, the first
+    `max_samples` prompts; `expert_cache` routed experts resident per MoE layer
+    (`models.expert_cache`, or `all`), the rest waiting in `expert_store` (host `memory`, or the
+    model directory's safetensors on `disk`). The values live in `configs/generation/`
+    (`GenerationSettings.preset`)."""
+
+    block_length: int
+    steps: int
+    gen_length: int | None
+    threshold: float | None
+    cache: bool
+    max_samples: int
+    expert_cache: int | str
+    expert_store: ExpertStore
 
     def __post_init__(self) -> None:
         if self.expert_cache != "all" and (
@@ -90,11 +99,15 @@ class GenerationSettings:
             or not isinstance(self.expert_cache, int)
             or self.expert_cache < 1
         ):
-            raise ValueError(
-                f"generation.expert_cache={self.expert_cache!r}: an expert count >= 1 or 'all'"
-            )
-        if self.expert_store not in ("memory", "disk"):
-            raise ValueError(f"generation.expert_store={self.expert_store!r}: memory or disk")
+            raise refuse("expert_cache", repr(self.expert_cache), "an expert count >= 1 or 'all'")
+        if self.expert_store not in get_args(ExpertStore):
+            raise refuse("expert_store", repr(self.expert_store), "memory or disk")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: object) -> GenerationSettings:
+        """The preset `configs/generation/<name>.yaml` with `overrides`."""
+        with settings_of("generation"):
+            return cls(**{**preset("generation", name), **overrides})
 
 
 def check_expert_store(settings: GenerationSettings, router_file: str | Path | None) -> None:

@@ -31,7 +31,6 @@ import torch
 from hydra.utils import instantiate
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from dmoe_train.data.tokenizer import load_tokenizer
@@ -43,22 +42,14 @@ from dmoe_train.evaluation.decoding import (
     decode,
     experts_in_files,
 )
-from dmoe_train.locations import CONFIG_DIR
 from dmoe_train.models import load_model
 from dmoe_train.models.adapted_weights import load_router
 from dmoe_train.models.block_diffusion import noised_forward
 from dmoe_train.models.placement import parse_max_memory, place_model
 from dmoe_train.routing import RoutingPolicy
+from dmoe_train.settings import preset, settings_of
 
 log = logging.getLogger(__name__)
-
-
-def preset(group: str, name: str) -> dict:
-    path = CONFIG_DIR / group / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-        raise ValueError(f"{group}={name!r}: no such preset (one of {names})")
-    return OmegaConf.to_container(OmegaConf.load(path))
 
 
 def stop_at(text: str, until: list[str]) -> str:
@@ -123,7 +114,8 @@ class DiffusionLM(LM):
         self.tokenizer = load_tokenizer(pretrained)
         policy = None
         if routing is not None:
-            policy = instantiate({**preset("router", routing), **_pick(overrides, policy_keys)})
+            with settings_of("model_args"):  # top_p, min_experts, capacity arrive there
+                policy = instantiate({**preset("router", routing), **_pick(overrides, policy_keys)})
             policy = replace(policy, block_size=self.settings.block_length)
         if router is not None:
             load_router(self.model, router, policy)

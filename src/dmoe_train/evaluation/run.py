@@ -23,6 +23,7 @@ from dmoe_train.evaluation.decoding import (
 from dmoe_train.files import write_json
 from dmoe_train.models.adapted_weights import base_fingerprint, export_base, load_router
 from dmoe_train.routing import RoutingPolicy
+from dmoe_train.settings import settings_of
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,12 @@ def prepare_eval(
 def checked_inputs(cfg: DictConfig) -> tuple[Any, GenerationSettings]:
     """The data (set up) and decoding settings of an evaluation config: their errors surface
     before any model loads."""
-    settings = GenerationSettings(**cfg.generation)
+    with settings_of("generation"):
+        settings = GenerationSettings(**cfg.generation)
     check_expert_store(settings, cfg.router_checkpoint)
-    data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
-    data.setup()
+    with settings_of("data"):
+        data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
+        data.setup()
     return data, settings
 
 
@@ -61,11 +64,12 @@ def load_eval_model(
 def route(model: torch.nn.Module, cfg: DictConfig, settings: GenerationSettings) -> None:
     """Apply the router checkpoint (its policy, or `router=`) or the `router=` policy, then
     `generation.expert_cache`."""
-    routing = instantiate(cfg.router) if cfg.get("router") else None
-    if cfg.router_checkpoint:
-        load_router(model, cfg.router_checkpoint, routing)
-    elif routing is not None:
-        model.set_routing(routing)
+    with settings_of("router"):
+        routing = instantiate(cfg.router) if cfg.get("router") else None
+        if cfg.router_checkpoint:
+            load_router(model, cfg.router_checkpoint, routing)
+        elif routing is not None:
+            model.set_routing(routing)
     policy = model.config.routing
     if policy.uses_blocks and policy.block_size != settings.block_length:
         raise ValueError(
@@ -151,7 +155,7 @@ def _retained(m: dict) -> str:
 
 COLUMNS = (
     ("policy", lambda m: m["policy"]["name"]),
-    ("rule", lambda m: RoutingPolicy(**m["policy"]).rule),
+    ("rule", lambda m: RoutingPolicy.from_record(m["policy"]).rule),
     ("unique experts/block", lambda m: f"{m['unique_experts_per_block']:.2f}"),
     ("masked only", lambda m: f"{m['unique_experts_per_block_masked']:.2f}"),
     ("accuracy", lambda m: f"{m['accuracy']:.3f}"),

@@ -7,26 +7,27 @@ from pathlib import Path
 
 import torch
 
-from dmoe_train.models.common import (
-    TRAINABLE_SETS,
-    MoeDiffusionLM,
-    TrainableSet,
-    in_trainable_set,
-    init_weights,
-    is_router_param,
-)
+from dmoe_train.models.common import MoeDiffusionLM, init_weights
 from dmoe_train.models.llada2_moe import PRESETS as LLADA2_PRESETS
 from dmoe_train.models.llada2_moe import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dmoe_train.models.llada_moe import MODEL_TYPES as LLADA_MOE_TYPES
 from dmoe_train.models.llada_moe import TINY as TINY_LLADA_MOE
 from dmoe_train.models.llada_moe import LLaDAMoeConfig, LLaDAMoeModelLM
 from dmoe_train.models.model_dir import require_model_dir
+from dmoe_train.models.trainable import (
+    TRAINABLE_SETS,
+    TrainableSet,
+    TrainableWeights,
+    in_trainable_set,
+    is_router_param,
+)
 from dmoe_train.routing import RoutingPolicy
 
 __all__ = [
     "FAMILIES",
     "TRAINABLE_SETS",
     "TrainableSet",
+    "TrainableWeights",
     "in_trainable_set",
     "LLaDA2MoeConfig",
     "LLaDA2MoeModelLM",

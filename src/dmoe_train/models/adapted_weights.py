@@ -19,9 +19,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dmoe_train.files import atomic_write, save_safetensors, write_json
-from dmoe_train.models.common import is_router_param
 from dmoe_train.models.lora import ExpertLora, add_expert_lora, has_expert_lora
 from dmoe_train.models.sharding import full_tensor
+from dmoe_train.models.trainable import is_router_param
 from dmoe_train.routing import ENGINE_KEYS, RoutingPolicy
 
 ROUTER_FILE = "router.safetensors"
@@ -129,7 +129,7 @@ def load_router(
                 params[name].data = tensor.to(params[name].device)
             else:
                 params[name].copy_(tensor)
-    trained = RoutingPolicy(**manifest["routing"])
+    trained = RoutingPolicy.from_record(manifest["routing"])
     if routing is not None and routing.describe() != trained.describe():
         warnings.warn(
             f"router checkpoint {router_file} was trained under {trained.describe()} "

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dmoe_train.models.block_diffusion import as_additive
 from dmoe_train.models.grouped_experts import LowRank, expert_mlp
-from dmoe_train.models.lora import expert_low_rank, is_lora_param
+from dmoe_train.models.lora import expert_low_rank
 from dmoe_train.routing import (
     MoeSpec,
     Routing,
@@ -56,7 +56,7 @@ class PublishedConfig:
     def resolve_common(self) -> None:
         """The first steps of every family's `__post_init__`."""
         if isinstance(self.routing, dict):
-            self.routing = RoutingPolicy(**self.routing)
+            self.routing = RoutingPolicy.from_record(self.routing)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -398,32 +398,6 @@ class MoeDiffusionLM(nn.Module):
         from dmoe_train.models.model_dir import save_pretrained
 
         save_pretrained(self, path, max_shard_bytes)
-
-
-def is_router_param(name: str) -> bool:
-    """The router's tensors: what router fine-tuning trains and a router checkpoint holds."""
-    return name.endswith((".mlp.gate.weight", ".mlp.gate.expert_bias"))
-
-
-TrainableSet = Literal[
-    "router", "router+shared", "router+lora", "router+lora+shared", "router+experts", "all"
-]
-TRAINABLE_SETS: tuple[str, ...] = get_args(TrainableSet)
-
-
-def in_trainable_set(name: str, trainable: TrainableSet) -> bool:
-    """Whether a weight trains under `module.trainable`: the router (the default), and besides
-    it the shared experts (`+shared`), low-rank adapters on the routed experts (`+lora`, see
-    `models.lora`) or the routed experts themselves (`+experts`); `all`: every weight (a full
-    fine-tune)."""
-    if trainable == "all" or is_router_param(name):
-        return True
-    parts = trainable.split("+")[1:]
-    return (
-        ("shared" in parts and ".mlp.shared_experts." in name)
-        or ("lora" in parts and is_lora_param(name))
-        or ("experts" in parts and ".mlp.experts." in name)
-    )
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from peft.tuners.lora.layer import ParamWrapper
 from torch import Tensor, nn
 
 from dmoe_train.models.grouped_experts import LowRank
+from dmoe_train.settings import refuse
 
 ExpertProjection = Literal["gate_proj", "up_proj", "down_proj"]
 PROJECTIONS: tuple[str, ...] = get_args(ExpertProjection)
@@ -30,7 +31,7 @@ ADAPTER = "default"  # peft's adapter name
 
 @dataclass(frozen=True)
 class ExpertLora:
-    """`module.lora`: rank, alpha (scaling alpha / rank) and which expert projections adapt."""
+    """Adapters: rank, alpha (scaling alpha / rank) and which expert projections adapt."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -39,11 +40,11 @@ class ExpertLora:
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
         if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"module.lora.rank={self.rank}: must be an integer >= 1")
+            raise refuse("rank", self.rank, "must be an integer >= 1")
         if not self.alpha > 0:
-            raise ValueError(f"module.lora.alpha={self.alpha}: must be > 0")
+            raise refuse("alpha", self.alpha, "must be > 0")
         if not self.targets or set(self.targets) - set(PROJECTIONS):
-            raise ValueError(f"module.lora.targets={list(self.targets)}: a subset of {PROJECTIONS}")
+            raise refuse("targets", list(self.targets), f"a subset of {PROJECTIONS}")
 
     def peft_config(self) -> LoraConfig:
         return LoraConfig(

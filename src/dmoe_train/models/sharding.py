@@ -19,9 +19,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from dmoe_train.models.common import is_router_param
 from dmoe_train.models.lora import base_name
 from dmoe_train.models.model_dir import read_state_dict
+from dmoe_train.models.trainable import is_router_param
 
 
 def owning_modules(model: nn.Module, own_unit: Callable[[str], bool]) -> list[nn.Module]:

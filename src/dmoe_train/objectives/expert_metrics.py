@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dmoe_train.routing import to_blocks
+from dmoe_train.routing import Routing, to_blocks
 
 
 def unique_experts_per_block(ids: Tensor, block_size: int, valid: Tensor | None = None) -> Tensor:
@@ -31,3 +31,15 @@ def load_balance_cv(load: Tensor) -> Tensor:
     """Coefficient of variation of tokens per expert (std / mean over experts; 0 = balanced)."""
     load = load.float()
     return load.std(-1, correction=0) / load.mean(-1).clamp_min(torch.finfo(load.dtype).tiny)
+
+
+def routing_stats(routing: list[Routing], block_size: int) -> dict[str, Tensor]:
+    """Unique experts per block and coreset size, means over MoE layers, samples and blocks."""
+    unique = torch.stack(
+        [unique_experts_per_block(r.ids, block_size).float().mean() for r in routing]
+    ).mean()
+    coresets = [r.coreset.sum(-1).float().mean() for r in routing if r.coreset is not None]
+    return {
+        "unique_experts": unique,
+        "coreset_size": torch.stack(coresets).mean() if coresets else unique,
+    }

@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dmoe_train.settings import SettingError, refuse
+
+LossWeighting = Literal["none", "inv_t"]
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Training noise: one mask ratio t ~ U[t_low, t_high] per sequence; `loss_weighting`
+    `none`, or `inv_t` (LLaDA's 1/t ELBO weighting)."""
+
+    t_low: float = 0.3
+    t_high: float = 0.8
+    loss_weighting: LossWeighting = "none"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.t_low <= self.t_high <= 1.0:
+            raise SettingError(
+                "t_low", f"={self.t_low}, t_high={self.t_high}: need 0 <= t_low <= t_high <= 1"
+            )
+        if self.loss_weighting not in get_args(LossWeighting):
+            raise refuse("loss_weighting", repr(self.loss_weighting),
+                         f"must be one of {get_args(LossWeighting)}")  # fmt: skip
 
 
 def row_uniforms(keys: list[int], n: int, device: torch.device | str | None = None) -> Tensor:
@@ -38,7 +62,7 @@ def masked_diffusion_loss(
     x0: Tensor,
     masked: Tensor,
     t: Tensor,
-    weighting: Literal["none", "inv_t"],
+    weighting: LossWeighting,
     count: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy on masked positions (no shift), normalised by their count (or `count`,

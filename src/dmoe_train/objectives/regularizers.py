@@ -4,7 +4,7 @@ A token's soft activation probability of expert e is p_te = 1 - (1 - pi_te)^k, t
 draws from its soft routing distribution pi_t = softmax(router logits) hit e: it relaxes the hard
 top-k (about k experts per token), stays below 1 and has a gradient everywhere (a clamp at 1 would
 not). Both regularizers return a size in experts (mean over MoE layers, samples and blocks); the
-training loss adds weight * size / E.
+training loss adds weight * size / E. Beside them, ST-MoE's router z-loss.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import torch
 from torch import Tensor
 
 from dmoe_train.routing import Routing, to_blocks
+from dmoe_train.settings import refuse
 
-RegularizerKind = Literal["none", "union", "entropy"]
+RegularizerKind = Literal["none", "union", "perplexity"]
+# earlier names of a kind: `entropy` returned (and returns) the perplexity, exp(entropy)
+ALIASES = {"entropy": "perplexity"}
 EPS = 1e-6
 
 
@@ -48,12 +51,11 @@ class CoresetRegularizer:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ALIASES.get(self.kind, self.kind))
         if self.kind not in get_args(RegularizerKind):
-            raise ValueError(
-                f"regularizer.kind={self.kind!r}: must be one of {get_args(RegularizerKind)}"
-            )
-        if self.weight < 0:
-            raise ValueError(f"regularizer.weight={self.weight}: must be >= 0")
+            raise refuse("kind", repr(self.kind), f"must be one of {get_args(RegularizerKind)}")
+        if not self.weight >= 0:
+            raise refuse("weight", self.weight, "must be >= 0")
 
     def size(self, routing: list[Routing], block_size: int, top_k: int) -> Tensor:
         """The soft coreset size, in experts (0 for `none`)."""
@@ -67,3 +69,9 @@ class CoresetRegularizer:
             )
             sizes.append(size.mean())
         return torch.stack(sizes).mean()
+
+
+def router_z_loss(routing: list[Routing]) -> Tensor:
+    """ST-MoE's z-loss: the mean squared log-sum-exp of the router logits, over tokens and MoE
+    layers; keeps logits small, so softmax scores stay smooth while the router is retrained."""
+    return torch.stack([r.logits.logsumexp(-1).pow(2).mean() for r in routing]).mean()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal, get_args
+
+from dmoe_train.settings import SettingError, refuse
 
 PolicyName = Literal["token", "topk_cap", "des_vote", "capacity_max", "topp", "expert_choice"]
 Schedule = Literal["static", "linear", "linear_reverse", "cosine"]
@@ -44,7 +46,8 @@ class RoutingPolicy:
       max aggregation), then E counts the coreset's experts.
 
     The rule settings of block coresets (`RULES` names the published combinations; the defaults
-    are ours, `dmoe-train`). A setting that does not apply to `name` is ignored.
+    are ours, `dmoe-train`). A setting that does not apply to `name` keeps its default
+    (`settings()`): another value for it is refused.
     - `vote` (every coreset): what a token contributes to its block. `routed`: its group-limited
       top-k, the experts it would really use; `plain`: its top-k of score + bias with no group
       limit (dMoE's votes; LLaDA2.2's max over the plain biased scores).
@@ -89,21 +92,9 @@ class RoutingPolicy:
         for key in ("block_size", "min_experts", "capacity", "top_p", "capacity_factor"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"router.{key}={value!r}: must be a number")
+                raise SettingError(key, f"={value!r}: must be a number")
         if self.name not in POLICIES:
-            raise ValueError(f"router.name={self.name!r}: must be one of {POLICIES}")
-        if self.block_size < 1:
-            raise ValueError(f"router.block_size={self.block_size}: must be >= 1")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"router.top_p={self.top_p}: must be in (0, 1]")
-        if self.min_experts < 0:
-            raise ValueError(f"router.min_experts={self.min_experts}: must be >= 0")
-        if self.capacity < 1:
-            raise ValueError(f"router.capacity={self.capacity}: must be >= 1")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"router.top_k={self.top_k}: must be >= 1")
-        if self.capacity_factor <= 0:
-            raise ValueError(f"router.capacity_factor={self.capacity_factor}: must be > 0")
+            raise SettingError("name", f"={self.name!r}: must be one of {POLICIES}")
         for key, allowed in (
             ("schedule", SCHEDULES),
             ("ec_group", EC_GROUPS),
@@ -114,12 +105,59 @@ class RoutingPolicy:
             ("in_coreset", IN_CORESET),
         ):
             if getattr(self, key) not in allowed:
-                raise ValueError(f"router.{key}={getattr(self, key)!r}: must be one of {allowed}")
+                raise SettingError(key, f"={getattr(self, key)!r}: must be one of {allowed}")
+        unused = [
+            f.name
+            for f in fields(self)
+            if f.name not in self.settings() and getattr(self, f.name) != f.default
+        ]
+        if unused:
+            key, own = unused[0], sorted(self.settings() - {"name", "block_size"})
+            raise SettingError(
+                key, f"={getattr(self, key)!r}: not a setting of {self.name} (those are {own})"
+            )
+        checks = (
+            ("block_size", self.block_size >= 1, "must be >= 1"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("min_experts", self.min_experts >= 0, "must be >= 0"),
+            ("capacity", self.capacity >= 1, "must be >= 1"),
+            ("top_k", self.top_k is None or self.top_k >= 1, "must be >= 1"),
+            ("capacity_factor", self.capacity_factor > 0, "must be > 0"),
+        )
+        for key, ok, requirement in checks:
+            if not ok:
+                raise refuse(key, getattr(self, key), requirement)
         lo, hi = self.k_min, self.k_max
         if (lo is not None and lo < 0) or (hi is not None and hi < 1):
-            raise ValueError(f"router.k_min={lo}, k_max={hi}: need k_min >= 0 and k_max >= 1")
+            raise SettingError("k_min", f"={lo}, k_max={hi}: need k_min >= 0 and k_max >= 1")
         if lo is not None and hi is not None and lo > hi:
-            raise ValueError(f"router.k_min={lo} > router.k_max={hi}")
+            raise SettingError("k_min", f"={lo} > k_max={hi}")
+
+    def settings(self) -> set[str]:
+        """The fields that apply to this policy: the others keep their defaults (a policy
+        refuses another value for them, naming it)."""
+        own = {
+            "token": (),
+            "topk_cap": ("top_k",),
+            "topp": ("top_p", "min_experts"),
+            "des_vote": ("capacity",),
+            "capacity_max": ("capacity",),
+            "expert_choice": (
+                "capacity_factor", "k_min", "k_max", "schedule", "ec_group", "ec_coreset",
+                *{"topp": ("top_p", "min_experts"), "capacity": ("capacity",)}.get(
+                    self.ec_coreset, ()
+                ),
+            ),
+        }[self.name]  # fmt: skip
+        return {"name", "block_size", *own, *self.rule_settings()}
+
+    @classmethod
+    def from_record(cls, record: dict) -> RoutingPolicy:
+        """A policy as a manifest or metrics file recorded it: records written before a policy
+        refused settings that do not apply to it may hold other values for those; they are
+        dropped."""
+        policy = cls(name=record["name"], ec_coreset=record.get("ec_coreset", "none"))
+        return cls(**{k: v for k, v in record.items() if k in policy.settings()})
 
     @property
     def uses_blocks(self) -> bool:
@@ -166,17 +204,17 @@ class RoutingPolicy:
         """Validate the settings that depend on the model's expert count and k."""
         coreset = self.coreset_kind
         if coreset == "topp" and not top_k <= self.min_experts <= num_experts:
-            raise ValueError(
-                f"router.min_experts={self.min_experts}: must be in "
-                f"[top_k={top_k}, num_experts={num_experts}]"
+            raise refuse(
+                "min_experts",
+                self.min_experts,
+                f"must be in [top_k={top_k}, num_experts={num_experts}]",
             )
         if coreset in ("sum", "max") and not top_k <= self.capacity <= num_experts:
-            raise ValueError(
-                f"router.capacity={self.capacity}: must be in "
-                f"[top_k={top_k}, num_experts={num_experts}]"
+            raise refuse(
+                "capacity", self.capacity, f"must be in [top_k={top_k}, num_experts={num_experts}]"
             )
         if self.name == "topk_cap" and self.top_k is not None and self.top_k > top_k:
-            raise ValueError(f"router.top_k={self.top_k}: topk_cap must not exceed k={top_k}")
+            raise refuse("top_k", self.top_k, f"topk_cap must not exceed k={top_k}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -26,7 +26,7 @@ ROWS = {
     "topk_cap (k/2)": ["router=topk_cap"],
     "des_vote (8)": ["router=des_vote"],
     "capacity_max (8)": ["router=capacity_max"],
-    "topp 0.6 training-free": ["router=topp"],
+    "topp 0.6 training-free": ["router=topp", "router.top_p=0.6"],
     "topp 0.99 training-free": ["router=topp", "router.top_p=0.99"],
     # the published rules at this base's scale (blocks of 8, 32 experts)
     "dmoe 0.6 (guard 8) training-free": [
@@ -46,7 +46,7 @@ ROWS = {
         "router.k_min=2",
         "router.k_max=8",
     ],
-    "expert_choice in top-p 0.9 coreset": ["router=expert_choice", "router.ec_coreset=topp"],
+    "expert_choice in top-p 0.9 coreset": ["router=expert_choice_topp"],
 }
 RETROFIT = PROJECT_ROOT / "outputs" / "retrofit_ec" / "checkpoints" / "router.safetensors"
 
@@ -106,7 +106,7 @@ def write_csv(results: dict[str, dict], path: Path) -> None:
         w = csv.writer(f)
         w.writerow(["run", "rule", *CSV_COLUMNS])
         for name, m in results.items():
-            rule = RoutingPolicy(**m["policy"]).rule
+            rule = RoutingPolicy.from_record(m["policy"]).rule
             w.writerow([name, rule, *(m[key] for key in CSV_COLUMNS.values())])
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from dmoe_train.data.module import DiffusionDataModule
+from dmoe_train.data.module import DiffusionDataModule, data_module
 from dmoe_train.data.tokenizer import char_tokenizer
 from dmoe_train.evaluation.decoding import (
     GenerationSettings,
@@ -94,11 +94,12 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def settings_of(args: argparse.Namespace, max_samples: int) -> GenerationSettings:
+def decoding_of(args: argparse.Namespace, max_samples: int) -> GenerationSettings:
     """LLaDA2's decoding at the base's block size (threshold decoding where the base uses it)."""
-    return GenerationSettings(
-        args.block_size, args.block_size, threshold=args.threshold, max_samples=max_samples
-    )
+    return GenerationSettings.preset(
+        "tiny", block_length=args.block_size, steps=args.block_size, threshold=args.threshold,
+        max_samples=max_samples,
+    )  # fmt: skip
 
 
 def routing_of(args: argparse.Namespace) -> RoutingPolicy | None:
@@ -169,7 +170,7 @@ def train_base(
             )
         if args.eval_every and step and step % args.eval_every == 0:
             model.eval()
-            m = evaluate_generation(model, data, settings_of(args, 64), "test")
+            m = evaluate_generation(model, data, decoding_of(args, 64), "test")
             model.train()
             print(f"step {step:5d}  exact match on 64 test prompts {m['accuracy']:.3f}", flush=True)
     return curve
@@ -186,14 +187,15 @@ def main() -> None:
     tok_dir = Path(tempfile.mkdtemp())
     tokenizer.save_pretrained(tok_dir)
     (tok_dir / "config.json").write_text(json.dumps(model.config.to_dict()))
-    data = DiffusionDataModule(
+    data = data_module(
         str(tok_dir), source=args.source, max_seq_len=args.max_seq_len,
-        batch_size=args.batch_size, train_size=args.train_size, test_size=args.test_size,
+        batch_size=args.batch_size, train_size=args.train_size, val_size=256,
+        test_size=args.test_size,
     )  # fmt: skip
     data.setup()
     curve = train_base(model, data, args)
     model.eval()
-    test = evaluate_generation(model, data, settings_of(args, args.test_size), "test")
+    test = evaluate_generation(model, data, decoding_of(args, args.test_size), "test")
     quality = {
         "base": args.base,
         "train_steps": args.steps,

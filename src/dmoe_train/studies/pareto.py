@@ -305,7 +305,7 @@ def analyse(specs: list[Spec], metrics: list[dict]) -> list[dict]:
             {
                 "method": p.method,
                 "label": p.label,
-                "rule": RoutingPolicy(**m["policy"]).rule,
+                "rule": RoutingPolicy.from_record(m["policy"]).rule,
                 "experts": p.experts,
                 "experts_share_of_token": p.experts / token.experts,
                 "accuracy": p.accuracy,

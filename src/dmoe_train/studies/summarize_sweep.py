@@ -35,7 +35,7 @@ def collect(sweep: Path) -> list[dict]:
         rows.append(
             {
                 "overrides": " ".join(m.get("overrides", [])) or path.parent.name,
-                "rule": RoutingPolicy(**m["policy"]).rule,
+                "rule": RoutingPolicy.from_record(m["policy"]).rule,
                 "unique_experts_per_block": m["unique_experts_per_block"],
                 "accuracy": m["accuracy"],
                 "val_loss_after": m["summary"]["val_loss_after"],
