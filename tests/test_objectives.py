@@ -7,9 +7,9 @@ import torch
 from helpers import RecordTopP, compose_train, steps
 
 from dmoe_train.cli.train import build, train
-from dmoe_train.routing import RoutingPolicy
 from dmoe_train.objectives.curriculum import curriculum_policy
 from dmoe_train.objectives.distillation import masked_kl, random_tokens
+from dmoe_train.routing import RoutingPolicy
 
 
 def test_masked_kl_by_hand():
