@@ -36,7 +36,7 @@ from dmoe_train.evaluation.run import format_table, run_eval
 from dmoe_train.files import atomic_write
 from dmoe_train.locations import CONFIG_DIR
 from dmoe_train.models import is_router_param, load_model
-from dmoe_train.models.adapted_weights import router_manifest, save_router
+from dmoe_train.models.adapted_weights import adapted_manifest, save_adapted
 from dmoe_train.routing import RoutingPolicy
 
 
@@ -242,7 +242,7 @@ def _perturbed_router(base: Path, out: Path, dtype: torch.dtype | None = None) -
                 moved = moved + torch.randn(moved.shape, generator=gen)
             tensors[name] = moved
     model.set_routing(RoutingPolicy("topp", block_size=8, top_p=0.5, min_experts=4))
-    return save_router(tensors, out, router_manifest(model, base_path=str(base)))
+    return save_adapted(tensors, out, adapted_manifest(model, base_path=str(base)))
 
 
 def _eval(out: Path, *overrides: str) -> dict:
@@ -682,7 +682,7 @@ def test_disk_store_with_a_checkpoint_that_changed_the_experts(tmp_path, monkeyp
     model = load_model(TINY_BASE)
     experts = {n: p.detach() for n, p in model.named_parameters() if ".mlp.experts." in n}
     manifest = json.loads(router.with_name("router.json").read_text())
-    save_router({**load_file(router), **experts}, tmp_path / "ckpt", manifest)
+    save_adapted({**load_file(router), **experts}, tmp_path / "ckpt", manifest)
     monkeypatch.setattr("dmoe_train.evaluation.run.instantiate", _data_only)
     with pytest.raises(ValueError) as refused:
         _eval(

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from dmoe_train.cli.train import train
 from dmoe_train.evaluation.run import run_eval
-from dmoe_train.evaluation.sampler import generate
+from dmoe_train.evaluation.sampler import decode_blocks
 from dmoe_train.models import load_model, model_dir
 from dmoe_train.models.expert_cache import (
     MemoryStore,
@@ -63,7 +63,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 9, 8], [20, 21, 22, 23, 24, 25,
 
 def _decode(model):
     cfg = model.config
-    return generate(model, PROMPTS, 16, 8, 8, cfg.mask_token_id, cfg.eos_token_id, None, True)
+    return decode_blocks(model, PROMPTS, 16, 8, 8, cfg.mask_token_id, cfg.eos_token_id, None, True)
 
 
 @pytest.mark.parametrize(

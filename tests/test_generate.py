@@ -8,10 +8,14 @@ import torch
 from helpers import CONFIGS, FAST, run_cli
 from hydra import compose, initialize_config_dir
 
-from dmoe_train.evaluation import decoding as decoding_eval
-from dmoe_train.evaluation.decoding import GenerationSettings, answer_correct, interleaved_latency
+from dmoe_train.evaluation import split_decoding as decoding_eval
 from dmoe_train.evaluation.run import run_eval
-from dmoe_train.evaluation.sampler import block_layout, generate
+from dmoe_train.evaluation.sampler import block_layout, decode_blocks
+from dmoe_train.evaluation.split_decoding import (
+    GenerationSettings,
+    answer_correct,
+    interleaved_latency,
+)
 from dmoe_train.models import build_model
 from dmoe_train.models.common import LMOutput
 from dmoe_train.routing import Routing, RoutingPolicy
@@ -48,7 +52,7 @@ class FixedLogits(torch.nn.Module):
 def test_low_confidence_remasking_commits_most_confident_first():
     # prompt of 4 fills block 0; block 1 = positions 4..7 with confidences .6 .9 .7 .8
     model = FixedLogits([0.5] * 4 + [0.6, 0.9, 0.7, 0.8])
-    out = generate(model, [[5] * 4], 4, 4, 4, MASK, EOS)
+    out = decode_blocks(model, [[5] * 4], 4, 4, 4, MASK, EOS)
     assert out.tokens.tolist() == [[2 + 4 % 5, 2 + 5 % 5, 2 + 6 % 5, 2 + 7 % 5]]
     masks = [int((c[0, 4:] == MASK).sum()) for c in model.calls]
     assert masks == [4, 3, 2, 1]  # one commit per step
@@ -61,14 +65,14 @@ def test_low_confidence_remasking_commits_most_confident_first():
 
 def test_threshold_commits_all_above_it_and_at_least_one():
     model = FixedLogits([0.5] * 4 + [0.96, 0.99, 0.3, 0.97])
-    generate(model, [[5] * 4], 4, 4, 4, MASK, EOS, threshold=0.95)
+    decode_blocks(model, [[5] * 4], 4, 4, 4, MASK, EOS, threshold=0.95)
     masks = [int((c[0, 4:] == MASK).sum()) for c in model.calls]
     assert masks == [4, 1]  # three above .95 in one step, then the last one alone
 
 
 def test_unique_experts_of_a_known_routing():
     model = FixedLogits([0.9] * 16)
-    out = generate(model, [[5, 5]], 6, 4, 2, MASK, EOS)
+    out = decode_blocks(model, [[5, 5]], 6, 4, 2, MASK, EOS)
     # first forward of block 0: positions 0..3 route to {p, p+1}: experts 0..4 = 5 distinct;
     # masked positions 2, 3 alone: {2, 3, 4} = 3
     assert out.unique_experts[0, 0, 0] == 5 and out.unique_experts_masked[0, 0, 0] == 3
@@ -88,8 +92,8 @@ def test_cache_gives_identical_tokens(policy):
         RoutingPolicy.from_record(dict(name=policy, block_size=4, top_p=0.5, min_experts=4))
     )
     prompts = [[5, 9, 11], [7, 8, 9, 10, 11, 12, 13], [20]]
-    plain = generate(model, prompts, 9, 4, 4, 1, 0)
-    cached = generate(model, prompts, 9, 4, 4, 1, 0, cache=True)
+    plain = decode_blocks(model, prompts, 9, 4, 4, 1, 0)
+    cached = decode_blocks(model, prompts, 9, 4, 4, 1, 0, cache=True)
     assert torch.equal(plain.tokens, cached.tokens)
     assert torch.equal(plain.unique_experts, cached.unique_experts)
 
@@ -170,9 +174,9 @@ def test_each_sample_counts_only_its_own_forwards():
     cfg = model.config
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     args = (8, 4, 4, cfg.mask_token_id, cfg.eos_token_id)
-    together = generate(model, prompts, *args)
+    together = decode_blocks(model, prompts, *args)
     for i, prompt in enumerate(prompts):
-        alone = generate(model, [prompt], *args)
+        alone = decode_blocks(model, [prompt], *args)
         assert torch.equal(alone.tokens[0], together.tokens[i])
         torch.testing.assert_close(
             alone.per_sample(alone.unique_experts)[0],

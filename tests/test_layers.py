@@ -17,6 +17,7 @@ LAYERS: list[tuple[str, int, str]] = [
     ("dmoe_train.files", 0, "base"),
     ("dmoe_train.memory", 0, "base"),
     ("dmoe_train.settings", 0, "base"),
+    ("dmoe_train.reports", 0, "base"),
     ("dmoe_train.routing", 1, "routing"),
     ("dmoe_train.objectives", 2, "objectives"),
     ("dmoe_train.models", 3, "models"),

@@ -12,7 +12,7 @@ from helpers import FAST, PROJECT_ROOT, TINY_BASE, cli_train, run_cli, steps
 
 from dmoe_train.data.tokenizer import load_tokenizer
 from dmoe_train.evaluation.lm_eval_model import DiffusionLM, stop_at
-from dmoe_train.evaluation.sampler import generate
+from dmoe_train.evaluation.sampler import decode_blocks
 from dmoe_train.models import load_model
 from dmoe_train.models.placement import parse_max_memory, place_model
 
@@ -54,13 +54,13 @@ def test_a_device_map_that_offloads_layers_gives_the_same_tokens(tmp_path):
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("45+8=", "26-70=")]
     model = load_model(TINY_BASE)
     args = (prompts, 8, 8, 8, model.config.mask_token_id, model.config.eos_token_id)
-    reference = generate(model, *args, cache=True).tokens
+    reference = decode_blocks(model, *args, cache=True).tokens
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     placed = place_model(
         load_model(TINY_BASE), {"cpu": int(size * 0.5), "disk": 10 * size}, tmp_path / "offload"
     )
     assert "disk" in placed.hf_device_map.values()  # some layers really live on disk
-    assert torch.equal(generate(placed, *args, cache=True).tokens, reference)
+    assert torch.equal(decode_blocks(placed, *args, cache=True).tokens, reference)
     assert parse_max_memory("0:70GiB;cpu:200GiB") == {0: "70GiB", "cpu": "200GiB"}
     with pytest.raises(ValueError, match="max_memory='0'"):
         parse_max_memory("0")

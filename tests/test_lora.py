@@ -63,9 +63,9 @@ def test_merge_for_export_gives_the_adapted_model(tmp_path):
     train(cfg)
     router = tmp_path / "run" / "checkpoints" / "router.safetensors"
     adapted = load_model(TINY_BASE, dtype=torch.float32)
-    from dmoe_train.models.adapted_weights import load_router
+    from dmoe_train.models.adapted_weights import load_adapted
 
-    load_router(adapted, router)
+    load_adapted(adapted, router)
     out = export(router, tmp_path / "exp", base=TINY_BASE, adapter_out=tmp_path / "adapter")
     merged = load_model(out, dtype=torch.float32)
     assert not has_expert_lora(merged)  # the base's names and layout: engines load it as is

@@ -36,9 +36,9 @@ def test_expert_load_and_its_balance():
 def test_expert_bytes_per_generated_token_sum_every_samples_own_forwards():
     from helpers import TINY_BASE
 
-    from dmoe_train.evaluation.decoding import GenerationSettings, MoeTimer, _metrics, _Tally
     from dmoe_train.evaluation.run import format_table
-    from dmoe_train.evaluation.sampler import Generation
+    from dmoe_train.evaluation.sampler import BlockDecode
+    from dmoe_train.evaluation.split_decoding import GenerationSettings, MoeTimer, _metrics, _Tally
     from dmoe_train.models import load_model
 
     model = load_model(TINY_BASE)
@@ -46,7 +46,7 @@ def test_expert_bytes_per_generated_token_sum_every_samples_own_forwards():
     # sample 0 uses 4 experts per layer in each of its 3 forwards, sample 1 uses 6 in its one
     unique = torch.tensor([[4.0, 6.0], [4.0, 6.0], [4.0, 6.0]])[..., None].expand(3, 2, layers)
     counted = torch.tensor([[True, True], [True, False], [True, False]])
-    gen = Generation(
+    gen = BlockDecode(
         tokens=torch.zeros(2, 8, dtype=torch.long), unique_experts=unique,
         unique_experts_masked=unique, counted=counted,
         expert_load=torch.ones(layers, model.config.moe.num_experts), tokens_routed=64,
@@ -57,12 +57,12 @@ def test_expert_bytes_per_generated_token_sum_every_samples_own_forwards():
     m = _metrics(model, GenerationSettings.preset("tiny"), tally, MoeTimer(model))
     expert = 3 * model.config.hidden_size * model.config.moe.expert_width
     expert *= next(model.parameters()).element_size()
-    assert m["unique_experts_per_block"] == 5.0  # the mean of the samples' means
+    assert m.unique_experts_per_block == 5.0  # the mean of the samples' means
     # (4 x 3 + 6 x 1) experts over 2 x 8 generated tokens
-    assert m["expert_bytes_per_generated_token"] == (4 * 3 + 6) * expert / 16
-    assert m["forwards_per_block"] == 3.0
+    assert m.expert_bytes_per_generated_token == (4 * 3 + 6) * expert / 16
+    assert m.forwards_per_block == 3.0
     # dmoe-eval's and make compare's table shows them beside unique experts per forward
-    head, _, row = format_table([m]).splitlines()
+    head, _, row = format_table([m.to_dict()]).splitlines()
     cells = dict(zip(head.split(" | "), row.split(" | "), strict=True))
     assert cells["forwards/block"] == "3.00"
     assert cells["expert KB/token"] == f"{18 * expert / 16 / 2**10:.1f}"

@@ -8,6 +8,13 @@ import pytest
 
 from dmoe_train.studies import pareto
 from dmoe_train.studies import points as study_points
+from dmoe_train.studies.pareto_points import StudyPoint, Training, free, trained
+
+TOKEN = free("token", "token")
+
+
+def router(name: str, top_p: float = 0.5, **how) -> Training:
+    return Training(name, top_p, **how)
 
 
 def fake_metrics(experts: float, hits: int, n: int = 100) -> dict:
@@ -29,11 +36,13 @@ def test_a_finished_point_is_not_recomputed(tmp_path, monkeypatch):
         return fake_metrics(10.0, 50)
 
     monkeypatch.setattr(study_points, "run_eval", fake_eval)
-    point = pareto.Spec("topp", "p=0.5", ["router=topp", "router.block_size=32"])
-    first = pareto.measure_point(point, tmp_path)
-    again = pareto.measure_point(point, tmp_path)
+    study = pareto.Study(tmp_path / "base", tmp_path)
+    point = free("topp", "p=0.5", "router=topp", "router.block_size=32")
+    first = study.measure(point)
+    again = study.measure(point)
     assert first == again and len(calls) == 1
-    assert json.loads((tmp_path / "points" / "topp__p0.5" / "point.json").read_text()) == first
+    stored = tmp_path / "pareto" / "points" / "topp__p0.5" / "point.json"
+    assert json.loads(stored.read_text()) == first
 
 
 def test_a_point_measured_before_the_paid_metrics_is_measured_again_where_no_training_needs(
@@ -46,45 +55,48 @@ def test_a_point_measured_before_the_paid_metrics_is_measured_again_where_no_tra
         return fake_metrics(10.0, 50)
 
     monkeypatch.setattr(study_points, "run_eval", fake_eval)
-    free = pareto.Spec("topp", "p=0.5", ["router=topp"])
-    trained = pareto.Spec("trained", "p=0.5", train_overrides=["router.top_p=0.5"])
+    study = pareto.Study(tmp_path / "base", tmp_path)
+    rule = free("topp", "p=0.5", "router=topp")
+    router_point = trained("trained", router("union 0.1"))
     old = {k: v for k, v in fake_metrics(9.0, 40).items() if k not in pareto.PAID}
-    for spec in (free, trained):
-        (tmp_path / "points" / spec.slug).mkdir(parents=True)
-        (tmp_path / "points" / spec.slug / "point.json").write_text(json.dumps(old))
-    assert pareto.measure_point(free, tmp_path, refresh=False) == old  # --report-only
-    again = pareto.measure_point(free, tmp_path)
+    points = tmp_path / "pareto" / "points"
+    for point in (rule, router_point):
+        (points / point.slug).mkdir(parents=True)
+        (points / point.slug / "point.json").write_text(json.dumps(old))
+    assert study.measure(rule, refresh=False) == old  # --report-only
+    again = study.measure(rule)
     assert again["forwards_per_block"] == 2.0 and len(calls) == 1
-    assert json.loads((tmp_path / "points" / free.slug / "point.json").read_text()) == again
+    assert json.loads((points / rule.slug / "point.json").read_text()) == again
     # its run is gone: measuring again would train it again, so it is left as it was
-    assert pareto.measure_point(trained, tmp_path) == old and len(calls) == 1
+    assert study.measure(router_point) == old and len(calls) == 1
 
 
 def test_points_of_another_base_are_refused_and_kept(tmp_path):
     base, store = tmp_path / "base", tmp_path / "pareto"
     base.mkdir()
     (base / "model.safetensors").write_bytes(b"weights of the first base")
-    pareto.claim_store(store, base)
+    study = pareto.Study(base, tmp_path)
+    study.claim()
     point = store / "points" / "topp__p0.5" / "point.json"
     point.parent.mkdir(parents=True)
     point.write_text("{}")
-    pareto.claim_store(store, base)  # the same base: its points are reused
+    study.claim()  # the same base: its points are reused
     (base / "model.safetensors").write_bytes(b"weights of a retrained base")
     with pytest.raises(SystemExit, match="measured on another base"):
-        pareto.claim_store(store, base)
+        study.claim()
     assert point.read_text() == "{}"
     (store / "base.sha256").unlink()  # points with no record of their base: refused too
     with pytest.raises(SystemExit, match=r"sha256 unknown"):
-        pareto.claim_store(store, base)
+        study.claim()
 
 
 def test_report_marks_domination_thresholds_and_the_goal():
     specs = [
-        pareto.Spec("token", "token"),
-        pareto.Spec("topp", "p=0.5"),
-        pareto.Spec("topp", "p=0.9"),
-        pareto.Spec("trained", "a"),
-        pareto.Spec("trained", "b"),
+        TOKEN,
+        free("topp", "p=0.5"),
+        free("topp", "p=0.9"),
+        StudyPoint("trained", "a", training=router("a", 0.7)),
+        StudyPoint("trained", "b", training=router("b", 0.7)),
     ]
     metrics = [
         fake_metrics(60.0, 80),
@@ -101,16 +113,16 @@ def test_report_marks_domination_thresholds_and_the_goal():
     lo, hi = rows[1]["accuracy_lo"], rows[1]["accuracy_hi"]
     assert lo < 0.2 < hi
     report = pareto.markdown(rows)
-    assert "| trained | 11.00 (a) | 11.00 (a) |" in report
+    assert "| trained | 11.00 (p=0.7 a) | 11.00 (p=0.7 a) |" in report
     assert "| topp | - | - |" in report
-    assert "- trained a (11.0 experts): above every training-free method" in report
-    assert "- trained b (35.0 experts): not above ['topp']" in report
-    assert "- trained: >= 99% retained at <= 20% of token routing's 60.0 experts: a" in report
+    assert "- trained p=0.7 a (11.0 experts): above every training-free method" in report
+    assert "- trained p=0.7 b (35.0 experts): not above ['topp']" in report
+    assert "- trained: >= 99% retained at <= 20% of token routing's 60.0 experts: p=0.7 a" in report
 
 
 def test_plot_writes_a_figure(tmp_path):
     rows = pareto.analyse(
-        [pareto.Spec("token", "token"), pareto.Spec("topp", "p=0.5")],
+        [TOKEN, free("topp", "p=0.5")],
         [fake_metrics(60.0, 80), fake_metrics(10.0, 20)],
     )
     pareto.plot(rows, tmp_path / "p.png")
@@ -120,12 +132,12 @@ def test_plot_writes_a_figure(tmp_path):
 
 def test_ablation_rows_are_tabled_not_judged_against_the_goal():
     specs = [
-        pareto.Spec("token", "token"),
-        pareto.Spec("topp", "p=0.5"),
-        pareto.Spec("trained", "p=0.5 union 0.1"),
-        pareto.Spec("trained", "p=0.7 union 0.1"),
-        pareto.Spec("ablation", "p=0.5 none"),
-        pareto.Spec("trained+experts", "p=0.5 union 0.1"),
+        TOKEN,
+        free("topp", "p=0.5"),
+        trained("trained", router("union 0.1")),
+        trained("trained", router("union 0.1", 0.7)),
+        trained("ablation", router("none", regularizer="none")),
+        trained("trained+experts", router("union 0.1", trainable="router+experts")),
     ]
     metrics = [
         fake_metrics(60.0, 80),
@@ -154,20 +166,26 @@ def test_trainable_sets_and_held_out_skills_are_tabled_and_judged(tmp_path):
     def skills(add, sort, rev, count):
         return {"accuracy_by_skill": {"add": add, "sort": sort, "reverse": rev, "count": count}}
 
+    rank2 = dict(trainable="router+lora", lora_rank=2)
     specs = [
-        pareto.Spec("token", "token"),
-        pareto.Spec("topp", "p=0.5"),
-        pareto.Spec("sets", "p=0.6 router+lora r=2"),
-        pareto.Spec("held-out", "p=0.6 router+lora r=2 add+sort"),
-        pareto.Spec("held-out", "p=0.6 router+lora r=2 add+sort distill random"),
+        TOKEN,
+        free("topp", "p=0.5"),
+        trained("sets", router("router+lora r=2", 0.6, **rank2)),
+        trained(
+            "held-out", router("router+lora r=2 add+sort", 0.6, **rank2, skills=("add", "sort"))
+        ),
+        trained(
+            "held-out",
+            router("router+lora r=2 add+sort distill random", 0.6, **rank2, distill="random"),
+        ),
     ]
-    trained = {"train_seconds": 300.0, "trainable_params": 880_000}
+    cost = {"train_seconds": 300.0, "trainable_params": 880_000}
     metrics = [
         fake_metrics(60.0, 80) | skills(0.8, 0.8, 0.8, 0.8),
         fake_metrics(10.0, 20) | skills(0.1, 0.3, 0.3, 0.1),
-        fake_metrics(8.0, 80) | skills(0.8, 0.8, 0.8, 0.8) | trained,
-        fake_metrics(12.0, 40) | skills(0.8, 0.8, 0.78, 0.05) | trained,
-        fake_metrics(12.0, 50) | skills(0.8, 0.8, 0.8, 0.4) | trained,
+        fake_metrics(8.0, 80) | skills(0.8, 0.8, 0.8, 0.8) | cost,
+        fake_metrics(12.0, 40) | skills(0.8, 0.8, 0.78, 0.05) | cost,
+        fake_metrics(12.0, 50) | skills(0.8, 0.8, 0.8, 0.4) | cost,
     ]
     rows = pareto.analyse(specs, metrics)
     report = pareto.markdown(rows)

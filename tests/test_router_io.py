@@ -3,7 +3,7 @@ import torch
 
 from dmoe_train.cli.export import export
 from dmoe_train.models import build_model, is_router_param, load_model
-from dmoe_train.models.adapted_weights import load_router, router_manifest, save_router
+from dmoe_train.models.adapted_weights import adapted_manifest, load_adapted, save_adapted
 from dmoe_train.routing import RoutingPolicy
 
 IDS = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -23,7 +23,9 @@ def test_router_round_trip_export_and_refusal(tmp_path):
     tuned = load_model(tmp_path / "base")
     _trained_router(tuned)
     router = {n: p for n, p in tuned.named_parameters() if is_router_param(n)}
-    save_router(router, tmp_path / "ckpt", router_manifest(tuned, base_path=str(tmp_path / "base")))
+    save_adapted(
+        router, tmp_path / "ckpt", adapted_manifest(tuned, base_path=str(tmp_path / "base"))
+    )
     saved = set(
         __import__("safetensors.torch").torch.load_file(tmp_path / "ckpt" / "router.safetensors")
     )
@@ -32,7 +34,7 @@ def test_router_round_trip_export_and_refusal(tmp_path):
     }
 
     fresh = load_model(tmp_path / "base")
-    manifest = load_router(fresh, tmp_path / "ckpt" / "router.safetensors")
+    manifest = load_adapted(fresh, tmp_path / "ckpt" / "router.safetensors")
     assert manifest["routing"]["name"] == "topp" and fresh.config.routing.name == "topp"
     torch.testing.assert_close(fresh(IDS).logits, tuned(IDS).logits, rtol=0, atol=0)
 
@@ -43,7 +45,7 @@ def test_router_round_trip_export_and_refusal(tmp_path):
 
     other = build_model("tiny", seed=2)  # same shapes, another base
     with pytest.raises(ValueError, match="fingerprint"):
-        load_router(other, tmp_path / "ckpt" / "router.safetensors")
+        load_adapted(other, tmp_path / "ckpt" / "router.safetensors")
     wider = build_model("tiny", num_experts=16, n_group=4)
     with pytest.raises(ValueError, match="fingerprint"):
-        load_router(wider, tmp_path / "ckpt" / "router.safetensors")
+        load_adapted(wider, tmp_path / "ckpt" / "router.safetensors")

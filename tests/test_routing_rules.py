@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from dmoe_train.models import build_model, is_router_param, load_model
-from dmoe_train.models.adapted_weights import load_router, router_manifest, save_router
+from dmoe_train.models.adapted_weights import adapted_manifest, load_adapted, save_adapted
 from dmoe_train.routing import (
     GUARD_TIES,
     IN_CORESET,
@@ -316,15 +316,15 @@ def test_router_under_another_rule_warns_once(tmp_path):
     trained = load_model(tmp_path / "base")
     trained.set_routing(RoutingPolicy("topp", block_size=8, top_p=0.6, min_experts=8))
     router = {n: p for n, p in trained.named_parameters() if is_router_param(n)}
-    path = save_router(router, tmp_path / "ckpt", router_manifest(trained, base_path="b"))
+    path = save_adapted(router, tmp_path / "ckpt", adapted_manifest(trained, base_path="b"))
     dmoe = RoutingPolicy("topp", block_size=8, top_p=0.6, min_experts=8, **RULES["dmoe"])
     with pytest.warns(UserWarning) as caught:
-        load_router(load_model(tmp_path / "base"), path, dmoe)
+        load_adapted(load_model(tmp_path / "base"), path, dmoe)
     assert len(caught) == 1
     assert "topp [dmoe-train" in str(caught[0].message) and "topp [dmoe:" in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # same rule, another top_p: a sweep, not a mismatch
-        load_router(
+        load_adapted(
             load_model(tmp_path / "base"),
             path,
             RoutingPolicy("topp", block_size=8, top_p=0.9, min_experts=8),

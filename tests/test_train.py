@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from dmoe_train.cli.train import train
 from dmoe_train.models import load_model
-from dmoe_train.models.adapted_weights import load_router
+from dmoe_train.models.adapted_weights import load_adapted
 
 MOE_LAYERS = (1, 2, 3)
 GATES = {f"model.model.layers.{i}.mlp.gate.weight" for i in MOE_LAYERS}
@@ -148,7 +148,7 @@ def test_trainable_set_trains_and_saves_exactly_its_weights(tmp_path, trainable)
     start = dict(base.named_parameters())
     assert all(not torch.equal(saved[n], start[n]) for n in experts)  # the experts moved
     tuned = load_model(TINY_BASE, dtype=torch.float32)
-    load_router(tuned, tmp_path / "checkpoints" / "router.safetensors")
+    load_adapted(tuned, tmp_path / "checkpoints" / "router.safetensors")
     for n, p in tuned.named_parameters():  # the checkpoint is the whole difference
         assert torch.equal(p, saved[n] if n in saved else start[n]), n
 
@@ -191,6 +191,6 @@ def test_adapter_sets_train_and_save_exactly_their_weights(tmp_path, trainable, 
         assert manifest["lora"] == {"rank": 2, "alpha": 16.0, "targets": list(PROJECTIONS)}
     # the checkpoint alone (adapters re-created from its manifest) gives the trained model
     tuned = load_model(TINY_BASE, dtype=torch.float32)
-    load_router(tuned, tmp_path / "checkpoints" / "router.safetensors")
+    load_adapted(tuned, tmp_path / "checkpoints" / "router.safetensors")
     assert all(torch.equal(p, saved[n]) for n, p in tuned.named_parameters() if n in saved)
     assert summary["val_loss_after"] != summary["val_loss_before"]

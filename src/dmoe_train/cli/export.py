@@ -14,7 +14,7 @@ from peft import get_peft_model_state_dict
 from dmoe_train.cli.common import exit_on_error_cli
 from dmoe_train.files import disk_full, no_space, save_safetensors, write_json
 from dmoe_train.models import load_model
-from dmoe_train.models.adapted_weights import EXPORT_MARKER, load_router, read_manifest
+from dmoe_train.models.adapted_weights import EXPORT_MARKER, load_adapted, read_manifest
 from dmoe_train.models.lora import ADAPTER, has_expert_lora, merge_expert_lora
 from dmoe_train.models.trainable import is_router_param
 from dmoe_train.routing import RoutingPolicy
@@ -81,7 +81,7 @@ def export(
             raise ValueError(f"--adapter-out {adapter_out}: router {router} trained no adapters")
         check_out_dir(Path(adapter_out), base, "--adapter-out")
     model = load_model(base)
-    load_router(model, router)
+    load_adapted(model, router)
     check_servable(model.config.routing)
     # what dmoe-eval reads to measure an export against its base
     record = {

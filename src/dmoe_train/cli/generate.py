@@ -19,7 +19,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dmoe_train.cli.common import exit_on_error, hydra_entry
-from dmoe_train.evaluation.decoding import GenerationSettings
 from dmoe_train.evaluation.self_generation import (
     SUMMARY,
     check_out_dir,
@@ -27,6 +26,7 @@ from dmoe_train.evaluation.self_generation import (
     rows_asked,
     summarize,
 )
+from dmoe_train.evaluation.split_decoding import GenerationSettings
 from dmoe_train.routing import RoutingPolicy
 from dmoe_train.settings import settings_of
 

@@ -19,12 +19,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from dmoe_train.cli.common import exit_on_error, hydra_entry
-from dmoe_train.evaluation.decoding import GenerationSettings, evaluate_generation, warn_if_few
+from dmoe_train.evaluation.split_decoding import GenerationSettings, decode_split, warn_if_few
 from dmoe_train.files import write_json
 from dmoe_train.locations import PROJECT_ROOT
-from dmoe_train.models.adapted_weights import export_router, load_router
+from dmoe_train.models.adapted_weights import load_adapted
 from dmoe_train.routing import RoutingPolicy
 from dmoe_train.settings import settings_of
+from dmoe_train.training.callbacks import save_adapted_weights
 from dmoe_train.training.finetuner import RouterFineTuner
 from dmoe_train.training.from_config import build_module, load_routed_model
 from dmoe_train.training.run_dirs import (
@@ -198,7 +199,7 @@ def report(cfg: DictConfig, run: Run, measured: dict[str, dict[str, float]]) -> 
         **{f"{k}_{label}": v for label, m in measured.items() for k, v in m.items()},
     }
     checkpoints = run.output_dir / "checkpoints"
-    router = export_router(trainer, run.module, checkpoints, cfg.model.path, summary=summary)
+    router = save_adapted_weights(trainer, run.module, checkpoints, cfg.model.path, summary=summary)
     summary["router_checkpoint"] = str(router)
     if trainer.is_global_zero:
         write_json(run.output_dir / "summary.json", summary)
@@ -207,7 +208,7 @@ def report(cfg: DictConfig, run: Run, measured: dict[str, dict[str, float]]) -> 
             with settings_of("generation"):
                 settings = GenerationSettings(**cfg.generation)
             warn_if_few(run.data, "test", settings)
-            metrics = evaluate_generation(run.module.model.eval(), run.data, settings, "test")
+            metrics = decode_split(run.module.model.eval(), run.data, settings, "test").to_dict()
             metrics |= {"summary": summary, "overrides": _overrides()}
             write_json(run.output_dir / "metrics.json", metrics)
             log.info("test split decoded: %s", run.output_dir / "metrics.json")
@@ -223,7 +224,7 @@ def train(cfg: DictConfig) -> dict:
     measured = {"token": measure(run.trainer, run.module, run.data, token, "token")}
     check_same_output_dir(run.output_dir)  # the process group exists from the first validate on
     if cfg.init_router:
-        load_router(run.module.model, cfg.init_router, run.policy)
+        load_adapted(run.module.model, cfg.init_router, run.policy)
         run.module.keep_teacher_weights(refresh=True)  # the teacher is the starting model
     measured["before"] = measure(run.trainer, run.module, run.data, run.policy, "before")
     if not fit(run):
@@ -244,7 +245,7 @@ def format_summary(s: dict, output_dir: Path) -> str:
         f"after {s['unique_experts_after']:.2f}\n"
         f"validation loss:          base, token routing {s['val_loss_token']:.4f} | "
         f"before {s['val_loss_before']:.4f} -> after {s['val_loss_after']:.4f}\n"
-        f"router checkpoint: {s['router_checkpoint']}\nsummary: {output_dir / 'summary.json'}"
+        f"adapted weights: {s['router_checkpoint']}\nsummary: {output_dir / 'summary.json'}"
     )
 
 

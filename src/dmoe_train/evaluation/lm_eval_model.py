@@ -34,18 +34,19 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from dmoe_train.data.tokenizer import load_tokenizer
-from dmoe_train.evaluation.decoding import (
+from dmoe_train.evaluation.split_decoding import (
     GenerationSettings,
     apply_expert_cache,
     cache_metrics,
     check_expert_store,
-    decode,
+    decode_prompts,
     experts_in_files,
 )
 from dmoe_train.models import load_model
-from dmoe_train.models.adapted_weights import load_router
+from dmoe_train.models.adapted_weights import load_adapted
 from dmoe_train.models.block_diffusion import noised_forward
 from dmoe_train.models.placement import parse_max_memory, place_model
+from dmoe_train.reports import markdown_table
 from dmoe_train.routing import RoutingPolicy
 from dmoe_train.settings import preset, settings_of
 
@@ -118,7 +119,7 @@ class DiffusionLM(LM):
                 policy = instantiate({**preset("router", routing), **_pick(overrides, policy_keys)})
             policy = replace(policy, block_size=self.settings.block_length)
         if router is not None:
-            load_router(self.model, router, policy)
+            load_adapted(self.model, router, policy)
         elif policy is not None:
             self.model.set_routing(policy)
         self.policy: RoutingPolicy = self.model.config.routing
@@ -180,7 +181,7 @@ class DiffusionLM(LM):
                 if kwargs.get("do_sample") or kwargs.get("temperature", 0.0) > 0:
                     raise ValueError(f"gen_kwargs {kwargs}: the dmoe model decodes greedily")
             lengths = [int(k.get("max_gen_toks", s.gen_length or 256)) for _, k in batch]
-            gen = decode(self.model, [self.encode(c) for c, _ in batch], max(lengths), s)
+            gen = decode_prompts(self.model, [self.encode(c) for c, _ in batch], max(lengths), s)
             # over every sample's own decoding forwards, as dMoE counts
             self.unique_sum += float((gen.unique_experts.mean(-1) * gen.counted).sum())
             self.forwards += int(gen.counted.sum())
@@ -261,7 +262,7 @@ class DiffusionLM(LM):
             "num_experts": cfg.moe.num_experts,
             "expert_bytes_per_block": unique * expert_bytes,
             "decoding": asdict(self.settings),
-            **cache_metrics(self.model, self.blocks, self.tokens_out),  # this process's
+            **cache_metrics(self.model, self.blocks, self.tokens_out).to_dict(),  # this process's
         }
 
 
@@ -270,9 +271,9 @@ def _pick(values: dict, keys: set[str]) -> dict:
 
 
 def format_report(report: dict) -> str:
-    return (
-        "| routing | router | unique experts/block | of | expert MB/block |\n"
-        "|---|---|---|---|---|\n"
-        f"| {report['routing']} | {report['router']} | {report['unique_experts_per_block']:.2f} | "
-        f"{report['num_experts']} | {report['expert_bytes_per_block'] / 2**20:.2f} |"
-    )
+    head = ("routing", "router", "unique experts/block", "of", "expert MB/block")
+    row = (
+        report["routing"], report["router"], f"{report['unique_experts_per_block']:.2f}",
+        report["num_experts"], f"{report['expert_bytes_per_block'] / 2**20:.2f}",
+    )  # fmt: skip
+    return markdown_table(head, [row])

@@ -12,16 +12,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dmoe_train.evaluation.decoding import (
+from dmoe_train.evaluation.split_decoding import (
     GenerationSettings,
     apply_expert_cache,
     check_expert_store,
-    evaluate_generation,
+    decode_split,
     experts_in_files,
     warn_if_few,
 )
 from dmoe_train.files import write_json
-from dmoe_train.models.adapted_weights import base_fingerprint, export_base, load_router
+from dmoe_train.models.adapted_weights import base_fingerprint, export_base, load_adapted
+from dmoe_train.reports import markdown_table
 from dmoe_train.routing import RoutingPolicy
 from dmoe_train.settings import settings_of
 
@@ -32,11 +33,11 @@ def prepare_eval(
     cfg: DictConfig, routed: bool = True
 ) -> tuple[torch.nn.Module, Any, GenerationSettings]:
     """The model, the data and the decoding settings of an evaluation config; the model under
-    its routing (`route`) unless `routed=False` (the base as loaded)."""
+    its routing (`apply_routing`) unless `routed=False` (the base as loaded)."""
     data, settings = checked_inputs(cfg)
     model = load_eval_model(cfg, settings)
     if routed:
-        route(model, cfg, settings)
+        apply_routing(model, cfg, settings)
     return model, data, settings
 
 
@@ -61,13 +62,13 @@ def load_eval_model(
     return instantiate(cfg.model, expert_cache=experts_in_files(settings), **where)
 
 
-def route(model: torch.nn.Module, cfg: DictConfig, settings: GenerationSettings) -> None:
+def apply_routing(model: torch.nn.Module, cfg: DictConfig, settings: GenerationSettings) -> None:
     """Apply the router checkpoint (its policy, or `router=`) or the `router=` policy, then
     `generation.expert_cache`."""
     with settings_of("router"):
         routing = instantiate(cfg.router) if cfg.get("router") else None
         if cfg.router_checkpoint:
-            load_router(model, cfg.router_checkpoint, routing)
+            load_adapted(model, cfg.router_checkpoint, routing)
         elif routing is not None:
             model.set_routing(routing)
     policy = model.config.routing
@@ -120,20 +121,20 @@ def run_eval(cfg: DictConfig) -> dict:
         log.info("accuracy_retained against %s", reference)
         scored = base or (model := load_eval_model(cfg, settings))
         with scored.routing_as(RoutingPolicy("token", block_size=settings.block_length)):
-            token = evaluate_generation(scored, data, settings, cfg.split)
+            token = decode_split(scored, data, settings, cfg.split)
         del base, scored  # an export's base is decoded before the export loads
     model = model or load_eval_model(cfg, settings)
-    route(model, cfg, settings)
-    metrics = evaluate_generation(model, data, settings, cfg.split)
-    metrics["router_checkpoint"] = cfg.router_checkpoint
+    apply_routing(model, cfg, settings)
+    measured = decode_split(model, data, settings, cfg.split)
+    metrics = measured.to_dict() | {"router_checkpoint": cfg.router_checkpoint}
     if token is not None:
         metrics |= {
             "reference": reference,
-            "accuracy_token": token["accuracy"],
-            "accuracy_retained": retained(metrics["accuracy"], token["accuracy"]),
-            "unique_experts_token": token["unique_experts_per_block"],
-            "expert_bytes_fraction": metrics["unique_experts_per_block"]
-            / token["unique_experts_per_block"],
+            "accuracy_token": token.accuracy,
+            "accuracy_retained": retained(measured.accuracy, token.accuracy),
+            "unique_experts_token": token.unique_experts_per_block,
+            "expert_bytes_fraction": measured.unique_experts_per_block
+            / token.unique_experts_per_block,
         }
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,8 +189,10 @@ def format_table(rows: list[dict], names: list[str] | None = None) -> str:
             (c, lambda m, f=f: f(m) if "expert_cache" in m else "-") for c, f in CACHE_COLUMNS
         )
     head = ["run", *(c for c, _ in columns)] if names else [c for c, _ in columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, m in enumerate(rows):
-        cells = [fmt(m) for _, fmt in columns]
-        lines.append("| " + " | ".join(([names[i]] if names else []) + cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(
+        head,
+        (
+            [*([names[i]] if names else []), *(fmt(m) for _, fmt in columns)]
+            for i, m in enumerate(rows)
+        ),
+    )

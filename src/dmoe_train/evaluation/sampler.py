@@ -27,7 +27,7 @@ from dmoe_train.objectives.expert_metrics import expert_load, unique_experts_per
 
 
 @dataclass
-class Generation:
+class BlockDecode:
     tokens: Tensor  # [B, gen_length]; positions after an eos are eos
     unique_experts: Tensor  # [forwards, B, moe_layers]: distinct experts of the decoded block
     unique_experts_masked: Tensor  # the same, counting only its still-masked positions
@@ -164,7 +164,7 @@ class _Decoder:
 
 
 @torch.no_grad()
-def generate(
+def decode_blocks(
     model: torch.nn.Module,
     prompts: list[list[int]],
     gen_length: int,
@@ -174,7 +174,7 @@ def generate(
     eos_id: int,
     threshold: float | None = None,
     cache: bool = False,
-) -> Generation:
+) -> BlockDecode:
     lay = block_layout(prompts, gen_length, block_length, eos_id, mask_id)
     dec = _Decoder(model, lay, mask_id, eos_id, cache)
     width = lay.x.shape[1]
@@ -201,7 +201,7 @@ def generate(
     tokens = dec.x[dec.gen].view(len(prompts), gen_length).clone()
     tokens[tokens == mask_id] = eos_id  # an early stop leaves later blocks undecoded
     tokens = tokens.masked_fill((tokens == eos_id).long().cumsum(1) > 0, eos_id)
-    return Generation(
+    return BlockDecode(
         tokens,
         torch.stack(dec.unique),
         torch.stack(dec.unique_masked),

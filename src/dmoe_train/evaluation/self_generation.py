@@ -20,7 +20,12 @@ import torch
 from tqdm import tqdm
 
 from dmoe_train.data.module import DiffusionDataModule, collate
-from dmoe_train.evaluation.decoding import GenerationSettings, answer_correct, batch_prompts, decode
+from dmoe_train.evaluation.split_decoding import (
+    GenerationSettings,
+    answer_correct,
+    batch_prompts,
+    decode_prompts,
+)
 from dmoe_train.files import atomic_write, differences, write_json
 
 SUMMARY, SETTINGS = "summary.json", "generate.json"
@@ -72,7 +77,7 @@ def shard_rows(
         batch = collate([ds[i] for i in range(lo, min(lo + data.eval_batch_size, rows.stop))])
         prompts = batch_prompts(batch)
         gen_length = settings.gen_length or data.max_seq_len - min(len(p) for p in prompts)
-        out = decode(model, prompts, gen_length, settings)
+        out = decode_prompts(model, prompts, gen_length, settings)
         texts = data.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
         finished = (out.tokens == eos).any(1).tolist()
         for i, (text, done) in enumerate(zip(texts, finished, strict=True)):

@@ -1,7 +1,9 @@
-"""Router checkpoints: `router.safetensors` (router tensors only) + `router.json` (manifest).
+"""Adapted weights: what a run trained (the router, and whatever else its trainable set holds:
+shared experts, adapters, routed experts), saved as `router.safetensors` (the adapted tensors
+only; the name is kept from when only routers trained) + `router.json` (the manifest).
 
-A router only makes sense on the base it was trained from: the manifest keeps the base path and a
-fingerprint of its config and of a few base tensors, and loading refuses a mismatch.
+Adapted weights only make sense on the base they were trained from: the manifest keeps the base
+path and a fingerprint of its config and of a few base tensors, and loading refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -24,7 +25,7 @@ from dmoe_train.models.sharding import full_tensor
 from dmoe_train.models.trainable import is_router_param
 from dmoe_train.routing import ENGINE_KEYS, RoutingPolicy
 
-ROUTER_FILE = "router.safetensors"
+ADAPTED_FILE = "router.safetensors"
 MANIFEST_FILE = "router.json"
 # what `dmoe-export` writes into every export: its router, its base and the base's fingerprint
 EXPORT_MARKER = "dmoe_export.json"
@@ -44,7 +45,7 @@ def base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def router_manifest(model: nn.Module, fingerprint: str | None = None, **fields) -> dict:
+def adapted_manifest(model: nn.Module, fingerprint: str | None = None, **fields) -> dict:
     """What a router checkpoint records about its base (`fingerprint`: the base's, taken before
     training; default: the model's now) and routing, plus `fields`."""
     return {
@@ -54,15 +55,15 @@ def router_manifest(model: nn.Module, fingerprint: str | None = None, **fields) 
     }
 
 
-def save_router(tensors: dict[str, torch.Tensor], directory: str | Path, manifest: dict) -> Path:
-    """Write `tensors` (names as in the model) and the manifest (`router_manifest`)."""
+def save_adapted(tensors: dict[str, torch.Tensor], directory: str | Path, manifest: dict) -> Path:
+    """Write `tensors` (names as in the model) and the manifest (`adapted_manifest`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     full = {**manifest, "tensors": sorted(tensors)}
-    atomic_write(directory / ROUTER_FILE, lambda p: save_safetensors(tensors, p))
+    atomic_write(directory / ADAPTED_FILE, lambda p: save_safetensors(tensors, p))
     write_json(directory / MANIFEST_FILE, full)
-    return directory / ROUTER_FILE
+    return directory / ADAPTED_FILE
 
 
 def changes_routed_experts(manifest: dict) -> bool:
@@ -91,7 +92,7 @@ def read_manifest(router_file: str | Path) -> dict:
         raise ValueError(f"router manifest {path}: not valid JSON ({err})") from err
 
 
-def load_router(
+def load_adapted(
     model: nn.Module, router_file: str | Path, routing: RoutingPolicy | None = None
 ) -> dict:
     """Copy a router checkpoint into `model` and route by `routing` (default: the policy it was
@@ -138,24 +139,3 @@ def load_router(
         )
     model.set_routing(routing or trained)
     return manifest
-
-
-def export_router(
-    trainer: Any, pl_module: Any, dirpath: Path, base_path: str, **extra: Any
-) -> Path:
-    """Write the router of a Lightning run (`pl_module.trainable_state()`) with its step and
-    metrics. Collective: every rank calls it, rank 0 writes."""
-    tensors = pl_module.trainable_state()
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    manifest = router_manifest(
-        pl_module.model,
-        pl_module.start_fingerprint,  # a full fine-tune changes the tensors it hashes
-        base_path=str(base_path),
-        step=trainer.global_step,
-        metrics=metrics,
-        lora=pl_module.lora.to_dict() if pl_module.lora else None,
-        **extra,
-    )
-    if trainer.is_global_zero:
-        save_router(tensors, dirpath, manifest)
-    return Path(dirpath) / ROUTER_FILE

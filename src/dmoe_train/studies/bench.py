@@ -29,6 +29,7 @@ from dmoe_train.locations import ASSETS
 from dmoe_train.models import build_model
 from dmoe_train.models.block_diffusion import block_diffusion_block_mask
 from dmoe_train.models.grouped_experts import expert_mlp
+from dmoe_train.reports import markdown_table
 from dmoe_train.routing import MoeSpec, route_in_coreset, token_topk, topp_coreset
 from dmoe_train.studies.bench_full_width import run_all as run_full_width
 from dmoe_train.studies.bench_full_width import train_rows as strategy_train_rows
@@ -270,12 +271,10 @@ def bounds(layer: list[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    """Rows of measures as a markdown table: every key a column, floats to 3 digits."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    return "\n".join(
-        lines + ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
-    )
+    return markdown_table(keys, ([fmt(r.get(k, "")) for k in keys] for r in rows))
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from dmoe_train.evaluation.sampler import generate
+from dmoe_train.evaluation.sampler import decode_blocks
 from dmoe_train.memory import resident_bytes
 from dmoe_train.models import load_model
 from dmoe_train.resolvers import CONFIG_DIR
@@ -93,7 +93,7 @@ def decode_case(path: Path, rounds: int = 3) -> list[dict]:
         )
     times = _layer_timers(model)
     args = (prompts, BLOCK, BLOCK, BLOCK, cfg.mask_token_id, -1)  # no eos: the whole block
-    generate(model, *args, cache=True)  # warm-up
+    decode_blocks(model, *args, cache=True)  # warm-up
     measured: dict[str, list[dict]] = {name: [] for name in policies}
     unique = {}
     for _ in range(rounds):
@@ -101,7 +101,7 @@ def decode_case(path: Path, rounds: int = 3) -> list[dict]:
             model.set_routing(policy)
             for t in times.values():
                 t.clear()
-            out = generate(model, *args, cache=True)
+            out = decode_blocks(model, *args, cache=True)
             forwards = out.unique_experts.shape[0]
             layer = {k: sum(v) / forwards for k, v in times.items()}  # s per decoding forward
             measured[name].append({"forward": out.seconds / forwards, **layer})

@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from dmoe_train.evaluation.decoding import first_prompts, interleaved_latency  # noqa: E402
 from dmoe_train.evaluation.run import format_table, prepare_eval, retained, run_eval  # noqa: E402
+from dmoe_train.evaluation.split_decoding import first_prompts, interleaved_latency  # noqa: E402
 from dmoe_train.resolvers import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 

@@ -1,7 +1,7 @@
 """`make ec-study`: expert choice against token choice on the tiny base's task (arXiv 2604.01622's
 three claims, at small scale).
 
-1. From scratch: a token-choice base and expert-choice bases (`scripts/make_base.py`), same data,
+1. From scratch: a token-choice base and expert-choice bases (`studies.make_base`), same data,
    steps, seed and expert FLOPs per token (capacity factor 1: each expert takes k * T / E tokens of
    a group, what top-k token choice computes); validation loss against training tokens and
    wall-clock seconds, expert-load CV, training tokens per second, exact match.
@@ -32,12 +32,13 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dmoe_train.evaluation.frontier import Point, bootstrap_intervals  # noqa: E402
-from dmoe_train.locations import PROJECT_ROOT  # noqa: E402
+from dmoe_train.locations import ASSETS, PROJECT_ROOT  # noqa: E402
+from dmoe_train.reports import markdown_table  # noqa: E402
 from dmoe_train.studies.points import evaluate, kept, train_run  # noqa: E402
 
 TOP_K, K_MIN, K_MAX = 4, 2, 6  # the tiny base's top-k; the schedules' range, mean TOP_K
 SCHEDULES = ("static", "linear", "linear_reverse", "cosine")
-# every base: the tiny recipe (make_base.py --base tiny) shortened, z-loss 1e-3 as EC-DLM trains
+# every base: the tiny recipe (make_base --base tiny) shortened, z-loss 1e-3 as EC-DLM trains
 SCRATCH = ["--base", "tiny", "--val-every", "50", "--eval-every", "0", "--z-loss", "1e-3"]
 
 
@@ -86,6 +87,7 @@ RETROFITS = {
 }
 RECOMMENDED = "router+experts, 6000 steps, capacity factor 2 (make retrofit)"
 EVAL = ["model=tiny", "data=arithmetic", "generation=tiny", "reference_token=false"]
+BASE = ASSETS / "tiny-llada2"  # the retrofits' base
 
 
 def slug(name: str) -> str:
@@ -97,20 +99,21 @@ def train_base(base: Base, store: Path, steps: int) -> dict:
     out = store / "scratch" / slug(base.name)
     if not (out / "quality.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "make_base.py"), *SCRATCH]
+        cmd = [sys.executable, "-m", "dmoe_train.studies.make_base", *SCRATCH]
         cmd += ["--steps", str(steps), "--out", str(out), *base.args]
         with open(out / "train.log", "w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     return json.loads((out / "quality.json").read_text())
 
 
-def retrofit(name: str, overrides: list[str], store: Path) -> dict:
-    """Train (or resume) one retrofit, then decode the test split with it; kept in its run dir."""
+def retrofit(name: str, overrides: list[str], store: Path, base: Path) -> dict:
+    """Train (or resume) one retrofit of `base`, then decode the test split with it; kept in its
+    run dir."""
     run_dir = store / "retrofit" / slug(name)
 
     def measure() -> dict:
-        router = train_run(run_dir, ["experiment=retrofit_ec", *overrides])
-        metrics = evaluate(run_dir, [*EVAL, f"router_checkpoint={router}"])
+        router = train_run(run_dir, ["experiment=retrofit_ec", f"model.path={base}", *overrides])
+        metrics = evaluate(run_dir, [*EVAL, f"model.path={base}", f"router_checkpoint={router}"])
         resources = json.loads((run_dir / "resources.rank0.json").read_text())
         return metrics | {"train_seconds": resources["batches"] * resources["step_s"]}
 
@@ -131,21 +134,25 @@ def scratch_table(bases: list[Base], quality: list[dict]) -> tuple[list[str], li
         Point(b.name, "", 0.0, np.array(q["correct"])) for b, q in zip(bases, quality, strict=True)
     ]
     ci = bootstrap_intervals(points, points[0])["accuracy"]
-    rows = [
-        "| base | final val loss | steps to token choice's final loss | exact match [95% CI] "
-        "| train tokens/s | load CV (training, x_t half) | experts/block (decoding) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    cells = []
     for i, (b, q) in enumerate(zip(bases, quality, strict=True)):
         reach = steps_to_reach(q["curve"], target)
-        reached = "never" if reach is None else f"{reach} ({reach / steps:.0%})"
-        cvs = [row["load_cv"] for row in q["curve"]]
-        rows.append(
-            f"| {b.name} | {q['curve'][-1]['val_loss']:.4f} | {reached} | "
-            f"{q['exact_match']:.1%} [{ci[i, 0]:.1%}, {ci[i, 1]:.1%}] | "
-            f"{q['train_tokens_per_s']:.0f} | {np.mean(cvs):.3f} | "
-            f"{q['unique_experts_per_block']:.2f} |"
+        cells.append(
+            (
+                b.name,
+                f"{q['curve'][-1]['val_loss']:.4f}",
+                "never" if reach is None else f"{reach} ({reach / steps:.0%})",
+                f"{q['exact_match']:.1%} [{ci[i, 0]:.1%}, {ci[i, 1]:.1%}]",
+                f"{q['train_tokens_per_s']:.0f}",
+                f"{np.mean([r['load_cv'] for r in q['curve']]):.3f}",
+                f"{q['unique_experts_per_block']:.2f}",
+            )  # fmt: skip
         )
+    head = (
+        "base", "final val loss", "steps to token choice's final loss", "exact match [95% CI]",
+        "train tokens/s", "load CV (training, x_t half)", "experts/block (decoding)",
+    )  # fmt: skip
+    rows = markdown_table(head, cells).splitlines()
     ec = [(b, q) for b, q in zip(bases, quality, strict=True) if b.name != "token choice"]
     static = next(q for b, q in ec if b.name == "EC static")
     reach = steps_to_reach(static["curve"], target)
@@ -184,23 +191,36 @@ def retrofit_table(
     points = [Point("token", "", 0.0, np.array(reference["correct"]))]
     points += [Point(n, "", 0.0, np.array(rows_in[n]["correct"])) for n in names]
     ci = bootstrap_intervals(points, points[0])
-    rows = [
-        "| retrofit (trainable) | exact match [95% CI] | retained [95% CI] | experts/block | "
-        "experts/token | load CV | train seconds |",
-        "|---|---|---|---|---|---|---|",
-        f"| none: the base, token routing | {reference['accuracy']:.1%} | 100% | "
-        f"{reference['unique_experts_per_block']:.2f} | {reference['experts_per_token']:.2f} | "
-        f"{reference['load_balance_cv']:.2f} | - |",
+    cells = [
+        (
+            "none: the base, token routing",
+            f"{reference['accuracy']:.1%}",
+            "100%",
+            f"{reference['unique_experts_per_block']:.2f}",
+            f"{reference['experts_per_token']:.2f}",
+            f"{reference['load_balance_cv']:.2f}",
+            "-",
+        )  # fmt: skip
     ]
     for i, n in enumerate(names, start=1):
         m = rows_in[n]
         lo, hi = ci["retained"][i]
-        rows.append(
-            f"| {n} | {m['accuracy']:.1%} [{ci['accuracy'][i, 0]:.1%}, {ci['accuracy'][i, 1]:.1%}]"
-            f" | {m['accuracy'] / reference['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] | "
-            f"{m['unique_experts_per_block']:.2f} | {m['experts_per_token']:.2f} | "
-            f"{m['load_balance_cv']:.2f} | {m['train_seconds']:.0f} |"
+        cells.append(
+            (
+                n,
+                f"{m['accuracy']:.1%} [{ci['accuracy'][i, 0]:.1%}, {ci['accuracy'][i, 1]:.1%}]",
+                f"{m['accuracy'] / reference['accuracy']:.1%} [{lo:.1%}, {hi:.1%}]",
+                f"{m['unique_experts_per_block']:.2f}",
+                f"{m['experts_per_token']:.2f}",
+                f"{m['load_balance_cv']:.2f}",
+                f"{m['train_seconds']:.0f}",
+            )  # fmt: skip
         )
+    head = (
+        "retrofit (trainable)", "exact match [95% CI]", "retained [95% CI]", "experts/block",
+        "experts/token", "load CV", "train seconds",
+    )  # fmt: skip
+    rows = markdown_table(head, cells).splitlines()
     share = {n: rows_in[n]["accuracy"] / reference["accuracy"] for n in names}
     matched = [
         n
@@ -240,6 +260,7 @@ def plot(bases: list[Base], quality: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--base", type=Path, default=BASE, help="the base the retrofits start from")
     ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "results")
     ap.add_argument("--steps", type=int, default=2000, help="steps of every from-scratch base")
     args = ap.parse_args()
@@ -250,9 +271,10 @@ def main() -> None:
         if isinstance(item, Base):
             quality.append(train_base(item, store, args.steps))
         elif item in RETROFITS:
-            retrofits[item] = retrofit(item, RETROFITS[item], store)
+            retrofits[item] = retrofit(item, RETROFITS[item], store, args.base)
         else:
-            out, token = store / "reference", [*EVAL, "router=token", "router.block_size=8"]
+            out = store / "reference"
+            token = [*EVAL, f"model.path={args.base}", "router=token", "router.block_size=8"]
             reference = kept(out / "point.json", partial(evaluate, out, token))
     scratch_rows, verdicts = scratch_table(BASES, quality)
     retro_rows, retro_verdict = retrofit_table(reference, retrofits)

@@ -28,6 +28,7 @@ from dmoe_train.models import (
     in_trainable_set,
 )
 from dmoe_train.models.lora import ExpertLora, add_expert_lora
+from dmoe_train.reports import markdown_table
 
 GB = 1e9
 BF16, FP32 = 2, 4
@@ -152,27 +153,17 @@ def table(
         "with and without per-layer checkpointing (under DDP a total is at least the weights "
         "plus the largest bucket of the wrap-time broadcast).",
         "",
-        "| layout | weights | trainable state | activations | activations (ckpt) | total "
-        "| total (ckpt) |",
-        "|---|---|---|---|---|---|---|",
     ]
+    keys = ("weights", "trainable_state", "activations", "activations_ckpt", "total", "total_ckpt")
+    rows = []
     for lay in layouts:
         e = estimate(cfg, seq, micro_batch, lay, trainable)
-        lines.append(
-            f"| {lay.name} | "
-            + " | ".join(
-                f"{e[k] / GB:.1f}"
-                for k in (
-                    "weights",
-                    "trainable_state",
-                    "activations",
-                    "activations_ckpt",
-                    "total",
-                    "total_ckpt",
-                )
-            )
-            + " |"
-        )
+        rows.append((lay.name, *(f"{e[k] / GB:.1f}" for k in keys)))
+    head = (
+        "layout", "weights", "trainable state", "activations", "activations (ckpt)", "total",
+        "total (ckpt)",
+    )  # fmt: skip
+    lines.append(markdown_table(head, rows))
     return "\n".join(lines) + "\n"
 
 

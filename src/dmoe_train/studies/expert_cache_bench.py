@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from dmoe_train.evaluation.decoding import cache_metrics
-from dmoe_train.evaluation.sampler import generate
+from dmoe_train.evaluation.sampler import decode_blocks
+from dmoe_train.evaluation.split_decoding import cache_metrics
 from dmoe_train.memory import resident_bytes
 from dmoe_train.models import load_model
 from dmoe_train.models.expert_cache import CacheStats, resident_caches
@@ -65,7 +65,7 @@ def cache_case(path: Path, size: str, steps: int) -> list[dict]:
         for cache in resident_caches(model):
             cache.slot_of.clear()
             cache.stats = CacheStats()
-        out = generate(model, *args, cache=True)
+        out = decode_blocks(model, *args, cache=True)
         tokens = PROMPTS * 2 * BLOCK
         row = {
             "routing": name,
@@ -77,7 +77,7 @@ def cache_case(path: Path, size: str, steps: int) -> list[dict]:
             # the decoded tokens, to compare against every expert loaded
             "tokens": hashlib.sha256(out.tokens.numpy().tobytes()).hexdigest()[:12],
         }
-        metrics = cache_metrics(model, out.blocks, tokens)
+        metrics = cache_metrics(model, out.blocks, tokens).to_dict()
         row["peak_GiB"] = round(metrics["peak_rss_bytes"] / 2**30, 2)
         # the peak counts the pages of the memory-mapped safetensors the reads touched (page
         # cache the kernel can take back); anonymous memory now is what the process holds

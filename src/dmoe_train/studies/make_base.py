@@ -26,9 +26,9 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from dmoe_train.data.module import DiffusionDataModule, data_module
 from dmoe_train.data.tokenizer import char_tokenizer
-from dmoe_train.evaluation.decoding import (
+from dmoe_train.evaluation.split_decoding import (
     GenerationSettings,
-    evaluate_generation,
+    decode_split,
     masked_token_metrics,
 )
 from dmoe_train.models import build_model
@@ -170,9 +170,9 @@ def train_base(
             )
         if args.eval_every and step and step % args.eval_every == 0:
             model.eval()
-            m = evaluate_generation(model, data, decoding_of(args, 64), "test")
+            m = decode_split(model, data, decoding_of(args, 64), "test")
             model.train()
-            print(f"step {step:5d}  exact match on 64 test prompts {m['accuracy']:.3f}", flush=True)
+            print(f"step {step:5d}  exact match on 64 test prompts {m.accuracy:.3f}", flush=True)
     return curve
 
 
@@ -195,7 +195,7 @@ def main() -> None:
     data.setup()
     curve = train_base(model, data, args)
     model.eval()
-    test = evaluate_generation(model, data, decoding_of(args, args.test_size), "test")
+    test = decode_split(model, data, decoding_of(args, args.test_size), "test")
     quality = {
         "base": args.base,
         "train_steps": args.steps,
@@ -204,13 +204,13 @@ def main() -> None:
         "train_seconds": curve[-1]["seconds"] if curve else None,
         "train_tokens_per_s": curve[-1]["tokens"] / curve[-1]["seconds"] if curve else None,
         "masked_token_accuracy": masked_token_metrics(model, data, args.block_size)["accuracy"],
-        "test_problems": test["samples"],
-        "exact_match": test["accuracy"],
-        "exact_match_by_skill": test.get("accuracy_by_skill", {}),
-        "correct": test["correct"],  # per test problem: paired intervals between bases
-        "unique_experts_per_block": test["unique_experts_per_block"],
-        "share_of_experts_per_block": test["unique_experts_per_block"] / model.config.num_experts,
-        "decoding": test["settings"],
+        "test_problems": test.samples,
+        "exact_match": test.accuracy,
+        "exact_match_by_skill": test.accuracy_by_skill or {},
+        "correct": test.correct,  # per test problem: paired intervals between bases
+        "unique_experts_per_block": test.unique_experts_per_block,
+        "share_of_experts_per_block": test.unique_experts_per_block / model.config.num_experts,
+        "decoding": test.settings,
         "curve": curve,
     }
     print(json.dumps({k: v for k, v in quality.items() if k != "curve"}, indent=2))

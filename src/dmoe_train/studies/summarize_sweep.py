@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dmoe_train.reports import markdown_table
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 
 FIELDS = (
@@ -54,14 +55,10 @@ def main() -> None:
     ap.add_argument("sweep", type=Path)
     args = ap.parse_args()
     rows = collect(args.sweep)
-    lines = ["| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
-    lines += [
-        "| "
-        + " | ".join(str(r[f]) if isinstance(r[f], str) else f"{r[f]:.4g}" for f in FIELDS)
-        + " |"
-        for r in rows
-    ]
-    (args.sweep / "sweep.md").write_text("\n".join(lines) + "\n")
+    table = markdown_table(
+        FIELDS, ([r[f] if isinstance(r[f], str) else f"{r[f]:.4g}" for f in FIELDS] for r in rows)
+    )
+    (args.sweep / "sweep.md").write_text(table + "\n")
     with open(args.sweep / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
@@ -75,7 +72,7 @@ def main() -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.sweep / "sweep.png", dpi=120)
-    print("\n".join(lines))
+    print(table)
 
 
 if __name__ == "__main__":

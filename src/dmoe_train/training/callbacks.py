@@ -1,5 +1,5 @@
-"""Lightning callbacks of ours: save on SIGTERM, write the router with every checkpoint, report
-training throughput and peak memory."""
+"""Lightning callbacks of ours: save on SIGTERM, write the adapted weights with every checkpoint,
+report training throughput and peak memory."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dmoe_train.memory import peak_memory_bytes, resident_bytes
-from dmoe_train.models.adapted_weights import export_router
+from dmoe_train.models.adapted_weights import ADAPTED_FILE, adapted_manifest, save_adapted
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ class SaveOnSigterm(L.Callback):
         )
 
 
-class RouterCheckpoint(L.Callback):
-    """Every Lightning checkpoint save also writes `router.safetensors` + `router.json`. Every
-    rank gathers the router (its shards under FSDP); only rank 0 writes."""
+class AdaptedWeightsCheckpoint(L.Callback):
+    """Every Lightning checkpoint save also writes the adapted weights (`router.safetensors` +
+    `router.json`). Every rank gathers them (their shards under FSDP); only rank 0 writes."""
 
     def __init__(self, dirpath: str, base_path: str) -> None:
         self.dirpath = Path(dirpath)
@@ -53,7 +53,28 @@ class RouterCheckpoint(L.Callback):
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        export_router(trainer, pl_module, self.dirpath, self.base_path)
+        save_adapted_weights(trainer, pl_module, self.dirpath, self.base_path)
+
+
+def save_adapted_weights(
+    trainer: L.Trainer, module: L.LightningModule, dirpath: Path, base_path: str, **extra: Any
+) -> Path:
+    """Write the adapted weights of a run (`module.trainable_state()`) with its step and
+    metrics. Collective: every rank calls it, rank 0 writes."""
+    tensors = module.trainable_state()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    manifest = adapted_manifest(
+        module.model,
+        module.start_fingerprint,  # a full fine-tune changes the tensors it hashes
+        base_path=str(base_path),
+        step=trainer.global_step,
+        metrics=metrics,
+        lora=module.lora.to_dict() if module.lora else None,
+        **extra,
+    )
+    if trainer.is_global_zero:
+        save_adapted(tensors, dirpath, manifest)
+    return Path(dirpath) / ADAPTED_FILE
 
 
 class StepResources(L.Callback):

@@ -6,7 +6,7 @@ import logging
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 from dmoe_train.data.module import DiffusionDataModule
-from dmoe_train.evaluation.sampler import Generation, generate
+from dmoe_train.evaluation.sampler import BlockDecode, decode_blocks
 from dmoe_train.memory import peak_memory_bytes, resident_bytes
 from dmoe_train.models.adapted_weights import changes_routed_experts, read_manifest
 from dmoe_train.models.block_diffusion import noised_forward
+from dmoe_train.models.common import SparseMoe
 from dmoe_train.models.expert_cache import CacheStats, offload_experts, resident_caches
 from dmoe_train.objectives.expert_metrics import load_balance_cv
 from dmoe_train.objectives.masked_diffusion import masked_diffusion_loss
@@ -148,7 +149,7 @@ class MoeTimer:
         self.seconds, self.calls, self._start = 0.0, 0, 0.0
         self.handles = []
         for module in model.modules():
-            if type(module).__name__ == "SparseMoe":
+            if isinstance(module, SparseMoe):
                 self.handles.append(module.register_forward_pre_hook(self._begin))
                 self.handles.append(module.register_forward_hook(self._end))
 
@@ -176,12 +177,12 @@ def batch_prompts(batch: dict) -> list[list[int]]:
     return [ids[:n].tolist() for ids, n in pairs]
 
 
-def decode(
+def decode_prompts(
     model: torch.nn.Module, prompts: list[list[int]], gen_length: int, settings: GenerationSettings
-) -> Generation:
-    """`generate` under `settings`, with the model's mask and eos tokens."""
+) -> BlockDecode:
+    """`decode_blocks` under `settings`, with the model's mask and eos tokens."""
     cfg = model.config
-    return generate(
+    return decode_blocks(
         model, prompts, gen_length, settings.block_length, settings.steps,
         cfg.mask_token_id, cfg.eos_token_id, settings.threshold, settings.cache,
     )  # fmt: skip
@@ -205,7 +206,9 @@ class _Tally:
     experts_over_forwards: float = 0.0
     blocks: int = 0
 
-    def add(self, out: Generation, correct: list[bool], skills: list[str], gen_length: int) -> None:
+    def add(
+        self, out: BlockDecode, correct: list[bool], skills: list[str], gen_length: int
+    ) -> None:
         self.unique.append(out.per_sample(out.unique_experts))  # mean over its forwards
         self.unique_masked.append(out.per_sample(out.unique_experts_masked))
         self.correct += correct
@@ -220,7 +223,7 @@ class _Tally:
 
 
 @torch.no_grad()
-def evaluate_generation(
+def decode_split(
     model: torch.nn.Module, data: DiffusionDataModule, settings: GenerationSettings, split: str
 ) -> dict:
     """Decode a split and measure experts per block, accuracy, expert bytes and latency."""
@@ -233,7 +236,7 @@ def evaluate_generation(
         if not prompts:
             break
         gen_length = settings.gen_length or data.max_seq_len - min(len(p) for p in prompts)
-        out = decode(model, prompts, gen_length, settings)
+        out = decode_prompts(model, prompts, gen_length, settings)
         texts = data.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
         correct = [answer_correct(t, a) for t, a in zip(texts, batch["answer"], strict=False)]
         tally.add(out, correct, batch.get("skill", [])[: len(prompts)], gen_length)
@@ -257,7 +260,7 @@ def warn_if_few(data: DiffusionDataModule, split: str, settings: GenerationSetti
 def first_prompts(
     data: DiffusionDataModule, split: str, n: int, settings: GenerationSettings
 ) -> tuple[list[list[int]], int]:
-    """The first `n` prompts of a split and the generation length `evaluate_generation` gives
+    """The first `n` prompts of a split and the generation length `decode_split` gives
     them (a fixed workload for timing)."""
     loader = data.test_dataloader() if split == "test" else data.val_dataloader()
     prompts = []
@@ -275,7 +278,7 @@ def time_decode(
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     began = time.perf_counter()
-    decode(model, prompts, gen_length, settings)
+    decode_prompts(model, prompts, gen_length, settings)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - began
@@ -318,9 +321,83 @@ def _by_skill(tally: _Tally) -> dict[str, float]:
     return {skill: sum(h) / len(h) for skill, h in sorted(hits.items())}
 
 
+@dataclass(frozen=True)
+class CacheMeasures:
+    """Under `generation.expert_cache`: expert bytes loaded (all MoE layers) per decoded block
+    and per generated token, loads per block and layer, the share of expert uses served from
+    the cache within a block's denoising forwards and across blocks, the peak resident bytes."""
+
+    expert_cache: int
+    expert_bytes_loaded_per_block: float
+    expert_bytes_loaded_per_token: float
+    expert_loads_per_block_per_layer: float
+    cache_hits_within_block: float
+    cache_hits_across_blocks: float
+    peak_resident_expert_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryMeasures:
+    """The process's peak memory (RSS; the CUDA allocator's peak on a GPU), and the expert
+    cache's measures when one is on."""
+
+    peak_rss_bytes: int
+    cuda_peak_bytes: int | None = None
+    cache: CacheMeasures | None = None
+
+    def to_dict(self) -> dict:
+        out = {"peak_rss_bytes": self.peak_rss_bytes}
+        if self.cuda_peak_bytes is not None:
+            out["cuda_peak_bytes"] = self.cuda_peak_bytes
+        return out | (asdict(self.cache) if self.cache else {})
+
+
+@dataclass(frozen=True)
+class DecodeMetrics:
+    """What decoding a split measured (`metrics.json` is `to_dict()`): exact match (per sample,
+    per skill), unique experts per block (mean over MoE layers, forwards and samples; per layer;
+    masked positions only), expert bytes per block and per generated token, load balance,
+    experts and expert FLOPs per token, speed, memory, and what was decoded how."""
+
+    policy: dict
+    samples: int
+    accuracy: float
+    correct: list[int]  # per sample: intervals, paired comparisons
+    accuracy_by_skill: dict[str, float] | None
+    unique_experts_per_block: float
+    unique_experts_per_block_per_layer: list[float]
+    unique_experts_per_block_masked: float
+    expert_bytes_per_block: float
+    # what a user pays per MoE layer without a cache: every forward loads its block's unique
+    # experts, and a block takes several forwards for its tokens
+    expert_bytes_per_generated_token: float
+    load_balance_cv: float  # of the decoded blocks, per MoE layer: 0 = balanced
+    experts_per_token: float
+    expert_flops_per_token: float  # per MoE layer
+    # the accuracy pass's own wall time, first calls included (latency_*: timed properly)
+    seconds_per_token: float
+    seconds_per_moe_layer: float
+    forwards_per_block: float
+    tokens_per_second: float
+    memory: MemoryMeasures
+    device: str
+    dtype: str
+    settings: dict
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "memory":
+                out |= value.to_dict()
+            elif value is not None:
+                out[f.name] = value
+        return out
+
+
 def _metrics(
     model: torch.nn.Module, settings: GenerationSettings, tally: _Tally, timer: MoeTimer
-) -> dict:
+) -> DecodeMetrics:
     cfg = model.config
     per_layer = torch.cat(tally.unique).mean(0)
     param = next(model.parameters())
@@ -329,60 +406,52 @@ def _metrics(
     load, routed = tally.load, tally.routed
     decoded = routed > 0  # else no forward ran: nothing to count
     experts_per_token = float(load.sum()) / routed / load.shape[0] if decoded else float("nan")
-    return {
-        "policy": cfg.routing.to_dict(),
-        "samples": tally.samples,
-        "accuracy": sum(tally.correct) / max(tally.samples, 1),
-        "correct": [int(c) for c in tally.correct],  # per sample: intervals, paired comparisons
-        **({"accuracy_by_skill": _by_skill(tally)} if tally.skills else {}),
-        "unique_experts_per_block": float(per_layer.mean()),
-        "unique_experts_per_block_per_layer": per_layer.tolist(),
-        "unique_experts_per_block_masked": float(torch.cat(tally.unique_masked).mean()),
-        "expert_bytes_per_block": float(per_layer.mean()) * expert_bytes,
-        # what a user pays per MoE layer without a cache: every forward loads its block's unique
-        # experts, and a block takes several forwards for its tokens
-        "expert_bytes_per_generated_token": tally.experts_over_forwards
+    return DecodeMetrics(
+        policy=cfg.routing.to_dict(),
+        samples=tally.samples,
+        accuracy=sum(tally.correct) / max(tally.samples, 1),
+        correct=[int(c) for c in tally.correct],
+        accuracy_by_skill=_by_skill(tally) if tally.skills else None,
+        unique_experts_per_block=float(per_layer.mean()),
+        unique_experts_per_block_per_layer=per_layer.tolist(),
+        unique_experts_per_block_masked=float(torch.cat(tally.unique_masked).mean()),
+        expert_bytes_per_block=float(per_layer.mean()) * expert_bytes,
+        expert_bytes_per_generated_token=tally.experts_over_forwards
         * expert_bytes
         / max(tally.tokens_out, 1),
-        # of the decoded blocks, per MoE layer: 0 = every expert processed as many tokens
-        "load_balance_cv": float(load_balance_cv(load).mean()) if decoded else float("nan"),
-        "experts_per_token": experts_per_token,
-        "expert_flops_per_token": experts_per_token * 2 * expert_params,  # per MoE layer
-        # the accuracy pass's own wall time, first calls included (latency_*: timed properly)
-        "seconds_per_token": tally.seconds / max(tally.tokens_out, 1),
-        "seconds_per_moe_layer": timer.seconds / max(timer.calls, 1),
-        "forwards_per_block": tally.forwards / max(tally.blocks, 1),
-        "tokens_per_second": tally.tokens_out / max(tally.seconds, 1e-9),
-        **cache_metrics(model, tally.blocks, tally.tokens_out),
-        "device": str(param.device),
-        "dtype": str(param.dtype).removeprefix("torch."),
-        "settings": asdict(settings),
-    }
+        load_balance_cv=float(load_balance_cv(load).mean()) if decoded else float("nan"),
+        experts_per_token=experts_per_token,
+        expert_flops_per_token=experts_per_token * 2 * expert_params,
+        seconds_per_token=tally.seconds / max(tally.tokens_out, 1),
+        seconds_per_moe_layer=timer.seconds / max(timer.calls, 1),
+        forwards_per_block=tally.forwards / max(tally.blocks, 1),
+        tokens_per_second=tally.tokens_out / max(tally.seconds, 1e-9),
+        memory=cache_metrics(model, tally.blocks, tally.tokens_out),
+        device=str(param.device),
+        dtype=str(param.dtype).removeprefix("torch."),
+        settings=asdict(settings),
+    )
 
 
-def cache_metrics(model: torch.nn.Module, blocks: int, tokens: int) -> dict:
-    """Under `generation.expert_cache`: expert bytes loaded (all MoE layers) per decoded block
-    and per generated token (of `blocks` and `tokens` decoded), hits within a block's denoising
-    forwards and across blocks, the peak resident expert bytes; and the process's peak memory
-    (RSS; the CUDA allocator's peak on a GPU)."""
+def cache_metrics(model: torch.nn.Module, blocks: int, tokens: int) -> MemoryMeasures:
+    """The process's peak memory and, under `generation.expert_cache`, the caches' measures
+    over `blocks` decoded blocks and `tokens` generated tokens."""
     device = next(model.parameters()).device
-    out = {"peak_rss_bytes": resident_bytes("VmHWM")}
-    if device.type == "cuda":
-        out["cuda_peak_bytes"] = peak_memory_bytes(device)
+    peak_rss = resident_bytes("VmHWM")
+    cuda_peak = peak_memory_bytes(device) if device.type == "cuda" else None
     caches = resident_caches(model)
     if not caches:
-        return out
+        return MemoryMeasures(peak_rss, cuda_peak)
     stats = [c.stats for c in caches]
     loaded = sum(s.bytes_loaded for s in stats)
     uses = sum(s.loads + s.hits_within_block + s.hits_across_blocks for s in stats)
-    return out | {
-        "expert_cache": caches[0].capacity,
-        "expert_bytes_loaded_per_block": loaded / max(blocks, 1),
-        "expert_bytes_loaded_per_token": loaded / max(tokens, 1),
-        "expert_loads_per_block_per_layer": sum(s.loads for s in stats)
-        / max(blocks, 1)
-        / len(stats),
-        "cache_hits_within_block": sum(s.hits_within_block for s in stats) / max(uses, 1),
-        "cache_hits_across_blocks": sum(s.hits_across_blocks for s in stats) / max(uses, 1),
-        "peak_resident_expert_bytes": sum(c.stats.peak_resident * c.expert_bytes for c in caches),
-    }
+    cache = CacheMeasures(
+        expert_cache=caches[0].capacity,
+        expert_bytes_loaded_per_block=loaded / max(blocks, 1),
+        expert_bytes_loaded_per_token=loaded / max(tokens, 1),
+        expert_loads_per_block_per_layer=sum(s.loads for s in stats) / max(blocks, 1) / len(stats),
+        cache_hits_within_block=sum(s.hits_within_block for s in stats) / max(uses, 1),
+        cache_hits_across_blocks=sum(s.hits_across_blocks for s in stats) / max(uses, 1),
+        peak_resident_expert_bytes=sum(c.stats.peak_resident * c.expert_bytes for c in caches),
+    )
+    return MemoryMeasures(peak_rss, cuda_peak, cache)
