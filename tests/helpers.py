@@ -2,10 +2,12 @@
 callbacks that configs name by `_target_` (tests/ is on sys.path under pytest)."""
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -14,14 +16,16 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dmoe_train.cli.common import (  # (registers the resolvers)
     ASSETS,
     PROJECT_ROOT,  # noqa: F401 (tests import it from here)
 )
 from dmoe_train.cli.common import CONFIG_DIR as CONFIGS  # (registers the resolvers)
-from dmoe_train.routing import MoeSpec
+from dmoe_train.models import is_router_param, load_model
+from dmoe_train.models.adapted_weights import adapted_manifest, save_adapted
+from dmoe_train.routing import MoeSpec, RoutingPolicy
 
 TINY_BASE = ASSETS / "tiny-llada2"  # the shipped base (assets/ links to it)
 TRAIN_CMD = (sys.executable, "-m", "dmoe_train.cli.train")  # what `dmoe-train` runs
@@ -145,6 +149,11 @@ class KillAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and trainer.ckpt_path is None:
             os.kill(os.getpid(), getattr(signal, self.signal))
+            # Ctrl-C raises where Python next checks for signals: wait for it here, inside this
+            # step, or a late delivery could land after the run's last step
+            deadline = time.monotonic() + 60
+            while self.signal == "SIGINT" and time.monotonic() < deadline:
+                time.sleep(0.01)
 
 
 class PoisonOneBatch(L.Callback):
@@ -189,3 +198,119 @@ class RecordTopP(L.Callback):
 def moe_spec(scores: torch.Tensor, top_k: int, **settings) -> MoeSpec:
     """The MoE layer routing sees, for scores `[..., E]` of a hand-computed case."""
     return MoeSpec(num_experts=scores.shape[-1], top_k=top_k, expert_width=1, **settings)
+
+
+# a tiny LLaDA2-MoE config and checkpoints written as the published ones are
+TINY = dict(
+    vocab_size=48,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    partial_rotary_factor=0.5,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    first_k_dense_replace=1,
+    num_experts=8,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    moe_intermediate_size=16,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+    score_function="sigmoid",
+    moe_router_enable_expert_bias=True,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+    model_type="llada2_moe",
+    architectures=["LLaDA2MoeModelLM"],
+    use_qkv_bias=False,
+)
+
+
+def published_tensors(cfg: dict, merged: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors named and shaped as the published LLaDA2 checkpoints are (fact sheet)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    h, hd = cfg["hidden_size"], cfg["head_dim"]
+    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * hd
+    e, mi = cfg["num_experts"], cfg["moe_intermediate_size"]
+    t = {
+        "model.word_embeddings.weight": rand(cfg["vocab_size"], h),
+        "model.norm.weight": 1 + rand(h),
+        "lm_head.weight": rand(cfg["vocab_size"], h),
+    }
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        t |= {
+            p + "input_layernorm.weight": 1 + rand(h),
+            p + "post_attention_layernorm.weight": 1 + rand(h),
+            p + "attention.query_key_value.weight": rand(qkv, h),
+            p + "attention.query_layernorm.weight": 1 + rand(hd),
+            p + "attention.key_layernorm.weight": 1 + rand(hd),
+            p + "attention.dense.weight": rand(h, cfg["num_attention_heads"] * hd),
+        }
+        if n < cfg["first_k_dense_replace"]:
+            i = cfg["intermediate_size"]
+            t |= {
+                p + "mlp.gate_proj.weight": rand(i, h),
+                p + "mlp.up_proj.weight": rand(i, h),
+                p + "mlp.down_proj.weight": rand(h, i),
+            }
+            continue
+        t |= {
+            p + "mlp.gate.weight": rand(e, h),
+            p + "mlp.gate.expert_bias": rand(e),
+            p + "mlp.shared_experts.gate_proj.weight": rand(mi, h),
+            p + "mlp.shared_experts.up_proj.weight": rand(mi, h),
+            p + "mlp.shared_experts.down_proj.weight": rand(h, mi),
+        }
+        experts = {
+            "gate_proj": rand(e, mi, h),
+            "up_proj": rand(e, mi, h),
+            "down_proj": rand(e, h, mi),
+        }
+        for proj, stack in experts.items():
+            if merged:
+                t[f"{p}mlp.experts.{proj}"] = stack
+            else:
+                t |= {f"{p}mlp.experts.{x}.{proj}.weight": stack[x].clone() for x in range(e)}
+    return t
+
+
+def write_published(path: Path, cfg: dict, tensors: dict, shards: int = 1) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, path / "model.safetensors")
+        return path
+    weight_map = {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[s::shards]
+        save_file({k: tensors[k] for k in part}, path / file)
+        weight_map |= dict.fromkeys(part, file)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return path
+
+
+def perturbed_router(base: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
+    """A router checkpoint of `base` whose gates moved far from the base's (as training moves
+    them), saved in fp32 under top-p routing."""
+    model = load_model(base, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, p in model.named_parameters():
+        if is_router_param(name):
+            moved = p.detach().float()
+            if name.endswith("gate.weight"):
+                moved = moved + torch.randn(moved.shape, generator=gen)
+            tensors[name] = moved
+    model.set_routing(RoutingPolicy("topp", block_size=8, top_p=0.5, min_experts=4))
+    return save_adapted(tensors, out, adapted_manifest(model, base_path=str(base)))

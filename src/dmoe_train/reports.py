@@ -22,10 +22,13 @@ def write_csv(path: Path, head: Sequence[str], rows: Iterable[Sequence[Any]]) ->
         writer.writerows(rows)
 
 
-def save_figure(fig: Any, ax: Any, path: Path, legend: bool = True) -> None:
-    """A grid, the legend, a tight layout, saved at 120 dpi."""
-    ax.grid(alpha=0.3)
+def save_figure(fig: Any, axes: Any, path: Path, legend: bool = True) -> None:
+    """A grid on each of `axes` (one, or a sequence), the legend on the last, a tight layout,
+    saved at 120 dpi."""
+    axes = list(axes) if hasattr(axes, "__len__") else [axes]  # one Axes, or an array of them
+    for ax in axes:
+        ax.grid(alpha=0.3)
     if legend:
-        ax.legend(fontsize=7)
+        axes[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -9,7 +9,7 @@ model registered:
     dmoe-lm-eval --model dmoe --model_args pretrained=<dir>,router=<router.safetensors> \\
         --tasks gsm8k --batch_size 8
 
-Model args: `pretrained` (a local model directory), `router` (a router checkpoint),
+Model args: `pretrained` (a local model directory), `router` (a run's adapted weights),
 `routing` (a preset of configs/router: token, topp, dmoe, llada22, ...) with `top_p`,
 `min_experts`, `capacity` overrides, `decoding` (a preset of configs/generation: tiny, llada2)
 with `block_length`, `steps`, `threshold`, `gen_length` overrides, `mc_samples` (Monte Carlo
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -59,26 +59,35 @@ def stop_at(text: str, until: list[str]) -> str:
     return text[:cut]
 
 
+@dataclass(frozen=True)
+class ModelArgs:
+    """The dmoe model's own `--model_args` (see the module docstring); the others are decoding
+    and policy overrides."""
+
+    router: str | None = None
+    routing: str | None = None
+    decoding: str = "tiny"
+    mc_samples: int = 16
+    batch_size: int | str = 8
+    dtype: str = "float32"
+    device: str | None = None
+    seed: int = 0
+    max_memory: str | None = None
+    offload_dir: str | None = None
+
+
 @register_model("dmoe")
 class DiffusionLM(LM):
     latest: DiffusionLM | None = None  # the instance `dmoe-lm-eval` reports on
 
-    def __init__(
-        self,
-        pretrained: str,
-        router: str | None = None,
-        routing: str | None = None,
-        decoding: str = "tiny",
-        mc_samples: int = 16,
-        batch_size: int | str = 8,
-        dtype: str = "float32",
-        device: str | None = None,
-        seed: int = 0,
-        max_memory: str | None = None,
-        offload_dir: str | None = None,
-        **overrides: Any,
-    ) -> None:
+    def __init__(self, pretrained: str, **model_args: Any) -> None:
         super().__init__()
+        own = {f.name for f in fields(ModelArgs)}
+        args = ModelArgs(**{k: v for k, v in model_args.items() if k in own})
+        overrides = {k: v for k, v in model_args.items() if k not in own}
+        router, routing, decoding, device = args.router, args.routing, args.decoding, args.device
+        dtype, max_memory, offload_dir = args.dtype, args.max_memory, args.offload_dir
+        batch_size, mc_samples, seed = args.batch_size, args.mc_samples, args.seed
         policy_keys = {"top_p", "min_experts", "capacity"}
         decoding_keys = {"block_length", "steps", "threshold", "gen_length", "expert_cache"}
         decoding_keys |= {"expert_store"}

@@ -63,7 +63,7 @@ def load_eval_model(
 
 
 def apply_routing(model: torch.nn.Module, cfg: DictConfig, settings: GenerationSettings) -> None:
-    """Apply the router checkpoint (its policy, or `router=`) or the `router=` policy, then
+    """Apply the adapted weights (their policy, or `router=`) or the `router=` policy, then
     `generation.expert_cache`."""
     with settings_of("router"):
         routing = instantiate(cfg.router) if cfg.get("router") else None

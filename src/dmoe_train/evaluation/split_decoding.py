@@ -113,7 +113,7 @@ class GenerationSettings:
 
 def check_expert_store(settings: GenerationSettings, router_file: str | Path | None) -> None:
     """The disk store reads the model directory's routed experts: refused, before the checkpoint
-    loads, when a router checkpoint changed them (`router+experts`, adapters)."""
+    loads, when adapted weights changed them (`router+experts`, adapters)."""
     if router_file is None or experts_in_files(settings) is None:
         return
     if changes_routed_experts(read_manifest(router_file)):

@@ -46,7 +46,7 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def adapted_manifest(model: nn.Module, fingerprint: str | None = None, **fields) -> dict:
-    """What a router checkpoint records about its base (`fingerprint`: the base's, taken before
+    """What adapted weights record about its base (`fingerprint`: the base's, taken before
     training; default: the model's now) and routing, plus `fields`."""
     return {
         **fields,
@@ -67,7 +67,7 @@ def save_adapted(tensors: dict[str, torch.Tensor], directory: str | Path, manife
 
 
 def changes_routed_experts(manifest: dict) -> bool:
-    """Whether a router checkpoint (its manifest) carries routed-expert tensors or adapters:
+    """Whether adapted weights (their manifest) carry routed-expert tensors or adapters:
     then the base's files no longer hold the experts it decodes with."""
     return any(".mlp.experts" in name for name in manifest["tensors"])
 
@@ -95,7 +95,7 @@ def read_manifest(router_file: str | Path) -> dict:
 def load_adapted(
     model: nn.Module, router_file: str | Path, routing: RoutingPolicy | None = None
 ) -> dict:
-    """Copy a router checkpoint into `model` and route by `routing` (default: the policy it was
+    """Copy adapted weights into `model` and route by `routing` (default: the policy it was
     trained under); returns the manifest. A `routing` under another rule than the training one
     warns once, naming both."""
     router_file = Path(router_file)

@@ -118,8 +118,8 @@ PRESETS: dict[str, dict] = {
     ),
 }
 # LLaDA2.0-mini's routing regime (256 experts, top-8, 4 of 8 groups, one shared expert, first
-# layer dense, scaling 2.5) at the tiny base's width: `scripts/make_base.py --base tiny256`
-# trains it, `experiment=tiny256_topp` fine-tunes its routers
+# layer dense, scaling 2.5) at the tiny base's width: `studies.make_base --base tiny256` trains
+# it, `experiment=tiny256_topp` fine-tunes its routers
 PRESETS["tiny256"] = {
     **PRESETS["tiny"],
     "num_hidden_layers": 5,

@@ -7,7 +7,8 @@
 3. A training step, router-only against full fine-tuning: tokens/s and peak memory (each case
    in its own process, so that peaks do not mix).
 4. Routing overhead: `topp_coreset` + `route_in_coreset` against token routing alone.
-`--quick` uses tiny shapes (the test suite runs it); no timing is asserted anywhere.
+`--quick` uses tiny shapes and two training cases (the test suite runs it); no timing is
+asserted anywhere.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ SELF = (sys.executable, "-m", "dmoe_train.studies.bench")  # a case in its own p
 
 MINI = dict(hidden=2048, inter=512, experts=256, top_k=8, block=32, token_unique=70)
 QUICK = dict(hidden=64, inter=32, experts=32, top_k=4, block=8, token_unique=16)
+# --quick's training cases: one process and two ranks
+QUICK_CASES = (("cpu", "router"), ("ddp_cpu", "router"))
 TINY_BASE = ASSETS / "tiny-llada2"
 
 
@@ -306,9 +309,9 @@ def main() -> None:
         ["tiny"] if args.quick else ["tiny", "llada2_mini_2layer"], 1 if args.quick else 3
     )
     # full width (a 2-layer LLaDA2.0-mini slice written to disk); --quick trains the tiny base
-    # through the same trainer configs instead
+    # through one process and two (the tests of each strategy are tests/training's)
     full_width = {} if args.quick else run_full_width()
-    strategies = full_width.pop("train", None) or strategy_train_rows(TINY_BASE)
+    strategies = full_width.pop("train", None) or strategy_train_rows(TINY_BASE, QUICK_CASES)
     layer = moe_layer_rows(s, repeat, gen)
     results = {
         "environment": env,

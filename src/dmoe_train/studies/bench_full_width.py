@@ -195,14 +195,14 @@ def available_bytes() -> int:
     return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo)[1]) * 1024
 
 
-def train_rows(path: Path) -> list[dict]:
+def train_rows(path: Path, cases: tuple[tuple[str, str], ...] = TRAIN_CASES) -> list[dict]:
     """Every training case in its own process group: each rank's peak memory (once loaded, and
     after the steps) against one process, tokens per second, and the estimate of
     `estimate_memory.py` for the layout (its activations for one sequence of TRAIN_SEQ). A case
     whose ranks would not fit the machine's memory is a row saying so, with what it needs."""
     cfg = read_config(path)
     rows, alone = [], {}
-    for trainer_name, trainable in TRAIN_CASES:
+    for trainer_name, trainable in cases:
         ranks = 1 if trainer_name == "cpu" else 2
         layout = Layout(trainer_name, 2 if trainer_name == "fsdp" else 1, trainer_name == "ddp_cpu")
         estimated = estimate(cfg, TRAIN_SEQ, 1, layout, trainable)["total"]

@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from dmoe_train.evaluation.run import format_table, prepare_eval, retained, run_eval  # noqa: E402
 from dmoe_train.evaluation.split_decoding import first_prompts, interleaved_latency  # noqa: E402
+from dmoe_train.reports import save_figure  # noqa: E402
 from dmoe_train.resolvers import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 
@@ -119,9 +120,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
         ax.annotate(name, (m["unique_experts_per_block"], m["accuracy_retained"]), fontsize=7)
     ax.set_xlabel("unique experts per block (mean over MoE layers)")
     ax.set_ylabel("accuracy retained vs token routing")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, ax, path, legend=False)
 
 
 def main() -> None:

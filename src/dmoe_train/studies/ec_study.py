@@ -33,7 +33,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dmoe_train.evaluation.frontier import Point, bootstrap_intervals  # noqa: E402
 from dmoe_train.locations import ASSETS, PROJECT_ROOT  # noqa: E402
-from dmoe_train.reports import markdown_table  # noqa: E402
+from dmoe_train.reports import markdown_table, save_figure  # noqa: E402
 from dmoe_train.studies.points import evaluate, kept, train_run  # noqa: E402
 
 TOP_K, K_MIN, K_MAX = 4, 2, 6  # the tiny base's top-k; the schedules' range, mean TOP_K
@@ -250,12 +250,8 @@ def plot(bases: list[Base], quality: list[dict], path: Path) -> None:
     axes[0].set_xlabel("training tokens (M)")
     axes[1].set_xlabel("training wall-clock (s, 2 CPU cores)")
     axes[0].set_ylabel("validation loss (masked tokens, t ~ U[0, 1])")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[1].legend()
     fig.suptitle("Expert choice vs token choice from scratch (tiny base task, matched FLOPs)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, axes, path)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Per-GPU memory of router fine-tuning, from a model config: weights, the trainable set's
 optimizer state, activations with and without per-layer checkpointing, for DDP and FSDP layouts.
 
-    python scripts/estimate_memory.py [--config DIR/config.json] [--seq 2048] [--out FILE.md]
+    python -m dmoe_train.studies.estimate_memory [--config DIR/config.json] [--seq 2048] \
+        [--out FILE.md]
         [--trainable router|router+shared|router+lora|router+lora+shared|router+experts|all]
 
 An estimate from shapes (bf16 frozen base, the trainable set in fp32 with AdamW, block

@@ -77,6 +77,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lr", type=float)
     ap.add_argument("--train-size", type=int)
     ap.add_argument("--test-size", type=int)
+    ap.add_argument("--val-size", type=int, default=256, help="validation loss and accuracy")
     ap.add_argument("--bias-rate", type=float, default=1e-3)
     ap.add_argument("--eval-every", type=int, default=1000, help="exact match on 64 test prompts")
     ap.add_argument("--val-every", type=int, default=100, help="validation loss (the curve)")
@@ -189,7 +190,7 @@ def main() -> None:
     (tok_dir / "config.json").write_text(json.dumps(model.config.to_dict()))
     data = data_module(
         str(tok_dir), source=args.source, max_seq_len=args.max_seq_len,
-        batch_size=args.batch_size, train_size=args.train_size, val_size=256,
+        batch_size=args.batch_size, train_size=args.train_size, val_size=args.val_size,
         test_size=args.test_size,
     )  # fmt: skip
     data.setup()

@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dmoe_train.reports import markdown_table
+from dmoe_train.reports import markdown_table, save_figure
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 
 FIELDS = (
@@ -69,9 +69,7 @@ def main() -> None:
         ax.annotate(r["overrides"], (r["unique_experts_per_block"], r["accuracy"]), fontsize=6)
     ax.set_xlabel("unique experts per block (decoding)")
     ax.set_ylabel("exact-match accuracy")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(args.sweep / "sweep.png", dpi=120)
+    save_figure(fig, ax, args.sweep / "sweep.png", legend=False)
     print(table)
 
 

@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from dmoe_train.objectives.regularizers import CoresetRegularizer, expected_union, perplexity
+from dmoe_train.objectives.regularizers import (
+    CoresetRegularizer,
+    expected_union,
+    perplexity,
+    router_z_loss,
+)
 from dmoe_train.routing import Routing
 
 
@@ -67,3 +72,10 @@ def test_none_regularizer_is_zero_and_bad_kind_rejected():
     assert float(none) == 0
     with pytest.raises(ValueError, match="^kind='bogus'"):
         CoresetRegularizer("bogus")
+
+
+def test_router_z_loss_is_mean_squared_logsumexp():
+    logits = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    r = Routing(None, None, None, logits=logits)
+    expected = logits.logsumexp(-1).pow(2).mean()
+    torch.testing.assert_close(router_z_loss([r, r]), expected)

@@ -4,16 +4,16 @@ import sys
 
 import pytest
 import torch
-from helpers import PROJECT_ROOT
 
 from dmoe_train.models import load_model
+
+MAKE_BASE = (sys.executable, "-m", "dmoe_train.studies.make_base")
 
 
 @pytest.mark.slow
 def test_a_few_steps_write_a_base_that_loads(tmp_path):
-    script = PROJECT_ROOT / "scripts" / "make_base.py"
     out = tmp_path / "base"
-    run = [sys.executable, str(script), "--steps", "3", "--out", str(out), "--eval-every", "0"]
+    run = [*MAKE_BASE, "--steps", "3", "--out", str(out), "--eval-every", "0", "--val-size", "16"]
     done = subprocess.run(run, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     quality = json.loads((out / "quality.json").read_text())
@@ -25,10 +25,9 @@ def test_a_few_steps_write_a_base_that_loads(tmp_path):
 
 @pytest.mark.slow
 def test_the_256_expert_recipe_writes_its_regime_and_per_skill_quality(tmp_path):
-    script = PROJECT_ROOT / "scripts" / "make_base.py"
     out = tmp_path / "base256"
-    run = [sys.executable, str(script), "--base", "tiny256", "--steps", "2", "--test-size", "8"]
-    run += ["--train-size", "200"]
+    run = [*MAKE_BASE, "--base", "tiny256", "--steps", "2", "--test-size", "8"]
+    run += ["--train-size", "200", "--val-size", "16"]
     run += ["--eval-every", "0", "--out", str(out)]
     done = subprocess.run(run, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -43,9 +42,8 @@ def test_the_256_expert_recipe_writes_its_regime_and_per_skill_quality(tmp_path)
 
 @pytest.mark.slow
 def test_an_expert_choice_base_trains_balanced_and_records_its_curve(tmp_path):
-    script = PROJECT_ROOT / "scripts" / "make_base.py"
     out = tmp_path / "ec"
-    run = [sys.executable, str(script), "--steps", "4", "--val-every", "2", "--eval-every", "0"]
+    run = [*MAKE_BASE, "--val-size", "16", "--steps", "4", "--val-every", "2", "--eval-every", "0"]
     run += ["--routing", "expert_choice", "--ec-group", "block", "--test-size", "8"]
     run += ["--out", str(out)]
     done = subprocess.run(run, capture_output=True, text=True, timeout=300)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import published_tensors, write_published
+from helpers import published_tensors, write_published
 
 from dmoe_train.models import LLaDA2MoeConfig, LLaDA2MoeModelLM, build_model, load_model
 from dmoe_train.models.common import apply_partial_rope, rope_cos_sin

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import FAST
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
