@@ -67,7 +67,7 @@ ec-study: venv
 # split; the summary table and plot land in the sweep directory
 SWEEP_DIR ?= multirun/sweep
 sweep: venv
-	$(BIN)/dmoe-train -m router.top_p=0.3,0.5,0.7,0.9 regularizer.weight=0.01,0.1 \
+	$(BIN)/dmoe-train -m router.top_p=0.3,0.5,0.7,0.9 regularizer=union regularizer.weight=0.01,0.1 \
 		evaluate_after=true trainer.enable_progress_bar=false hydra.sweep.dir=$(SWEEP_DIR)
 	$(BIN)/python -m dmoe_train.studies.summarize_sweep $(SWEEP_DIR)
 

@@ -9,18 +9,18 @@ TINY_TOPP = {
     "model.path": str(TINY_BASE),
     "router.name": "topp",
     "router.block_size": 8,
-    "router.top_p": 0.99,
+    "router.top_p": 0.95,
     "router.min_experts": 8,
-    "regularizer.kind": "union",
-    "regularizer.weight": 0.03,
+    "regularizer.kind": "none",
+    "module.distill_weight": 1.0,
     "module.optimizer.lr": 3.0e-4,
     "trainer.max_steps": 400,
     "trainer.val_check_interval": 100,
 }
 PROMISES = {
     "tiny_topp": TINY_TOPP,
-    # tiny_topp without the regularizer, everything else the same
-    "plain_finetune": TINY_TOPP | {"regularizer.kind": "none", "regularizer.weight": 0.0},
+    # tiny_topp without self-distillation, everything else the same
+    "plain_finetune": TINY_TOPP | {"module.distill_weight": 0.0},
     "retrofit_ec": {
         "router.name": "expert_choice",
         "router.schedule": "linear_reverse",

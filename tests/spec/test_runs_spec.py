@@ -131,16 +131,16 @@ def test_bad_batches_can_be_skipped_up_to_a_bound(tmp_path, caplog):
 def test_relaunch_under_another_configuration_stops_and_names_the_keys(tmp_path):
     common = interrupted_run(tmp_path)
     kept = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
-    changed = r"regularizer.weight: 0.03 -> 0.5; router.top_p: 0.99 -> 0.5; relaunch with its own"
+    changed = r"module.distill_weight: 1.0 -> 0.5; router.top_p: 0.95 -> 0.5; relaunch with its own"
     with pytest.raises(ValueError, match=rf"started with another configuration: {changed}"):
-        train(compose_train(tmp_path, *common, "router.top_p=0.5", "regularizer.weight=0.5"))
+        train(compose_train(tmp_path, *common, "router.top_p=0.5", "module.distill_weight=0.5"))
     assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == kept
     # resume_with_changes resumes anyway, and run_info.json records the change
     summary = train(compose_train(tmp_path, *common, "router.top_p=0.5", "resume_with_changes=1"))
     assert summary["steps"] == 6 and summary["policy"]["top_p"] == 0.5
     info = json.loads((tmp_path / "checkpoints" / "run_info.json").read_text())
-    assert info["config"]["router"]["top_p"] == 0.99  # what it started with
-    assert info["resumes"] == [{"changed": {"router.top_p": [0.99, 0.5]}}]
+    assert info["config"]["router"]["top_p"] == 0.95  # what it started with
+    assert info["resumes"] == [{"changed": {"router.top_p": [0.95, 0.5]}}]
 
 
 def test_relaunch_cannot_change_what_the_checkpoint_restores(tmp_path):

@@ -21,12 +21,17 @@ def test_teacher_is_the_starting_router_under_token_routing(tmp_path):
             if p.requires_grad:
                 p.add_(torch.randn_like(p))
     assert token.module.step_stats(batch, 0)["distill_kl"].item() > 1e-3
-    block = build(compose_train(tmp_path / "b", "router.top_p=0.5", "module.distill_weight=1.0"))
+    block = build(
+        compose_train(
+            tmp_path / "b", "router.top_p=0.5", "module.distill_weight=0.5", "regularizer=union",
+            "regularizer.weight=0.03",
+        )
+    )  # fmt: skip
     stats = block.module.step_stats(batch, 0)
     assert stats["distill_kl"].item() > 1e-3
     assert stats["loss"].item() == pytest.approx(
-        (stats["lm_loss"] + stats["distill_kl"]).item()
-        + 0.03 * stats["regularizer"].item() / 32,  # the default's union weight, 32 experts
+        (stats["lm_loss"] + 0.5 * stats["distill_kl"]).item()
+        + 0.03 * stats["regularizer"].item() / 32,  # the union weight, 32 experts
         rel=1e-5,
     )
 
