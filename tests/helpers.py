@@ -148,6 +148,9 @@ class KillAtStep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and trainer.ckpt_path is None:
+            if self.signal == "SIGINT":  # as a terminal's Ctrl-C finds it: a job started in the
+                # background of a shell inherits SIGINT ignored, and would never see it
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             os.kill(os.getpid(), getattr(signal, self.signal))
             # Ctrl-C raises where Python next checks for signals: wait for it here, inside this
             # step, or a late delivery could land after the run's last step

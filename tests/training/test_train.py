@@ -92,9 +92,7 @@ def test_init_router_and_resume_are_exclusive(tmp_path):
 @pytest.mark.slow
 def test_cli_prints_composed_config():
     out = run_cli("--cfg", "job", "router=des_vote").stdout
-    assert (
-        "name: des_vote" in out and "_target_: dmoe_train.training.finetuner.RouterFineTuner" in out
-    )
+    assert "name: des_vote" in out and "_target_: dmoe_train.training.from_config.fine_tuner" in out
 
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb"])

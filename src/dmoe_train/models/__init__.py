@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from dmoe_train.models.common import MoeDiffusionLM, init_weights
+from dmoe_train.models.families.diffusion_gemma import MODEL_TYPE as GEMMA
+from dmoe_train.models.families.diffusion_gemma import load_diffusion_gemma
 from dmoe_train.models.llada2_moe import PRESETS as LLADA2_PRESETS
 from dmoe_train.models.llada2_moe import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dmoe_train.models.llada_moe import MODEL_TYPES as LLADA_MOE_TYPES
@@ -51,17 +53,17 @@ PRESETS: dict[str, tuple[type[MoeDiffusionLM], dict]] = {
 }
 
 
-def model_family(path: Path) -> type[MoeDiffusionLM]:
+def model_type(path: Path) -> str:
     """The family a model directory's `config.json` names by its `model_type`."""
-    model_type = json.loads((require_model_dir(path) / "config.json").read_text()).get(
+    found = json.loads((require_model_dir(path) / "config.json").read_text()).get(
         "model_type", "llada2_moe"
     )
-    if model_type not in FAMILIES:
+    if found not in (*FAMILIES, GEMMA):
         raise ValueError(
-            f"model path {path}: config.json model_type={model_type!r}, "
-            f"supported: {sorted(FAMILIES)}"
+            f"model path {path}: config.json model_type={found!r}, "
+            f"supported: {sorted((*FAMILIES, GEMMA))}"
         )
-    return FAMILIES[model_type]
+    return found
 
 
 def load_model(
@@ -73,10 +75,17 @@ def load_model(
 ) -> MoeDiffusionLM:
     """Load a model directory (published layout, family from its config.json); `routing`
     overrides its config's policy; `device="meta"`: without weights, for a sharded load;
-    `expert_cache`: the routed experts stay in the files, that many per layer resident."""
+    `expert_cache`: the routed experts stay in the files, that many per layer resident. A
+    DiffusionGemma directory is transformers' own model with our routing installed
+    (`families.diffusion_gemma`)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    family = model_family(Path(path))
+    kind = model_type(Path(path))
+    if kind == GEMMA:
+        if expert_cache is not None:
+            raise ValueError(f"model path {path}: no expert cache for DiffusionGemma yet")
+        return load_diffusion_gemma(path, dtype=dtype, device=device, routing=routing)
+    family = FAMILIES[kind]
     return family.from_pretrained(
         path, dtype=dtype, device=device, routing=routing, expert_cache=expert_cache
     )

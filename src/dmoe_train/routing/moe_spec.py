@@ -15,7 +15,8 @@ class MoeSpec:
     the `topk_group` best of `n_group` groups; `score_function` of the router's logits,
     `renormalise`: the chosen weights sum to 1 (norm_topk_prob), then are scaled by `scaling`
     (routed_scaling_factor); `expert_bias`: a selection-only bias per expert (LLaDA2);
-    `shared_width`: the shared expert's width (0: none)."""
+    `per_expert_scale`: a learned scale per expert multiplies the renormalised weights
+    (DiffusionGemma); `shared_width`: the shared expert's width (0: none)."""
 
     num_experts: int
     top_k: int
@@ -26,6 +27,7 @@ class MoeSpec:
     renormalise: bool = True
     scaling: float = 1.0
     expert_bias: bool = False
+    per_expert_scale: bool = False
     shared_width: int = 0
 
     def __post_init__(self) -> None:

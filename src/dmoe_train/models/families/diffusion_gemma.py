@@ -1,0 +1,153 @@
+"""DiffusionGemma, transformers' own MoE dLLM, under our routing policies.
+
+The model is transformers' `DiffusionGemmaForBlockDiffusion`, loaded from a local directory by its
+own `from_pretrained`; nothing of its modeling code is copied. Routing enters through each
+layer's router: the router keeps its parameters (`proj`, `scale`, `per_expert_scale`) and its
+scores (softmax over all experts in fp32), and only the choice of experts goes through `route`
+(the `MoeSpec` of `moe_spec`: softmax scores, no groups, renormalised, the per-expert scale after
+renormalisation). The decoder refines a canvas of `canvas_length` positions: its routers route by
+the policy over blocks of `policy.block_size` canvas positions; the encoder's routers (the prompt,
+and every finished canvas) keep token routing unless `encoder="policy"`. The encoder's and the
+decoder's layers share their weights (transformers ties them), so one router serves both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import DiffusionGemmaForBlockDiffusion
+from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
+    DiffusionGemmaTextRouter,
+)
+
+from dmoe_train.routing import MoeSpec, Routing, RoutingPolicy, route
+
+MODEL_TYPE = "diffusion_gemma"
+EncoderRouting = Literal["token", "policy"]
+
+
+def moe_spec(text_config) -> MoeSpec:
+    """A DiffusionGemma MoE layer as routing sees it."""
+    return MoeSpec(
+        num_experts=text_config.num_experts,
+        top_k=text_config.top_k_experts,
+        expert_width=text_config.moe_intermediate_size,
+        score_function="softmax",
+        renormalise=True,
+        per_expert_scale=True,
+    )
+
+
+@dataclass
+class CanvasRouting:
+    """What the routers of one model route by: `policy` on the decoder's canvas (and on the
+    encoder's input under `encoder="policy"`); `shapes` the `[B, L]` of the forward each side
+    runs now (set by hooks on the encoder and the decoder); `records` collects every routed
+    forward's `Routing` while `recording` is on (metrics, the regularizer)."""
+
+    moe: MoeSpec
+    policy: RoutingPolicy
+    encoder: EncoderRouting = "token"
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    records: list[tuple[str, Routing]] | None = None
+
+    def policy_of(self, side: str) -> RoutingPolicy:
+        if side == "decoder" or self.encoder == "policy":
+            return self.policy
+        return RoutingPolicy("token", block_size=self.policy.block_size)
+
+    @contextmanager
+    def recording(self) -> Iterator[list[tuple[str, Routing]]]:
+        """Every routed forward inside the block, in order: (side, routing)."""
+        self.records = []
+        try:
+            yield self.records
+        finally:
+            self.records = None
+
+
+class PolicyRouter(DiffusionGemmaTextRouter):
+    """transformers' router (its class, parameters and scores) choosing its experts by our
+    policy. `side` is `encoder` or `decoder`; `routing` is the model's `CanvasRouting`. An empty
+    slot (a coreset with fewer than k experts) gets the index `num_experts` and weight 0: the
+    experts' own forward skips that index."""
+
+    side: str
+    routing: CanvasRouting
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.norm(hidden_states) * self.scale * self.scalar_root_size
+        logits = self.proj(x)
+        probs = nn.functional.softmax(logits, dim=-1, dtype=torch.float32)
+        b, n = self.routing.shapes.get(self.side, (1, probs.shape[0]))
+        chosen = route(
+            self.routing.policy_of(self.side), probs.view(b, n, -1), moe=self.routing.moe
+        )
+        chosen.logits = logits.view(b, n, -1)
+        if self.routing.records is not None:
+            self.routing.records.append((self.side, chosen))
+        empty = chosen.ids < 0
+        ids = chosen.ids.masked_fill(empty, self.routing.moe.num_experts)
+        weights = chosen.weights * self.per_expert_scale[chosen.ids.clamp_min(0)]
+        weights = weights.masked_fill(empty, 0.0)
+        k = ids.shape[-1]
+        return probs, weights.reshape(b * n, k), ids.reshape(b * n, k)
+
+
+def install_routing(
+    model: DiffusionGemmaForBlockDiffusion, policy: RoutingPolicy, encoder: EncoderRouting = "token"
+) -> CanvasRouting:
+    """Make every router of `model` a `PolicyRouter` following one `CanvasRouting` (returned,
+    and kept as `model.canvas_routing`); on a model that has one, its policy changes."""
+    text = model.config.text_config
+    policy.check_against(text.num_experts, text.top_k_experts)
+    if (routing := getattr(model, "canvas_routing", None)) is not None:
+        routing.policy, routing.encoder = policy, encoder
+        return routing
+    routing = CanvasRouting(moe_spec(text), policy, encoder)
+    sides = {
+        "encoder": model.model.encoder.language_model,
+        "decoder": model.model.decoder,
+    }
+    for side, stack in sides.items():
+        for layer in stack.layers:
+            layer.router.__class__ = PolicyRouter
+            layer.router.side, layer.router.routing = side, routing
+        stack.register_forward_pre_hook(_shape_hook(routing, side), with_kwargs=True)
+    model.canvas_routing = routing
+    return routing
+
+
+def _shape_hook(routing: CanvasRouting, side: str):
+    """Records the `[B, L]` of a side's forward: its routers see their input flattened."""
+    name = "decoder_input_ids" if side == "decoder" else "input_ids"
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get(name, args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        routing.shapes[side] = tuple(ids.shape[:2])
+
+    return hook
+
+
+def load_diffusion_gemma(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    routing: RoutingPolicy | None = None,
+    encoder: EncoderRouting = "token",
+) -> DiffusionGemmaForBlockDiffusion:
+    """transformers' model from a local directory (never the hub), with our routing installed
+    (default: token routing, the published model's)."""
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        str(path), local_files_only=True, dtype=dtype, device_map=device
+    )
+    install_routing(model.eval(), routing or RoutingPolicy("token"), encoder)
+    return model

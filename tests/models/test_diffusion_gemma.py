@@ -1,0 +1,144 @@
+"""DiffusionGemma, transformers' own model, under our routing: token routing equals transformers'
+own model; block policies route the decoder's canvas by blocks, the encoder by tokens."""
+
+import copy
+
+import pytest
+import torch
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+from dmoe_train.data.tokenizer import char_tokenizer
+from dmoe_train.models import load_model
+from dmoe_train.models.families.diffusion_gemma import PolicyRouter, install_routing
+from dmoe_train.objectives.expert_metrics import unique_experts_per_block
+from dmoe_train.routing import RULES, RoutingPolicy
+
+# a Gemma 4 vision tower of a few parameters: left unset, a tiny config still builds a 167M one
+TINY_VISION = dict(
+    model_type="gemma4_vision", hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+    num_attention_heads=1, num_key_value_heads=1, head_dim=8, position_embedding_size=4,
+    patch_size=2, pooling_kernel_size=1,
+)  # fmt: skip
+
+
+def tiny_config(
+    experts: int = 16, k: int = 4, canvas: int = 32, layers=None
+) -> DiffusionGemmaConfig:
+    layers = layers or ["sliding_attention", "full_attention"]
+    text = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=len(layers),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=16,
+        num_experts=experts, top_k_experts=k, moe_intermediate_size=32, sliding_window=16,
+        layer_types=layers, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )  # fmt: skip
+    return DiffusionGemmaConfig(text_config=text, canvas_length=canvas, vision_config=TINY_VISION)
+
+
+def random_model(config: DiffusionGemmaConfig, seed: int = 0) -> DiffusionGemmaForBlockDiffusion:
+    """transformers' model with random weights, its router scales away from 1 (so the per-expert
+    scale and the input scale matter)."""
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("router.scale", "per_expert_scale")):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _inputs(config, seed: int = 1, prompt: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (2, prompt), generator=g)
+    canvas = torch.randint(3, 128, (2, config.canvas_length), generator=g)
+    return ids, canvas
+
+
+@pytest.mark.parametrize(
+    ("experts", "k", "canvas", "layers"),
+    [
+        (16, 4, 32, None),
+        (8, 2, 64, ["full_attention", "sliding_attention", "full_attention"]),
+        (32, 8, 16, ["sliding_attention", "sliding_attention", "full_attention"]),
+        (128, 8, 64, None),
+    ],
+)
+def test_token_routing_equals_transformers_own_model(experts, k, canvas, layers):
+    config = tiny_config(experts, k, canvas, layers)
+    reference = random_model(config)
+    ours = copy.deepcopy(reference)
+    install_routing(ours, RoutingPolicy("token", block_size=16))
+    ids, canvas_ids = _inputs(config)
+    with torch.no_grad():
+        want = reference(input_ids=ids, decoder_input_ids=canvas_ids).logits
+        got = ours(input_ids=ids, decoder_input_ids=canvas_ids).logits
+    assert isinstance(ours, DiffusionGemmaForBlockDiffusion)
+    assert all(isinstance(layer.router, PolicyRouter) for layer in ours.model.decoder.layers)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+POLICIES = [
+    RoutingPolicy("topk_cap", block_size=16),
+    RoutingPolicy("topp", block_size=16, top_p=0.5, min_experts=4),
+    RoutingPolicy("topp", block_size=16, top_p=0.5, min_experts=4, **RULES["dmoe"]),
+    RoutingPolicy("des_vote", block_size=16, capacity=6),
+    RoutingPolicy("capacity_max", block_size=16, capacity=6, **RULES["llada22"]),
+    RoutingPolicy("expert_choice", block_size=16),
+    RoutingPolicy("topp", block_size=32, top_p=0.5, min_experts=4),  # the whole canvas
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.describe()} block {p.block_size}")
+def test_every_policy_routes_the_canvas_by_blocks_and_the_prompt_by_tokens(policy):
+    config = tiny_config()
+    model = random_model(config)
+    routing = install_routing(model, policy)
+    ids, canvas_ids = _inputs(config)
+    with routing.recording() as records, torch.no_grad():
+        model(input_ids=ids, decoder_input_ids=canvas_ids)
+    sides = [side for side, _ in records]
+    assert sides == ["encoder", "encoder", "decoder", "decoder"]
+    for side, r in records:
+        if side == "encoder":  # the prompt keeps the published routing
+            assert r.coreset is None and r.ids.shape == (2, 10, 4) and (r.ids >= 0).all()
+            continue
+        assert r.ids.shape[:2] == (2, config.canvas_length)
+        if r.coreset is not None:  # every token inside its block's coreset
+            blocks = r.ids.unflatten(1, (-1, policy.block_size))
+            for b in range(2):
+                for j in range(blocks.shape[1]):
+                    used = blocks[b, j][blocks[b, j] >= 0].unique()
+                    assert r.coreset[b, j, used].all()
+        per_block = unique_experts_per_block(r.ids, policy.block_size)
+        assert (per_block <= 16).all()
+
+
+def test_a_block_policy_touches_fewer_experts_per_block_than_token_routing():
+    config = tiny_config(experts=32, k=4)
+    model = random_model(config)
+    ids, canvas_ids = _inputs(config)
+    counts = {}
+    for policy in (RoutingPolicy("token", block_size=16), POLICIES[1]):
+        routing = install_routing(model, policy)
+        with routing.recording() as records, torch.no_grad():
+            model(input_ids=ids, decoder_input_ids=canvas_ids)
+        decoder = [r for side, r in records if side == "decoder"]
+        counts[policy.name] = torch.stack(
+            [unique_experts_per_block(r.ids, 16).float().mean() for r in decoder]
+        ).mean()
+    assert counts["topp"] < counts["token"]
+
+
+def test_load_model_picks_the_family_and_routes_by_the_policy(tmp_path):
+    config = tiny_config()
+    random_model(config).save_pretrained(tmp_path / "gemma")
+    char_tokenizer().save_pretrained(tmp_path / "gemma")
+    policy = RoutingPolicy("topp", block_size=16, top_p=0.5, min_experts=4)
+    model = load_model(tmp_path / "gemma", routing=policy)
+    assert type(model) is DiffusionGemmaForBlockDiffusion and model.canvas_routing.policy == policy
+    reference = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path / "gemma").eval()
+    install_routing(model, RoutingPolicy("token", block_size=16))
+    ids, canvas_ids = _inputs(config)
+    with torch.no_grad():
+        want = reference(input_ids=ids, decoder_input_ids=canvas_ids).logits
+        got = model(input_ids=ids, decoder_input_ids=canvas_ids).logits
+    assert torch.equal(got, want)
