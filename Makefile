@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare pareto ec-study sweep bench bench-cache bench-cache-20
+.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare pareto pareto-gemma gemma-base ec-study sweep bench bench-cache bench-cache-20
 
 venv: $(VENV)/.installed
 
@@ -56,6 +56,17 @@ compare: venv
 # results/pareto.{csv,md,png}; finished points are kept under results/pareto/ and not recomputed
 pareto: venv
 	$(BIN)/python -m dmoe_train.studies.pareto $(ARGS)
+
+# block routing on DiffusionGemma (transformers' own MoE dLLM): training-free rules and trained
+# routers on the tiny base -> results/pareto_gemma.{csv,md,png}; points kept under
+# results/pareto_gemma/
+pareto-gemma: venv
+	$(BIN)/python -m dmoe_train.studies.pareto_gemma $(ARGS)
+
+# the tiny DiffusionGemma base (assets/tiny-diffusion-gemma), trained here from scratch by its own
+# objective on the four skills; resumable (its run in assets/tiny-diffusion-gemma.run)
+gemma-base: venv
+	$(BIN)/python -m dmoe_train.studies.make_gemma_base $(ARGS)
 
 # expert choice against token choice on the tiny base's task: from-scratch bases (validation loss
 # against tokens and seconds, the capacity schedules at matched FLOPs) and retrofits of the tiny

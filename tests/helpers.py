@@ -317,3 +317,25 @@ def perturbed_router(base: Path, out: Path, dtype: torch.dtype | None = None) ->
             tensors[name] = moved
     model.set_routing(RoutingPolicy("topp", block_size=8, top_p=0.5, min_experts=4))
     return save_adapted(tensors, out, adapted_manifest(model, base_path=str(base)))
+
+
+def tiny_gemma_dir(path: Path, experts: int = 16, k: int = 4, seed: int = 0) -> Path:
+    """A DiffusionGemma model directory (transformers' class, random weights, a canvas of 64 in
+    blocks of 32) with the character tokenizer: what `model=tiny_gemma model.path=...` reads."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from dmoe_train.data.tokenizer import char_tokenizer
+    from dmoe_train.models.families.diffusion_gemma import text_only_config
+
+    tokenizer = char_tokenizer()
+    config = text_only_config(
+        64, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=16,
+        num_experts=experts, top_k_experts=k, moe_intermediate_size=16, sliding_window=32,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=0,
+        bos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    DiffusionGemmaForBlockDiffusion(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

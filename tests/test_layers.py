@@ -1,7 +1,8 @@
 """Imports run one way: entry points (`cli`, `studies`) -> `training` / `evaluation` -> `data` ->
-`models` -> `objectives` -> `routing`. Read from every module's source (ast), so a new arrow that
-runs back up fails here, whoever adds it; `training` and `evaluation` never import each other, and
-nothing imports an entry point."""
+`models` -> `objectives` -> `routing`. Read from every module's source (ast, function-local
+imports included), so a new arrow that runs back up fails here, whoever adds it; `training` and
+`evaluation` never import each other, nothing imports an entry point, and no module imports
+itself in a circle, inside a layer either."""
 
 import ast
 from pathlib import Path
@@ -80,3 +81,49 @@ def test_the_rule_catches_an_arrow_back_up(tmp_path):
         layer_of("dmoe_train.cli.common"),
     )
     assert imports_of(bad) == {"dmoe_train.cli.common"} and theirs > level
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (function-local imports included), each
+    import of `a.b.c` counted as one of the module itself, else of its package."""
+    names = {name for name, _ in modules()}
+    graph = {}
+    for name, path in modules():
+        targets = set()
+        for imported in imports_of(path):
+            while imported not in names and "." in imported:
+                imported = imported.rsplit(".", 1)[0]
+            if imported in names and imported != name:
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of `graph` (a package importing its own submodules is no circle)."""
+    found, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if nxt.startswith(node + "."):  # a package and its own submodules
+                continue
+            if state.get(nxt) == "open":
+                found.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_no_module_imports_itself_in_a_circle():
+    assert cycles(import_graph()) == []
+
+
+def test_the_circle_check_finds_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "p": {"p.x"}, "p.x": set()}
+    assert cycles(graph) == [["a", "b", "c", "a"]]

@@ -17,7 +17,7 @@ from dmoe_train.evaluation.split_decoding import (
     interleaved_latency,
 )
 from dmoe_train.models import build_model
-from dmoe_train.models.common import LMOutput
+from dmoe_train.models.lm import LMOutput
 from dmoe_train.routing import Routing, RoutingPolicy
 
 MASK, EOS, VOCAB = 1, 0, 8

@@ -9,29 +9,25 @@ from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
 from dmoe_train.data.tokenizer import char_tokenizer
 from dmoe_train.models import load_model
-from dmoe_train.models.families.diffusion_gemma import PolicyRouter, install_routing
+from dmoe_train.models.families.diffusion_gemma import (
+    PolicyRouter,
+    install_routing,
+    text_only_config,
+)
 from dmoe_train.objectives.expert_metrics import unique_experts_per_block
 from dmoe_train.routing import RULES, RoutingPolicy
-
-# a Gemma 4 vision tower of a few parameters: left unset, a tiny config still builds a 167M one
-TINY_VISION = dict(
-    model_type="gemma4_vision", hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-    num_attention_heads=1, num_key_value_heads=1, head_dim=8, position_embedding_size=4,
-    patch_size=2, pooling_kernel_size=1,
-)  # fmt: skip
 
 
 def tiny_config(
     experts: int = 16, k: int = 4, canvas: int = 32, layers=None
 ) -> DiffusionGemmaConfig:
     layers = layers or ["sliding_attention", "full_attention"]
-    text = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=len(layers),
+    return text_only_config(
+        canvas, vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=len(layers),
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=16,
         num_experts=experts, top_k_experts=k, moe_intermediate_size=32, sliding_window=16,
         layer_types=layers, pad_token_id=0, eos_token_id=1, bos_token_id=2,
     )  # fmt: skip
-    return DiffusionGemmaConfig(text_config=text, canvas_length=canvas, vision_config=TINY_VISION)
 
 
 def random_model(config: DiffusionGemmaConfig, seed: int = 0) -> DiffusionGemmaForBlockDiffusion:

@@ -5,7 +5,7 @@ import torch
 from helpers import published_tensors, write_published
 
 from dmoe_train.models import LLaDA2MoeConfig, LLaDA2MoeModelLM, build_model, load_model
-from dmoe_train.models.common import apply_partial_rope, rope_cos_sin
+from dmoe_train.models.layers import apply_partial_rope, rope_cos_sin
 from dmoe_train.models.model_dir import CheckpointMismatchError
 from dmoe_train.routing import RoutingPolicy
 

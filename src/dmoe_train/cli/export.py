@@ -12,10 +12,12 @@ import torch
 from peft import get_peft_model_state_dict
 
 from dmoe_train.cli.common import exit_on_error_cli
-from dmoe_train.files import disk_full, no_space, save_safetensors, write_json
+from dmoe_train.files import disk_full, file_mode, no_space, save_safetensors, write_json
 from dmoe_train.models import load_model
 from dmoe_train.models.adapted_weights import EXPORT_MARKER, load_adapted, read_manifest
+from dmoe_train.models.families.diffusion_gemma import save_with_routing
 from dmoe_train.models.lora import ADAPTER, has_expert_lora, merge_expert_lora
+from dmoe_train.models.routing_control import is_canvas_model, policy_of
 from dmoe_train.models.trainable import is_router_param
 from dmoe_train.routing import RoutingPolicy
 
@@ -82,7 +84,7 @@ def export(
         check_out_dir(Path(adapter_out), base, "--adapter-out")
     model = load_model(base)
     load_adapted(model, router)
-    check_servable(model.config.routing)
+    check_servable(policy_of(model))
     # what dmoe-eval reads to measure an export against its base
     record = {
         "router": str(router),
@@ -96,12 +98,16 @@ def export(
     staged, old = (out.with_name(f".{out.name}.{kind}") for kind in ("staged", "replaced"))
     shutil.rmtree(staged, ignore_errors=True)
     try:
-        model.save_pretrained(staged)
+        (save_with_routing if is_canvas_model(model) else type(model).save_pretrained)(
+            model, staged
+        )
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (base / name).is_file():
                 shutil.copyfile(base / name, staged / name)
         dtypes = {str(p.dtype) for n, p in model.named_parameters() if is_router_param(n)}
         write_json(staged / EXPORT_MARKER, {**record, "router_dtype": sorted(dtypes)})
+        for path in staged.iterdir():  # transformers writes its safetensors 0600
+            path.chmod(file_mode())
     except Exception as err:
         full = disk_full(err, staged.parent)
         shutil.rmtree(staged, ignore_errors=True)

@@ -19,10 +19,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from dmoe_train.cli.common import exit_on_error, hydra_entry
+from dmoe_train.evaluation.canvas_decoding import CanvasDecoding, decode_canvas_split
 from dmoe_train.evaluation.split_decoding import GenerationSettings, decode_split, warn_if_few
 from dmoe_train.files import write_json
 from dmoe_train.locations import PROJECT_ROOT
 from dmoe_train.models.adapted_weights import load_adapted
+from dmoe_train.models.routing_control import is_canvas_model, policy_as
 from dmoe_train.routing import RoutingPolicy
 from dmoe_train.settings import settings_of
 from dmoe_train.training.callbacks import save_adapted_weights
@@ -62,7 +64,7 @@ def measure(
 ) -> dict[str, float]:
     """Validation loss and unique experts per block under `policy` (validation's own noise),
     through Lightning, so every strategy shards and reduces it; logged as `label/...`."""
-    with module.model.routing_as(policy), module.labelled(label):
+    with policy_as(module.model, policy), module.labelled(label):
         metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
     return {
         k: metrics[f"{label}/{m}"]
@@ -94,6 +96,14 @@ def check_data(cfg: DictConfig, policy: RoutingPolicy, data) -> None:
 
 
 def check_tokenizer(cfg: DictConfig, model, data) -> None:
+    if is_canvas_model(model):  # uniform-state diffusion: no mask token, any id may be drawn
+        vocab = model.config.text_config.vocab_size
+        if len(data.tokenizer) > vocab:
+            raise ValueError(
+                f"the tokenizer of {cfg.model.path} has {len(data.tokenizer)} tokens, the "
+                f"model's vocab_size={vocab}"
+            )
+        return
     if data.tokenizer.mask_token_id != model.config.mask_token_id:
         raise ValueError(
             f"the tokenizer of {cfg.model.path} has mask token id {data.tokenizer.mask_token_id},"
@@ -205,14 +215,24 @@ def report(cfg: DictConfig, run: Run, measured: dict[str, dict[str, float]]) -> 
         write_json(run.output_dir / "summary.json", summary)
         log.info(format_summary(summary, run.output_dir))
         if cfg.evaluate_after:
-            with settings_of("generation"):
-                settings = GenerationSettings(**cfg.generation)
-            warn_if_few(run.data, "test", settings)
-            metrics = decode_split(run.module.model.eval(), run.data, settings, "test").to_dict()
+            metrics = decode_test_split(cfg, run)
             metrics |= {"summary": summary, "overrides": _overrides()}
             write_json(run.output_dir / "metrics.json", metrics)
             log.info("test split decoded: %s", run.output_dir / "metrics.json")
     return summary
+
+
+def decode_test_split(cfg: DictConfig, run: Run) -> dict:
+    """The test split decoded by the adapted model (`evaluate_after=true`)."""
+    model = run.module.model.eval()
+    if is_canvas_model(model):
+        with settings_of("generation"):
+            canvas = CanvasDecoding(**cfg.generation)
+        return decode_canvas_split(model, run.data, canvas, "test", cfg.seed)
+    with settings_of("generation"):
+        settings = GenerationSettings(**cfg.generation)
+    warn_if_few(run.data, "test", settings)
+    return decode_split(model, run.data, settings, "test").to_dict()
 
 
 def train(cfg: DictConfig) -> dict:

@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from dmoe_train.evaluation.canvas_decoding import CanvasDecoding, decode_canvas_split
 from dmoe_train.evaluation.split_decoding import (
     GenerationSettings,
     apply_expert_cache,
@@ -21,7 +22,9 @@ from dmoe_train.evaluation.split_decoding import (
     warn_if_few,
 )
 from dmoe_train.files import write_json
+from dmoe_train.models import GEMMA, model_type
 from dmoe_train.models.adapted_weights import base_fingerprint, export_base, load_adapted
+from dmoe_train.models.routing_control import policy_as, set_policy
 from dmoe_train.reports import markdown_table
 from dmoe_train.routing import RoutingPolicy
 from dmoe_train.settings import settings_of
@@ -113,6 +116,8 @@ def run_eval(cfg: DictConfig) -> dict:
     `accuracy_retained`."""
     if cfg.split not in ("validation", "test"):
         raise ValueError(f"split={cfg.split}: must be validation or test")
+    if model_type(Path(cfg.model.path)) == GEMMA:
+        return run_canvas_eval(cfg)
     data, settings = checked_inputs(cfg)
     warn_if_few(data, cfg.split, settings)
     model = token = reference = None
@@ -194,5 +199,66 @@ def format_table(rows: list[dict], names: list[str] | None = None) -> str:
         (
             [*([names[i]] if names else []), *(fmt(m) for _, fmt in columns)]
             for i, m in enumerate(rows)
+        ),
+    )
+
+
+def run_canvas_eval(cfg: DictConfig) -> dict:
+    """`run_eval` for DiffusionGemma: transformers' `generate` under the base's token routing
+    (the reference), then under the config's routing, on the same prompts and sampler seed."""
+    with settings_of("generation"):
+        settings = CanvasDecoding(**cfg.generation)
+    with settings_of("data"):
+        data = instantiate(cfg.data, tokenizer_path=cfg.model.path)
+        data.setup()
+    model, token = instantiate(cfg.model), None
+    if cfg.reference_token:
+        with policy_as(model, RoutingPolicy("token", block_size=settings.block_length)):
+            token = decode_canvas_split(model, data, settings, cfg.split, cfg.seed)
+    with settings_of("router"):
+        routing = instantiate(cfg.router) if cfg.get("router") else None
+        if cfg.router_checkpoint:
+            load_adapted(model, cfg.router_checkpoint, routing)
+        elif routing is not None:
+            set_policy(model, routing)
+    metrics = decode_canvas_split(model, data, settings, cfg.split, cfg.seed)
+    metrics["router_checkpoint"] = cfg.router_checkpoint
+    if token is not None:
+        metrics |= {
+            "reference": f"{cfg.model.path} (the base) under token routing",
+            "accuracy_token": token["accuracy"],
+            "accuracy_retained": retained(metrics["accuracy"], token["accuracy"]),
+            "unique_experts_token": token["unique_experts_per_block"],
+            "unique_experts_per_canvas_token": token["unique_experts_per_canvas"],
+        }
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    log.info("\n%s\nmetrics: %s", format_canvas_table([metrics]), out / "metrics.json")
+    return metrics
+
+
+CANVAS_COLUMNS = (
+    ("policy", lambda m: m["policy"]["name"]),
+    ("rule", lambda m: RoutingPolicy.from_record(m["policy"]).rule),
+    ("unique experts/block", lambda m: f"{m['unique_experts_per_block']:.2f}"),
+    ("unique experts/canvas", lambda m: f"{m['unique_experts_per_canvas']:.2f}"),
+    ("forwards/canvas", lambda m: f"{m['forwards_per_canvas']:.2f}"),
+    ("tokens/forward", lambda m: f"{m['tokens_per_forward']:.2f}"),
+    ("accuracy", lambda m: f"{m['accuracy']:.3f}"),
+    ("retained", _retained),
+    ("expert KB/token", lambda m: f"{m['expert_bytes_per_generated_token'] / 2**10:.1f}"),
+)
+
+
+def format_canvas_table(rows: list[dict], names: list[str] | None = None) -> str:
+    """`format_table` for DiffusionGemma's canvases."""
+    head = [*(["run"] if names else []), *(c for c, _ in CANVAS_COLUMNS)]
+    labels = names or [None] * len(rows)
+    return markdown_table(
+        head,
+        (
+            [*([name] if names else []), *(fmt(m) for _, fmt in CANVAS_COLUMNS)]
+            for name, m in zip(labels, rows, strict=True)
         ),
     )

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from dmoe_train.models.block_diffusion import as_additive
-from dmoe_train.models.common import LMOutput
 from dmoe_train.models.expert_cache import resident_caches
+from dmoe_train.models.lm import LMOutput
 from dmoe_train.objectives.expert_metrics import expert_load, unique_experts_per_block
 
 

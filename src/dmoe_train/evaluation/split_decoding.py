@@ -18,8 +18,8 @@ from dmoe_train.evaluation.sampler import BlockDecode, decode_blocks
 from dmoe_train.memory import peak_memory_bytes, resident_bytes
 from dmoe_train.models.adapted_weights import changes_routed_experts, read_manifest
 from dmoe_train.models.block_diffusion import noised_forward
-from dmoe_train.models.common import SparseMoe
 from dmoe_train.models.expert_cache import CacheStats, offload_experts, resident_caches
+from dmoe_train.models.moe import SparseMoe
 from dmoe_train.objectives.expert_metrics import load_balance_cv
 from dmoe_train.objectives.masked_diffusion import masked_diffusion_loss
 from dmoe_train.settings import preset, refuse, settings_of

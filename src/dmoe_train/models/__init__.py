@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from dmoe_train.models.common import MoeDiffusionLM, init_weights
 from dmoe_train.models.families.diffusion_gemma import MODEL_TYPE as GEMMA
 from dmoe_train.models.families.diffusion_gemma import load_diffusion_gemma
-from dmoe_train.models.llada2_moe import PRESETS as LLADA2_PRESETS
-from dmoe_train.models.llada2_moe import LLaDA2MoeConfig, LLaDA2MoeModelLM
-from dmoe_train.models.llada_moe import MODEL_TYPES as LLADA_MOE_TYPES
-from dmoe_train.models.llada_moe import TINY as TINY_LLADA_MOE
-from dmoe_train.models.llada_moe import LLaDAMoeConfig, LLaDAMoeModelLM
+from dmoe_train.models.families.llada2 import PRESETS as LLADA2_PRESETS
+from dmoe_train.models.families.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from dmoe_train.models.families.llada_moe import MODEL_TYPES as LLADA_MOE_TYPES
+from dmoe_train.models.families.llada_moe import TINY as TINY_LLADA_MOE
+from dmoe_train.models.families.llada_moe import LLaDAMoeConfig, LLaDAMoeModelLM
+from dmoe_train.models.lm import MoeDiffusionLM, init_weights
 from dmoe_train.models.model_dir import require_model_dir
 from dmoe_train.models.trainable import (
     TRAINABLE_SETS,
@@ -26,6 +26,8 @@ from dmoe_train.models.trainable import (
 from dmoe_train.routing import RoutingPolicy
 
 __all__ = [
+    "GEMMA",
+    "model_type",
     "FAMILIES",
     "TRAINABLE_SETS",
     "TrainableSet",

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from dmoe_train.files import atomic_write, save_safetensors, write_json
 from dmoe_train.models.lora import ExpertLora, add_expert_lora, has_expert_lora
+from dmoe_train.models.routing_control import is_canvas_model, policy_of, set_policy
 from dmoe_train.models.sharding import full_tensor
 from dmoe_train.models.trainable import is_router_param
 from dmoe_train.routing import ENGINE_KEYS, RoutingPolicy
@@ -35,12 +36,17 @@ def base_fingerprint(model: nn.Module) -> str:
     """Hash of the architecture config (not the routing nor its engine keys), the final norm's
     weights and the first two embedding rows. A collective under FSDP (every rank calls it;
     rank 0's is the one saved: its shard of the embedding starts at row 0)."""
-    ignored = ("routing", "torch_dtype", *ENGINE_KEYS)
-    arch = {k: v for k, v in model.config.to_dict().items() if k not in ignored}
+    ignored = ("routing", "torch_dtype", "dtype", "transformers_version", *ENGINE_KEYS)
+    arch = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if k not in ignored and not k.startswith("_")
+    }
     h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
     embedding = model.get_input_embeddings().weight
     rows = (embedding.to_local() if isinstance(embedding, DTensor) else embedding)[:2]
-    for tensor in (full_tensor(model.model.norm.weight), rows):
+    norm = model.model.decoder.norm if is_canvas_model(model) else model.model.norm
+    for tensor in (full_tensor(norm.weight), rows):
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -51,7 +57,7 @@ def adapted_manifest(model: nn.Module, fingerprint: str | None = None, **fields)
     return {
         **fields,
         "base_fingerprint": fingerprint or base_fingerprint(model),
-        "routing": model.config.routing.to_dict(),
+        "routing": policy_of(model).to_dict(),
     }
 
 
@@ -137,5 +143,5 @@ def load_adapted(
             f"but now routes under {routing.describe()}",
             stacklevel=2,
         )
-    model.set_routing(routing or trained)
+    set_policy(model, routing or trained)
     return manifest

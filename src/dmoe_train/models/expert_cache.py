@@ -19,10 +19,10 @@ from typing import Literal, Protocol, get_args
 import torch
 from torch import Tensor, nn
 
-from dmoe_train.models.common import SparseMoe
+from dmoe_train.models.checkpoint_names import INDEX, SINGLE, rename
 from dmoe_train.models.grouped_experts import expert_rows
 from dmoe_train.models.lora import has_expert_lora
-from dmoe_train.models.model_dir import INDEX, SINGLE, rename
+from dmoe_train.models.moe import SparseMoe
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ExpertStoreKind = Literal["memory", "disk"]
@@ -204,7 +204,11 @@ class ResidentExperts:
 
 def resident_caches(model: nn.Module) -> list[ResidentExperts]:
     """The model's expert caches, in layer order (none when every expert is resident)."""
-    return [m.resident for m in model.modules() if getattr(m, "resident", None) is not None]
+    return [
+        m.compute
+        for m in model.modules()
+        if isinstance(m, SparseMoe) and isinstance(m.compute, ResidentExperts)
+    ]
 
 
 def offload_experts(
@@ -240,8 +244,8 @@ def offload_experts(
             host: ExpertStore = MemoryStore(stacked)
         else:
             host = DiskStore(Path(model_dir), f"{name}.experts", model.published_names)
-        moe.resident = ResidentExperts(host, moe.config.moe.num_experts, capacity, like)
+        moe.use_compute(ResidentExperts(host, moe.config.moe.num_experts, capacity, like))
         for p in PROJECTIONS:  # freed: the store (or the disk) holds them now
             setattr(experts, p, nn.Parameter(like.new_empty(0), requires_grad=False))
-        caches.append(moe.resident)
+        caches.append(moe.compute)
     return caches

@@ -20,12 +20,12 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from dmoe_train.files import save_safetensors
+from dmoe_train.models.checkpoint_names import INDEX, SINGLE, rename
+from dmoe_train.models.expert_cache import offload_experts
 from dmoe_train.models.lora import base_name, is_lora_param
 from dmoe_train.routing import ENGINE_KEYS, engine_config
 
 SPLIT_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 
 
 class CheckpointMismatchError(ValueError):
@@ -166,18 +166,8 @@ def load_pretrained(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.get_input_embeddings().weight
     if skip:
-        from dmoe_train.models.expert_cache import offload_experts
-
         offload_experts(model, expert_cache, "disk", path)
     return model.eval()
-
-
-def rename(name: str, suffixes: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> str:
-    """Replace the first matching name suffix (`(old, new)` pairs)."""
-    for old, new in suffixes:
-        if name.endswith(old):
-            return name.removesuffix(old) + new
-    return name
 
 
 def split_layout(

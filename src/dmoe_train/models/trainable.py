@@ -11,28 +11,40 @@ from dmoe_train.models.lora import ExpertLora, is_lora_param
 from dmoe_train.settings import refuse, settings_of
 
 TrainableSet = Literal[
-    "router", "router+shared", "router+lora", "router+lora+shared", "router+experts", "all"
-]
+    "router", "router+shared", "router+dense", "router+lora", "router+lora+shared",
+    "router+experts", "all",
+]  # fmt: skip
 TRAINABLE_SETS: tuple[str, ...] = get_args(TrainableSet)
+
+
+ROUTER_SUFFIXES = (
+    ".mlp.gate.weight", ".mlp.gate.expert_bias",  # our families
+    ".router.proj.weight", ".router.scale", ".router.per_expert_scale",  # DiffusionGemma
+)  # fmt: skip
+ROUTED_EXPERT_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj")  # DiffusionGemma's
+DENSE_MLP_SUFFIXES = (".mlp.gate_proj.weight", ".mlp.up_proj.weight", ".mlp.down_proj.weight")
 
 
 def is_router_param(name: str) -> bool:
     """The router's tensors: what router fine-tuning trains and a router checkpoint holds."""
-    return name.endswith((".mlp.gate.weight", ".mlp.gate.expert_bias"))
+    return name.endswith(ROUTER_SUFFIXES)
 
 
 def in_trainable_set(name: str, trainable: TrainableSet) -> bool:
     """Whether a weight trains under `trainable`: the router (the default), and besides it the
-    shared experts (`+shared`), low-rank adapters on the routed experts (`+lora`, see
+    shared experts (`+shared`), DiffusionGemma's dense MLP beside its experts (`+dense`, the
+    shared expert's analogue), low-rank adapters on the routed experts (`+lora`, see
     `models.lora`) or the routed experts themselves (`+experts`); `all`: every weight (a full
     fine-tune)."""
     if trainable == "all" or is_router_param(name):
         return True
     parts = trainable.split("+")[1:]
+    experts = ".mlp.experts." in name or name.endswith(ROUTED_EXPERT_SUFFIXES)
     return (
         ("shared" in parts and ".mlp.shared_experts." in name)
+        or ("dense" in parts and name.endswith(DENSE_MLP_SUFFIXES) and "shared" not in name)
         or ("lora" in parts and is_lora_param(name))
-        or ("experts" in parts and ".mlp.experts." in name)
+        or ("experts" in parts and experts)
     )
 
 

@@ -59,15 +59,24 @@ PAID = ("forwards_per_block", "expert_bytes_per_generated_token")
 
 
 class Study:
-    """Where the study reads its base and keeps its points."""
+    """Where a study reads its base and keeps its points (`<out>/<name>/`), and the presets its
+    evaluations (`model`, `generation`: the skills test split, no training data needed) and its
+    trained points (`experiment`) start from."""
 
-    def __init__(self, base: Path, out: Path) -> None:
-        self.base, self.store = base, out / "pareto"
+    def __init__(
+        self,
+        base: Path,
+        out: Path,
+        name: str = "pareto",
+        model: str = "tiny256",
+        generation: str = "tiny256",
+        experiment: str = "tiny256_topp",
+    ) -> None:
+        self.base, self.store = base, out / name
         self.generated = self.store / "generated"  # dmoe-generate of the two skills' prompts
-        model = ["model=tiny256", f"model.path={base}"]
-        # every evaluation: the skills test split (no training data needed), LLaDA2.0 decoding
-        self.eval = [*model, "data=skills", "data.train_size=64", "generation=tiny256"]
-        self.train = ["experiment=tiny256_topp", f"model.path={base}"]
+        model_at = [f"model={model}", f"model.path={base}"]
+        self.eval = [*model_at, "data=skills", "data.train_size=64", f"generation={generation}"]
+        self.train = [f"experiment={experiment}", f"model.path={base}"]
 
     def generated_data(self) -> None:
         """The base's own decodes (token routing) of 4000 train prompts of the two training
@@ -124,7 +133,8 @@ class Study:
         """Tie the store to the base it measures (the sha256 of its weights in `base.sha256`):
         points of another base are never mixed into this one's frontiers, and are left
         untouched."""
-        digest = hashlib.sha256((self.base / "model.safetensors").read_bytes()).hexdigest()
+        weights = sorted(self.base.glob("*.safetensors"))
+        digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()
         stamp = self.store / "base.sha256"
         claimed = stamp.read_text().strip() if stamp.is_file() else None
         if claimed is None and any((self.store / "points").glob("*/point.json")):

@@ -20,8 +20,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from dmoe_train.models import is_router_param
 from dmoe_train.models.adapted_weights import base_fingerprint
-from dmoe_train.models.block_diffusion import noised_forward
 from dmoe_train.models.lora import add_expert_lora, init_expert_lora, is_lora_param
+from dmoe_train.models.routing_control import moe_of, policy_as, policy_of, set_policy
 from dmoe_train.models.sharding import (
     assign_shard,
     full_tensor,
@@ -31,10 +31,10 @@ from dmoe_train.models.sharding import (
 )
 from dmoe_train.objectives.distillation import distillation_kl
 from dmoe_train.objectives.expert_metrics import routing_stats
-from dmoe_train.objectives.masked_diffusion import masked_diffusion_loss, row_uniforms
 from dmoe_train.objectives.regularizers import CoresetRegularizer, router_z_loss
 from dmoe_train.routing import RoutingPolicy
 from dmoe_train.training.settings import FineTuneSettings
+from dmoe_train.training.steps import Forward, Step, step_of
 
 log = logging.getLogger(__name__)
 DEFAULT_OPTIMIZER = partial(torch.optim.AdamW, lr=1e-3)
@@ -63,7 +63,7 @@ class RouterFineTuner(L.LightningModule):
                 init_expert_lora(model, settings.step.seed)
         self.regularizer = regularizer or CoresetRegularizer("none", 0.0)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.target_policy = model.config.routing
+        self.target_policy = policy_of(model)
         settings.curriculum.check(self.target_policy)  # fails early if the policy has no coreset
         self.bad_batches = 0
         model.activation_checkpointing = settings.step.activation_checkpointing
@@ -108,7 +108,7 @@ class RouterFineTuner(L.LightningModule):
 
     @property
     def block_size(self) -> int:
-        return self.model.config.routing.block_size
+        return policy_of(self.model).block_size
 
     def parameter_counts(self) -> tuple[int, int]:
         params = list(self.model.parameters())
@@ -176,57 +176,47 @@ class RouterFineTuner(L.LightningModule):
     def step_stats(self, batch: dict, *key: int) -> dict[str, Tensor]:
         """Loss and routing stats of one batch; a sample's noise is keyed by (seed, *key, its
         dataset index), so it is the same whatever rank or world size the sample lands in."""
-        cfg, noise, step = self.model.config, self.settings.noise, self.settings.step
-        x0 = batch["input_ids"]
-        keys = [hash((step.seed, *key, int(i))) % 2**63 for i in batch["index"]]
-        noised = partial(
-            noised_forward,
-            response_mask=batch["response_mask"],
-            mask_id=cfg.mask_token_id,
-            t_low=noise.t_low,
-            t_high=noise.t_high,
-            mode=step.attention,
-            block_size=self.block_size,
-            uniforms=row_uniforms(keys, x0.shape[1], x0.device),
-        )
-        out = noised(self.model, x0=x0)
+        settings, moe = self.settings, moe_of(self.model)
+        keys = [hash((settings.step.seed, *key, int(i))) % 2**63 for i in batch["index"]]
+        step = step_of(self.model, batch, keys, settings)
+        out = step.forward(self.model, step.x0)
         count = self.mean_count(out.masked)
-        lm = masked_diffusion_loss(out.logits, x0, out.masked, out.t, noise.loss_weighting, count)
-        reg = self.regularizer.size(out.routing, self.block_size, cfg.moe.top_k)
+        losses = step.losses(out, count)
+        reg = self.regularizer.size(out.routing, self.block_size, moe.top_k)
         z = router_z_loss(out.routing)
         kl = distillation_kl(
-            self.settings.distillation,
-            student=lambda x: noised(self.model, x0=x),
-            teacher=lambda x: self.teacher_forward(noised, x),
-            trained=(x0, out),
+            settings.distillation,
+            student=lambda x: step.forward(self.model, x),
+            teacher=lambda x: self.teacher_forward(step, x),
+            trained=(step.x0, out),
             keys=keys,
-            mask_id=cfg.mask_token_id,
+            mask_id=step.mask_id,
             count=self.mean_count,
         )
         loss = (
-            lm
-            + self.regularizer.weight * reg / cfg.moe.num_experts
-            + step.z_loss_weight * z
-            + self.settings.distillation.distill_weight * kl
+            sum(losses.values())
+            + self.regularizer.weight * reg / moe.num_experts
+            + settings.step.z_loss_weight * z
+            + settings.distillation.distill_weight * kl
         )
         return {
             "loss": loss,
-            "lm_loss": lm,
+            **losses,
             "regularizer": reg,
             "z_loss": z,
             "distill_kl": kl,
             **routing_stats(out.routing, self.block_size),
         }
 
-    def teacher_forward(self, noised: Callable, x0: Tensor) -> Any:
-        """`noised` of `x0` by the starting model (its trainable weights as the run began)
-        under token routing: the distillation teacher."""
+    def teacher_forward(self, step: Step, x0: Tensor) -> Forward:
+        """`step`'s noised forward of `x0` by the starting model (its trainable weights as the
+        run began) under token routing: the distillation teacher."""
         device = x0.device  # the copy stays where it was taken; Lightning moves the model
         self.teacher_weights = {n: t.to(device) for n, t in self.teacher_weights.items()}
         token = RoutingPolicy("token", block_size=self.block_size)
-        with self.model.routing_as(token):
-            return noised(
-                lambda *a, **kw: functional_call(self.model, self.teacher_weights, a, kw), x0=x0
+        with policy_as(self.model, token):
+            return step.forward(
+                lambda *a, **kw: functional_call(self.model, self.teacher_weights, a, kw), x0
             )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -235,17 +225,17 @@ class RouterFineTuner(L.LightningModule):
             policy = curriculum.policy_at(
                 self.target_policy, self.global_step, self.trainer.max_steps
             )
-            self.model.set_routing(policy)
+            set_policy(self.model, policy)
 
     def on_validation_start(self) -> None:
         # validation inside fit runs the policy's own setting (a standalone `validate`, as
         # `dmoe-train` measures token routing, keeps the policy it was given)
         if self.settings.curriculum.curriculum_start is not None and self.trainer.state.fn == "fit":
-            self.model.set_routing(self.target_policy)
+            set_policy(self.model, self.target_policy)
 
     def on_train_end(self) -> None:
         if self.settings.curriculum.curriculum_start is not None:
-            self.model.set_routing(self.target_policy)
+            set_policy(self.model, self.target_policy)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         accumulate = self.trainer.accumulate_grad_batches

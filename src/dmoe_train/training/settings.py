@@ -12,6 +12,7 @@ from dmoe_train.models.block_diffusion import AttentionMode
 from dmoe_train.objectives.curriculum import Curriculum
 from dmoe_train.objectives.distillation import Distillation
 from dmoe_train.objectives.masked_diffusion import Noise
+from dmoe_train.objectives.uniform_diffusion import CanvasObjective
 from dmoe_train.settings import SettingError, refuse
 
 
@@ -42,6 +43,7 @@ class FineTuneSettings:
     """What the LightningModule is told beside its model, optimizer and regularizer."""
 
     noise: Noise = Noise()
+    canvas: CanvasObjective = CanvasObjective()  # DiffusionGemma's objective beside the noise
     distillation: Distillation = Distillation()
     curriculum: Curriculum = Curriculum()
     weights: TrainableWeights = TrainableWeights()

@@ -13,15 +13,16 @@ decoder's layers share their weights (transformers ties them), so one router ser
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from transformers import DiffusionGemmaForBlockDiffusion
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
     DiffusionGemmaTextRouter,
 )
@@ -29,6 +30,9 @@ from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
 from dmoe_train.routing import MoeSpec, Routing, RoutingPolicy, route
 
 MODEL_TYPE = "diffusion_gemma"
+# our config.json key for the routing an export was adapted under (transformers keeps and writes
+# back keys it does not know)
+ROUTING_KEY = "dmoe_routing"
 EncoderRouting = Literal["token", "policy"]
 
 
@@ -144,10 +148,114 @@ def load_diffusion_gemma(
     routing: RoutingPolicy | None = None,
     encoder: EncoderRouting = "token",
 ) -> DiffusionGemmaForBlockDiffusion:
-    """transformers' model from a local directory (never the hub), with our routing installed
-    (default: token routing, the published model's)."""
+    """transformers' model from a local directory (never the hub), with our routing installed:
+    `routing`, else the one its config.json records (`ROUTING_KEY`, an export's), else token
+    routing (the published model's)."""
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(
         str(path), local_files_only=True, dtype=dtype, device_map=device
     )
+    recorded = json.loads((Path(path) / "config.json").read_text()).get(ROUTING_KEY)
+    if routing is None and recorded is not None:
+        routing = RoutingPolicy.from_record(recorded)
     install_routing(model.eval(), routing or RoutingPolicy("token"), encoder)
     return model
+
+
+def save_with_routing(model: DiffusionGemmaForBlockDiffusion, path: str | Path) -> None:
+    """transformers' `save_pretrained`, and the routing the model follows in config.json under
+    `ROUTING_KEY` (`load_diffusion_gemma` routes by it again; transformers ignores it)."""
+    model.save_pretrained(str(path))
+    config = Path(path) / "config.json"
+    raw = json.loads(config.read_text())
+    raw[ROUTING_KEY] = model.canvas_routing.policy.to_dict()
+    config.write_text(json.dumps(raw, indent=2) + "\n")
+
+
+@dataclass
+class CanvasBatch:
+    """A data-module batch in DiffusionGemma's layout: the prompts left-padded `[B, P]` with
+    their keep-mask, the answers' canvas `[B, canvas_length]` (the response and its eos padding,
+    cut at the canvas) and which canvas positions are supervised."""
+
+    prompts: Tensor
+    keep: Tensor
+    canvas: Tensor
+    supervised: Tensor
+
+
+def canvas_batch(batch: dict, canvas_length: int, pad_id: int) -> CanvasBatch:
+    """`input_ids` `[B, L]` = prompt + response + eos padding, `prompt_len` `[B]` -> the prompts
+    left-padded with `pad_id` and the canvas that follows each prompt."""
+    ids, lens = batch["input_ids"], batch["prompt_len"].tolist()
+    width = max(lens)
+    prompts = ids.new_full((len(lens), width), pad_id)
+    keep = torch.zeros(prompts.shape, dtype=torch.bool, device=ids.device)
+    canvas = ids.new_full((len(lens), canvas_length), pad_id)
+    supervised = torch.zeros(canvas.shape, dtype=torch.bool, device=ids.device)
+    for i, n in enumerate(lens):
+        prompts[i, width - n :], keep[i, width - n :] = ids[i, :n], True
+        answer = ids[i, n : n + canvas_length]
+        canvas[i, : len(answer)], supervised[i, : len(answer)] = answer, True
+    return CanvasBatch(prompts, keep, canvas, supervised)
+
+
+@dataclass
+class CanvasForward:
+    """One training forward: the decoder's `logits` over the canvas, the encoder's over the
+    prompt, and the decoder's routing per MoE layer."""
+
+    logits: Tensor
+    encoder_logits: Tensor
+    routing: list[Routing]
+
+
+def canvas_forward(
+    model: DiffusionGemmaForBlockDiffusion,
+    batch: CanvasBatch,
+    x_t: Tensor,
+    self_conditioned: Tensor,
+    call: Callable[..., Any] | None = None,
+) -> CanvasForward:
+    """The prompt encoded and the noised canvas `x_t` denoised by `model` (through `call`, e.g.
+    a `functional_call` with other weights: the distillation teacher); where `self_conditioned`,
+    first without self-conditioning (no gradients), then conditioned on those logits, as the
+    published recipe trains."""
+    call = call or model
+    inputs = dict(input_ids=batch.prompts, attention_mask=batch.keep.long(), decoder_input_ids=x_t)
+    extra = {}
+    if self_conditioned.any():
+        with torch.no_grad():
+            first = call(**inputs).logits
+        extra = dict(self_conditioning_logits=first, self_conditioning_mask=self_conditioned)
+    with model.canvas_routing.recording() as records:
+        out = call(**inputs, **extra)
+    return CanvasForward(
+        out.logits,
+        encoder_logits(model, out.encoder_last_hidden_state),
+        [r for side, r in records if side == "decoder"],
+    )
+
+
+def encoder_logits(model: DiffusionGemmaForBlockDiffusion, hidden: Tensor) -> Tensor:
+    """The LM head over the encoder's last hidden states, soft-capped as the decoder's logits
+    are (`final_logit_softcapping`)."""
+    logits = model.lm_head(hidden).float()
+    cap = model.config.text_config.final_logit_softcapping
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+# a Gemma 4 vision tower of a few parameters: left unset, a config still builds a 167M-parameter
+# one, which text work never uses
+TINY_VISION = dict(
+    model_type="gemma4_vision", hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+    num_attention_heads=1, num_key_value_heads=1, head_dim=8, position_embedding_size=4,
+    patch_size=2, pooling_kernel_size=1,
+)  # fmt: skip
+
+
+def text_only_config(canvas_length: int, **text: Any) -> DiffusionGemmaConfig:
+    """A DiffusionGemma config of the text settings `text` (transformers' names), its vision
+    tower a token one."""
+    return DiffusionGemmaConfig(
+        text_config=text, canvas_length=canvas_length, vision_config=TINY_VISION
+    )

@@ -13,16 +13,10 @@ from functools import cached_property
 
 from torch import Tensor, nn
 
-from dmoe_train.models.common import (
-    KV,
-    DecoderLayer,
-    MoeDiffusionLM,
-    PublishedConfig,
-    RMSNorm,
-    SparseMoe,
-    SwiGLU,
-    attend,
-)
+from dmoe_train.models.config import PublishedConfig
+from dmoe_train.models.layers import KV, RMSNorm, SwiGLU, attend
+from dmoe_train.models.lm import DecoderLayer, MoeDiffusionLM
+from dmoe_train.models.moe import SparseMoe
 from dmoe_train.routing import MoeSpec, RoutingPolicy
 
 
