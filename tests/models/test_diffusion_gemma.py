@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from peft.tuners.lora.layer import ParamWrapper
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
 from dmoe_train.data.tokenizer import char_tokenizer
@@ -14,8 +15,10 @@ from dmoe_train.models.families.diffusion_gemma import (
     install_routing,
     text_only_config,
 )
+from dmoe_train.models.lora import ExpertLora, RoutedRowsLora, add_expert_lora, merge_expert_lora
 from dmoe_train.objectives.expert_metrics import unique_experts_per_block
 from dmoe_train.routing import RULES, RoutingPolicy
+from dmoe_train.settings import SettingError
 
 
 def tiny_config(
@@ -138,3 +141,34 @@ def test_load_model_picks_the_family_and_routes_by_the_policy(tmp_path):
         want = reference(input_ids=ids, decoder_input_ids=canvas_ids).logits
         got = model(input_ids=ids, decoder_input_ids=canvas_ids).logits
     assert torch.equal(got, want)
+
+
+def test_adapters_run_on_the_routed_rows_as_peft_computes_them_and_merge_into_both_sides():
+    config = tiny_config(experts=16, k=4)
+    model = random_model(config)
+    install_routing(model, POLICIES[1])
+    add_expert_lora(model, ExpertLora(rank=4))
+    decoder, encoder = model.model.decoder.layers, model.model.encoder.language_model.layers
+    assert all(d.experts is e.experts for d, e in zip(decoder, encoder, strict=True))
+    assert all(isinstance(d.experts, RoutedRowsLora) for d in decoder)
+    with torch.no_grad():  # B != 0: the adapters change the model
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0, 0.1)
+    ids, canvas_ids = _inputs(config)
+    with torch.no_grad():
+        ours = model(input_ids=ids, decoder_input_ids=canvas_ids).logits
+        for layer in decoder:  # peft's own forward: the dense delta added to every expert
+            layer.experts.__class__ = ParamWrapper
+        peft = model(input_ids=ids, decoder_input_ids=canvas_ids).logits
+        merge_expert_lora(model)
+        merged = model(input_ids=ids, decoder_input_ids=canvas_ids).logits
+    assert ((ours - peft).abs().max() / peft.abs().max()).item() <= 1e-5
+    assert ((merged - peft).abs().max() / peft.abs().max()).item() <= 1e-5
+    assert not any(".lora_" in n for n in model.state_dict())
+
+
+def test_adapters_refuse_half_of_a_stacked_projection():
+    model = random_model(tiny_config())
+    with pytest.raises(SettingError, match=r"targets=\['gate_proj'\].*gate_up_proj"):
+        add_expert_lora(model, ExpertLora(targets=("gate_proj",)))

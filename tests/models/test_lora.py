@@ -77,7 +77,9 @@ def test_merge_for_export_gives_the_adapted_model(tmp_path):
         f"mlp.experts.{p}" for p in ("down_proj", "gate_proj", "up_proj")
     ]
     keys = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert len(keys) == 3 * 3 * 2 and all(".default." not in k for k in keys)  # peft's names
+    assert len(keys) == 3 * 3 * 2 and all(
+        k.startswith("base_model.model.") and ".default." not in k for k in keys
+    )  # peft's names
 
 
 def test_bad_lora_settings_are_named():

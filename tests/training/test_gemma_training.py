@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from helpers import compose_train, router_of, steps, tiny_gemma_dir
+from peft import PeftModel
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from dmoe_train.cli import export as export_cli
@@ -24,12 +25,17 @@ def gemma_base(tmp_path_factory):
     return tiny_gemma_dir(tmp_path_factory.mktemp("gemma") / "base")
 
 
+ROUTER = {"router.proj.weight", "router.scale", "router.per_expert_scale"}
+ADAPTERS = {f"experts.{w}lora_{m}.default.weight" for w in ("", "base_layer.") for m in "AB"}
+
+
 @pytest.mark.parametrize(
     ("trainable", "suffixes"),
     [
-        ("router", {"router.proj.weight", "router.scale", "router.per_expert_scale"}),
-        ("router+dense", {"router.proj.weight", "router.scale", "router.per_expert_scale",
-                          "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"}),
+        ("router", ROUTER),
+        ("router+dense", ROUTER | {"mlp.gate_proj.weight", "mlp.up_proj.weight",
+                                   "mlp.down_proj.weight"}),
+        ("router+lora", ROUTER | ADAPTERS),
     ],
 )  # fmt: skip
 def test_a_run_trains_exactly_its_set_with_the_canvas_objective(
@@ -67,3 +73,24 @@ def test_the_export_loads_in_transformers_unchanged_and_routes_by_its_rule(tmp_p
     recorded = json.loads((out / "config.json").read_text())[ROUTING_KEY]
     assert recorded["name"] == "topp" and recorded["top_p"] == 0.5
     assert load_model(out).canvas_routing.policy.top_p == 0.5  # ours routes by it again
+
+
+def test_adapters_export_merged_and_as_peft_directory_that_peft_loads(tmp_path, gemma_base):
+    run = tmp_path / "run"
+    overrides = (*GEMMA, f"model.path={gemma_base}", "module.trainable=router+lora")
+    train(compose_train(run, *overrides, "module.optimizer.lr=0.05", *steps(2), fast=False))
+    router = run / "checkpoints" / "router.safetensors"
+    out = export_cli.export(router, tmp_path / "exp", adapter_out=tmp_path / "adapter")
+    merged = DiffusionGemmaForBlockDiffusion.from_pretrained(out).eval()
+    base = DiffusionGemmaForBlockDiffusion.from_pretrained(gemma_base).eval()
+    name = "model.decoder.layers.0.experts.gate_up_proj"
+    assert not torch.equal(merged.state_dict()[name], base.state_dict()[name])  # adapted
+    # the router trained beside the adapters, so peft's adapters go on the base with that router
+    routers = {k: v for k, v in router_of(run).items() if "lora" not in k}
+    assert routers and not base.load_state_dict(routers, strict=False).unexpected_keys
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids, canvas = torch.randint(3, 40, (2, 12)), torch.randint(3, 40, (2, 64))
+    with torch.no_grad():
+        want = adapted(input_ids=ids, decoder_input_ids=canvas).logits
+        got = merged(input_ids=ids, decoder_input_ids=canvas).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5

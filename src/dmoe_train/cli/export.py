@@ -9,14 +9,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from peft import get_peft_model_state_dict
 
 from dmoe_train.cli.common import exit_on_error_cli
 from dmoe_train.files import disk_full, file_mode, no_space, save_safetensors, write_json
 from dmoe_train.models import load_model
 from dmoe_train.models.adapted_weights import EXPORT_MARKER, load_adapted, read_manifest
 from dmoe_train.models.families.diffusion_gemma import save_with_routing
-from dmoe_train.models.lora import ADAPTER, has_expert_lora, merge_expert_lora
+from dmoe_train.models.lora import ADAPTER, has_expert_lora, merge_expert_lora, peft_adapter_state
 from dmoe_train.models.routing_control import is_canvas_model, policy_of
 from dmoe_train.models.trainable import is_router_param
 from dmoe_train.routing import RoutingPolicy
@@ -56,8 +55,9 @@ def save_adapter(model: torch.nn.Module, out: Path, record: dict) -> Path:
     export's router and base) as `EXPORT_MARKER`."""
     out.mkdir(parents=True, exist_ok=True)
     model.peft_config[ADAPTER].save_pretrained(out)
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    save_safetensors(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_safetensors(
+        peft_adapter_state(model), out / "adapter_model.safetensors", metadata={"format": "pt"}
+    )
     write_json(out / EXPORT_MARKER, record)
     return out
 

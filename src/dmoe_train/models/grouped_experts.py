@@ -11,6 +11,8 @@ bit-reproducible.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -105,17 +107,49 @@ def expert_rows(
     of token n's slot s (zero for an empty slot). Rows computed in parts (experts resident a few
     at a time) add up to exactly these."""
     low_rank = low_rank or {}
+
+    def swiglu(xs: Tensor, counts: Tensor) -> Tensor:
+        gate = adapted_linear(xs, gate_proj, counts, low_rank.get("gate_proj"))
+        hidden = F.silu(gate) * adapted_linear(xs, up_proj, counts, low_rank.get("up_proj"))
+        return adapted_linear(hidden, down_proj, counts, low_rank.get("down_proj"))
+
+    return routed_rows(x, ids, weights, gate_proj, swiglu)
+
+
+def stacked_expert_mlp(
+    x: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    act: Callable[[Tensor], Tensor],
+    low_rank: dict[str, LowRank] | None = None,
+) -> Tensor:
+    """`expert_mlp` for experts that stack gate and up in one `gate_up_proj` `[E, 2I, H]` and
+    gate by `act` (DiffusionGemma's layout)."""
+    low_rank = low_rank or {}
+
+    def gated(xs: Tensor, counts: Tensor) -> Tensor:
+        gate_up = adapted_linear(xs, gate_up_proj, counts, low_rank.get("gate_up_proj"))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return adapted_linear(act(gate) * up, down_proj, counts, low_rank.get("down_proj"))
+
+    return routed_rows(x, ids, weights, gate_up_proj, gated).view(*ids.shape, -1).sum(1)
+
+
+def routed_rows(
+    x: Tensor, ids: Tensor, weights: Tensor, first: Tensor, mlp: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
+    """Every (token, slot) row through its expert: the rows sorted by expert, `mlp(rows,
+    counts)` on them (`first`: the experts' first stacked weight, for their count and dtype),
+    weighted, back in token order `[N * k, H]`."""
     n, k = ids.shape
     flat_ids = ids.reshape(-1)
     order = flat_ids.argsort(stable=True)
     order = order[flat_ids[order] >= 0]  # empty slots sort first; drop them
-    counts = torch.bincount(flat_ids[order], minlength=gate_proj.shape[0])
+    counts = torch.bincount(flat_ids[order], minlength=first.shape[0])
     # one row per (token, slot), sorted by expert; every index is unique, so the gradients of
     # these gathers and of index_copy below need no accumulation
-    xs = x.repeat_interleave(k, dim=0).index_select(0, order).to(gate_proj.dtype)
-    gate = adapted_linear(xs, gate_proj, counts, low_rank.get("gate_proj"))
-    hidden = F.silu(gate) * adapted_linear(xs, up_proj, counts, low_rank.get("up_proj"))
-    ys = adapted_linear(hidden, down_proj, counts, low_rank.get("down_proj"))
-    ys = ys * weights.reshape(-1)[order, None].to(xs.dtype)
-    ys = ys.to(x.dtype)
-    return x.new_zeros(n * k, x.shape[1]).index_copy(0, order, ys)
+    xs = x.repeat_interleave(k, dim=0).index_select(0, order).to(first.dtype)
+    ys = mlp(xs, counts) * weights.reshape(-1)[order, None].to(xs.dtype)
+    return x.new_zeros(n * k, x.shape[1]).index_copy(0, order, ys.to(x.dtype))
