@@ -182,3 +182,22 @@ def test_each_sample_counts_only_its_own_forwards():
             alone.per_sample(alone.unique_experts)[0],
             together.per_sample(together.unique_experts)[i],
         )
+
+
+def test_dmoe_eval_decodes_diffusion_gemma_canvases_and_counts_their_experts(tmp_path):
+    from helpers import tiny_gemma_dir
+
+    base = tiny_gemma_dir(tmp_path / "base", experts=32, k=4)
+    overrides = [f"model.path={base}", "model=tiny_gemma", "data=skills", "generation=tiny_gemma",
+                 "generation.steps=3", "generation.max_samples=4", "data.test_size=4"]  # fmt: skip
+    pool = run_eval(_eval_cfg(tmp_path, *overrides, "router=capacity_max", "router.capacity=8",
+                              "router.block_size=32"))  # fmt: skip
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["samples"] == 4 and written["policy"]["name"] == "capacity_max"
+    assert len(written["correct"]) == 4 and written["reference"].endswith("under token routing")
+    # random weights never settle: every canvas of 64 takes all 3 forwards; a pool of 8 per
+    # block of 32, two blocks per canvas
+    assert pool["forwards_per_canvas"] == 3 and pool["tokens_per_forward"] > 0
+    assert pool["unique_experts_per_block"] <= 8 < pool["unique_experts_token"]
+    assert pool["unique_experts_per_block"] <= pool["unique_experts_per_canvas"] <= 16
+    assert pool["unique_experts_per_canvas"] < pool["unique_experts_per_canvas_token"] <= 32

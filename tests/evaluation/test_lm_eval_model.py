@@ -119,3 +119,28 @@ def test_lm_eval_token_routing_trained_router_and_two_processes(tmp_path):
     assert two.pop("peak_rss_bytes") > 0 and token.pop("peak_rss_bytes") > 0  # each process's
     # the same metrics and routing statistics as one process (sums in another order)
     assert two == pytest.approx(token, rel=1e-6)
+
+
+def test_dmoe_on_a_diffusion_gemma_directory_generates_by_canvases_and_refuses_likelihoods(
+    tmp_path,
+):
+    from types import SimpleNamespace
+
+    from helpers import tiny_gemma_dir
+
+    from dmoe_train.evaluation.lm_eval_model import CanvasLM
+
+    base = str(tiny_gemma_dir(tmp_path / "base", experts=32, k=4))
+    lm = DiffusionLM(base, routing="capacity_max", capacity=8, steps=2, batch_size=2)
+    assert isinstance(lm, CanvasLM) and lm.policy.name == "capacity_max"
+    assert (lm.policy.block_size, lm.settings.steps) == (32, 2)
+    asks = [SimpleNamespace(args=(p, {"until": ["\n"], "max_gen_toks": 8})) for p in ("1+2=", "a")]
+    texts = lm.generate_until([*asks, asks[0]])
+    assert len(texts) == 3 and all("\n" not in t and len(t) <= 8 for t in texts)
+    report = lm.routing_report()
+    assert 0 < report["unique_experts_per_block"] <= 8  # the pool of 8 bounds every block
+    assert report["unique_experts_per_block"] <= report["unique_experts_per_canvas"] <= 16
+    with pytest.raises(NotImplementedError, match="uniform-state diffusion"):
+        lm.loglikelihood([SimpleNamespace(args=("1+2=", "3"))])
+    with pytest.raises(ValueError, match=r"\['threshold'\]: unknown to the dmoe canvas model"):
+        DiffusionLM(base, threshold=0.9)

@@ -141,6 +141,9 @@ def test_load_model_picks_the_family_and_routes_by_the_policy(tmp_path):
         want = reference(input_ids=ids, decoder_input_ids=canvas_ids).logits
         got = model(input_ids=ids, decoder_input_ids=canvas_ids).logits
     assert torch.equal(got, want)
+    # FSDP's meta-device load is refused up front, naming the trainer setting
+    with pytest.raises(ValueError, match=r"gemma: trainer=fsdp does not shard DiffusionGemma"):
+        load_model(tmp_path / "gemma", device="meta")
 
 
 def test_adapters_run_on_the_routed_rows_as_peft_computes_them_and_merge_into_both_sides():

@@ -6,6 +6,7 @@ import torch
 from dmoe_train.objectives.regularizers import (
     CoresetRegularizer,
     expected_union,
+    load_balance_loss,
     perplexity,
     router_z_loss,
 )
@@ -79,3 +80,24 @@ def test_router_z_loss_is_mean_squared_logsumexp():
     r = Routing(None, None, None, logits=logits)
     expected = logits.logsumexp(-1).pow(2).mean()
     torch.testing.assert_close(router_z_loss([r, r]), expected)
+
+
+def test_load_balance_loss_is_switch_transformers_by_hand():
+    # 4 experts, top-1; uniform probabilities: E * sum_e f_e * 1/4 = 1 whatever the choices
+    ids = torch.tensor([[[0], [1], [1], [-1]]])  # the last slot empty: not counted
+    uniform = Routing(ids, torch.ones(1, 4, 1), torch.zeros(1, 4, 4), logits=torch.zeros(1, 4, 4))
+    torch.testing.assert_close(load_balance_loss([uniform], 4), torch.tensor(1.0))
+    # every token sure of expert 0 and sent there: E * 1 * ~1 = 4 (collapse costs E times more)
+    logits = torch.tensor([20.0, 0, 0, 0]).expand(1, 3, 4)
+    collapsed = Routing(
+        torch.zeros(1, 3, 1, dtype=torch.long), torch.ones(1, 3, 1), logits, logits=logits
+    )
+    torch.testing.assert_close(
+        load_balance_loss([collapsed], 4), torch.tensor(4.0), atol=1e-6, rtol=0
+    )
+    # f = (1/3, 2/3, 0, 0), P = softmax([0, ln 2, 0, 0]) = (1/5, 2/5, 1/5, 1/5): 4 * (1/15 + 4/15)
+    logits = torch.tensor([0.0, math.log(2), 0, 0]).expand(1, 3, 4)
+    mixed = Routing(torch.tensor([[[0], [1], [1]]]), torch.ones(1, 3, 1), logits, logits=logits)
+    torch.testing.assert_close(
+        load_balance_loss([mixed, uniform], 4), torch.tensor((4 / 3 + 1) / 2)
+    )

@@ -47,6 +47,11 @@ def test_t_range(tmp_path):
         train(compose_train(tmp_path, "module.t_low=0.9", "module.t_high=0.5"))
 
 
+def test_negative_balance_weight(tmp_path):
+    with pytest.raises(Exception, match=r"module.balance_weight=-0.1: must be >= 0"):
+        train(compose_train(tmp_path, "module.balance_weight=-0.1"))
+
+
 def test_missing_model_path(tmp_path):
     with pytest.raises(Exception, match=r"/nowhere/model: no config.json"):
         train(compose_train(tmp_path, "model.path=/nowhere/model"))

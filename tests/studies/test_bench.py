@@ -58,3 +58,21 @@ def test_training_cases_that_would_not_fit_are_rows_saying_so(monkeypatch):
         ranks = 1 if r["trainer"] == "cpu" else 2
         assert r["rank"] == f"- of {ranks}" and r["skipped"].endswith(", 0 GiB available")
         assert "peak_GiB" not in r
+
+
+def test_gemma_slice_counts_each_policys_experts_per_forward(tmp_path):
+    from helpers import tiny_gemma_dir
+
+    from dmoe_train.studies import bench_gemma_slice
+
+    base = tiny_gemma_dir(tmp_path / "base", experts=32, k=4)
+    rows = {
+        p: bench_gemma_slice.decode_case(base, p, steps=3) for p in ("token", "capacity_max c=16")
+    }
+    token, pool = rows["token"], rows["capacity_max c=16"]
+    assert token["forwards"] == pool["forwards"] == 3  # random weights never settle
+    # one canvas of two blocks, each its own pool of 16
+    assert token["tokens"] == 64 and pool["experts_per_block"] < pool["experts_per_canvas"] <= 32
+    assert pool["experts_per_block"] <= 16 < token["experts_per_block"] <= 32
+    assert token["experts_per_block"] <= token["experts_per_canvas"]
+    assert 0 < token["loaded_GiB"] <= token["peak_GiB"]

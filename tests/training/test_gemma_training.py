@@ -54,6 +54,10 @@ def test_a_run_trains_exactly_its_set_with_the_canvas_objective(
     assert (
         summary["steps"] == 2 and summary["unique_experts_before"] < summary["unique_experts_token"]
     )
+    # the encoder keeps token routing: untrained, its loss is the base's whatever the policy;
+    # trained, the shared router (and adapters) move it
+    assert summary["encoder_loss_before"] == summary["encoder_loss_token"]
+    assert summary["encoder_loss_after"] != summary["encoder_loss_before"]
     saved = router_of(tmp_path)
     want = {f"model.encoder.language_model.layers.{i}.{s}" for i in range(2) for s in suffixes}
     assert set(saved) == want  # one copy of each shared weight, nothing else
@@ -94,3 +98,21 @@ def test_adapters_export_merged_and_as_peft_directory_that_peft_loads(tmp_path, 
         want = adapted(input_ids=ids, decoder_input_ids=canvas).logits
         got = merged(input_ids=ids, decoder_input_ids=canvas).logits
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, gemma_base):
+    # adapters and router, self-conditioning's coin and the corruption keyed per sample: a run
+    # stopped after step 3 and resumed ends bit for bit where the uninterrupted one does
+    common = [*GEMMA, f"model.path={gemma_base}", "module.trainable=router+lora",
+              *steps(6, checkpoint_every=3)]  # fmt: skip
+    full = train(compose_train(tmp_path / "full", *common, fast=False))
+    interrupt = ["+callbacks.stop._target_=helpers.InterruptAtStep", "+callbacks.stop.step=3"]
+    stopped = compose_train(tmp_path / "resumed", *common, *interrupt, fast=False)
+    assert train(stopped) == {"interrupted_at_step": 3}
+    resumed = train(compose_train(tmp_path / "resumed", *common, *interrupt, fast=False))
+    assert resumed["steps"] == 6
+    a, b = router_of(tmp_path / "full"), router_of(tmp_path / "resumed")
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert resumed["val_loss_after"] == full["val_loss_after"]

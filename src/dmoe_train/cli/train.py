@@ -63,13 +63,13 @@ def measure(
     trainer: L.Trainer, module: RouterFineTuner, data, policy: RoutingPolicy, label: str
 ) -> dict[str, float]:
     """Validation loss and unique experts per block under `policy` (validation's own noise),
-    through Lightning, so every strategy shards and reduces it; logged as `label/...`."""
+    through Lightning, so every strategy shards and reduces it; logged as `label/...`. A canvas
+    model adds its encoder's loss: the encoder keeps token routing, so what moves it is the
+    router it shares with the decoder."""
     with policy_as(module.model, policy), module.labelled(label):
         metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
-    return {
-        k: metrics[f"{label}/{m}"]
-        for k, m in (("val_loss", "lm_loss"), ("unique_experts", "unique_experts"))
-    }
+    names = (("val_loss", "lm_loss"), ("unique_experts", "unique_experts"), ("encoder_loss",) * 2)
+    return {k: metrics[f"{label}/{m}"] for k, m in names if f"{label}/{m}" in metrics}
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -265,7 +265,13 @@ def format_summary(s: dict, output_dir: Path) -> str:
         f"after {s['unique_experts_after']:.2f}\n"
         f"validation loss:          base, token routing {s['val_loss_token']:.4f} | "
         f"before {s['val_loss_before']:.4f} -> after {s['val_loss_after']:.4f}\n"
-        f"adapted weights: {s['router_checkpoint']}\nsummary: {output_dir / 'summary.json'}"
+        + (
+            f"encoder loss:             base, token routing {s['encoder_loss_token']:.4f} | "
+            f"before {s['encoder_loss_before']:.4f} -> after {s['encoder_loss_after']:.4f}\n"
+            if "encoder_loss_after" in s
+            else ""
+        )
+        + f"adapted weights: {s['router_checkpoint']}\nsummary: {output_dir / 'summary.json'}"
     )
 
 

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import Tensor
 from transformers import DiffusionGemmaForBlockDiffusion
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     EntropyBoundSamplerConfig,
@@ -58,6 +59,47 @@ class CanvasDecoding:
         )
 
 
+@dataclass
+class CanvasGeneration:
+    """What `generate_canvases` decoded: the new tokens `[B, N]`, per decoder forward and MoE
+    layer the unique experts per block (mean over the canvas's blocks) and per canvas `[B]`,
+    the decoder forwards and each forward's tokens committed."""
+
+    tokens: Tensor
+    per_block: list[Tensor]
+    per_canvas: list[Tensor]
+    forwards: int
+    tokens_per_forward: list[float]
+
+
+@torch.no_grad()
+def generate_canvases(
+    model: DiffusionGemmaForBlockDiffusion,
+    prompts: Tensor,
+    keep: Tensor,
+    settings: CanvasDecoding,
+    max_new_tokens: int | None = None,
+) -> CanvasGeneration:
+    """`model.generate` on left-padded `prompts` (`keep` marks the real tokens), every decoder
+    forward's experts counted; `max_new_tokens` overrides the settings' (None: theirs)."""
+    text, canvas = model.config.text_config, model.config.canvas_length
+    kwargs = settings.generate_kwargs(canvas)
+    if max_new_tokens is not None:
+        kwargs["max_new_tokens"] = max_new_tokens
+    with model.canvas_routing.recording() as records:
+        out = model.generate(input_ids=prompts, attention_mask=keep.long(), **kwargs)
+    decoder = [r for side, r in records if side == "decoder"]
+    return CanvasGeneration(
+        tokens=out.sequences[:, prompts.shape[1] :],
+        per_block=[
+            unique_experts_per_block(r.ids, settings.block_length).float().mean(1) for r in decoder
+        ],
+        per_canvas=[unique_experts_per_block(r.ids, r.ids.shape[1]).float()[:, 0] for r in decoder],
+        forwards=len(decoder) // text.num_hidden_layers,
+        tokens_per_forward=[float(x) for x in out.tokens_per_forward],
+    )
+
+
 @torch.no_grad()
 def decode_canvas_split(
     model: DiffusionGemmaForBlockDiffusion,
@@ -85,23 +127,15 @@ def decode_canvas_split(
             break
         batch = {k: v[:room] for k, v in batch.items()}
         cb = canvas_batch(batch, canvas, text.pad_token_id)
-        with model.canvas_routing.recording() as records:
-            out = model.generate(
-                input_ids=cb.prompts, attention_mask=cb.keep.long(),
-                **settings.generate_kwargs(canvas),
-            )  # fmt: skip
-        decoder = [r for side, r in records if side == "decoder"]
-        new = out.sequences[:, cb.prompts.shape[1] :]
-        forwards += len(decoder) // text.num_hidden_layers
-        canvases += -(-new.shape[1] // canvas)
-        tokens += new.numel()
-        tokens_per_forward += [float(x) for x in out.tokens_per_forward]
-        for r in decoder:
-            per_block.append(unique_experts_per_block(r.ids, settings.block_length).float().mean(1))
-            whole = unique_experts_per_block(r.ids, r.ids.shape[1]).float()[:, 0]
-            per_canvas.append(whole)
-            loaded += float(whole.sum()) / text.num_hidden_layers
-        texts = data.tokenizer.batch_decode(new, skip_special_tokens=True)
+        gen = generate_canvases(model, cb.prompts, cb.keep, settings)
+        forwards += gen.forwards
+        canvases += -(-gen.tokens.shape[1] // canvas)
+        tokens += gen.tokens.numel()
+        tokens_per_forward += gen.tokens_per_forward
+        per_block += gen.per_block
+        per_canvas += gen.per_canvas
+        loaded += float(sum(c.sum() for c in gen.per_canvas)) / text.num_hidden_layers
+        texts = data.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
         correct += [answer_correct(t, a) for t, a in zip(texts, batch["answer"], strict=True)]
         skills += batch.get("skill", [])
     by_skill: dict[str, list[bool]] = {}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from dmoe_train.data.tokenizer import load_tokenizer
+from dmoe_train.evaluation.canvas_decoding import CanvasDecoding, generate_canvases
 from dmoe_train.evaluation.split_decoding import (
     GenerationSettings,
     apply_expert_cache,
@@ -42,10 +44,11 @@ from dmoe_train.evaluation.split_decoding import (
     decode_prompts,
     experts_in_files,
 )
-from dmoe_train.models import load_model
+from dmoe_train.models import GEMMA, load_model, model_type
 from dmoe_train.models.adapted_weights import load_adapted
 from dmoe_train.models.block_diffusion import noised_forward
 from dmoe_train.models.placement import parse_max_memory, place_model
+from dmoe_train.models.routing_control import policy_of, set_policy
 from dmoe_train.reports import markdown_table
 from dmoe_train.routing import RoutingPolicy
 from dmoe_train.settings import preset, settings_of
@@ -80,6 +83,13 @@ class ModelArgs:
 class DiffusionLM(LM):
     latest: DiffusionLM | None = None  # the instance `dmoe-lm-eval` reports on
 
+    def __new__(cls, pretrained: str, **model_args: Any) -> DiffusionLM:
+        # lm-eval builds `--model dmoe` by this class alone: a DiffusionGemma directory gets the
+        # canvas model (transformers' `generate`), every other family ours
+        if cls is DiffusionLM and model_type(Path(pretrained)) == GEMMA:
+            cls = CanvasLM
+        return super().__new__(cls)
+
     def __init__(self, pretrained: str, **model_args: Any) -> None:
         super().__init__()
         own = {f.name for f in fields(ModelArgs)}
@@ -99,16 +109,7 @@ class DiffusionLM(LM):
             picked["expert_cache"] = int(picked["expert_cache"])
         self.settings = GenerationSettings(**{**preset("generation", decoding), **picked})
         check_expert_store(self.settings, router)
-        self.accelerator = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: data parallel
-            from accelerate import Accelerator
-
-            self.accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
-            self._rank = self.accelerator.process_index
-            self._world_size = self.accelerator.num_processes
-            device = self.accelerator.device
-            device = "cpu" if device.type == "cpu" else str(device)  # not "cpu:0"
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._device = self.data_parallel(device)
         if max_memory is None:
             self.model = load_model(
                 pretrained,
@@ -144,6 +145,19 @@ class DiffusionLM(LM):
         self.unique_sum, self.forwards = 0.0, 0  # decoding forwards' unique experts per block
         self.blocks, self.tokens_out = 0, 0  # what this process decoded (the cache's measures)
         DiffusionLM.latest = self
+
+    def data_parallel(self, device: str | None) -> torch.device:
+        """Under `accelerate launch` (WORLD_SIZE > 1) this process's rank and device."""
+        self.accelerator = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: data parallel
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
+            self._rank = self.accelerator.process_index
+            self._world_size = self.accelerator.num_processes
+            device = self.accelerator.device
+            device = "cpu" if device.type == "cpu" else str(device)  # not "cpu:0"
+        return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # lm-eval's data-parallel primitives (see lm_eval.api.model.LM)
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -286,3 +300,108 @@ def format_report(report: dict) -> str:
         report["num_experts"], f"{report['expert_bytes_per_block'] / 2**20:.2f}",
     )  # fmt: skip
     return markdown_table(head, [row])
+
+
+class CanvasLM(DiffusionLM):
+    """`dmoe` on a DiffusionGemma directory: generation tasks by transformers' own `generate`
+    under the routing asked for (`decoding`: a preset of configs/generation, `tiny_gemma` by
+    default; `steps`, `block_length` overrides). No log-likelihood: uniform-state diffusion has
+    no bound implemented here, so likelihood tasks are refused."""
+
+    def __init__(self, pretrained: str, **model_args: Any) -> None:
+        LM.__init__(self)
+        own = {"router", "routing", "decoding", "batch_size", "dtype", "device", "seed"}
+        policy_keys, decoding_keys = {"top_p", "min_experts", "capacity"}, {"steps", "block_length"}
+        unknown = set(model_args) - own - policy_keys - decoding_keys - {"max_batch_size"}
+        if unknown:
+            raise ValueError(f"model_args {sorted(unknown)}: unknown to the dmoe canvas model")
+        picked = {k: int(v) for k, v in _pick(model_args, decoding_keys).items()}
+        decoding = model_args.get("decoding", "tiny_gemma")
+        with settings_of("model_args"):
+            self.settings = CanvasDecoding(**{**preset("generation", decoding), **picked})
+        self._device = self.data_parallel(model_args.get("device"))
+        dtype = getattr(torch, model_args.get("dtype", "float32"))
+        self.model = load_model(pretrained, dtype=dtype, device=self._device).eval()
+        self.tokenizer = load_tokenizer(pretrained)
+        policy = None
+        if "routing" in model_args:
+            with settings_of("model_args"):
+                chosen = {
+                    **preset("router", model_args["routing"]),
+                    **_pick(model_args, policy_keys),
+                }
+                policy = replace(instantiate(chosen), block_size=self.settings.block_length)
+        self.router = model_args.get("router")
+        if self.router is not None:
+            load_adapted(self.model, self.router, policy)
+        elif policy is not None:
+            set_policy(self.model, policy)
+        self.policy = policy_of(self.model)
+        self.batch_size = int(model_args.get("batch_size", 8))
+        self.seed = int(model_args.get("seed", 0))
+        self.block_sum, self.canvas_sum, self.counted = 0.0, 0.0, 0
+        DiffusionLM.latest = self
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """Each request's prompt left-padded into a batch, decoded by `generate` (seeded: the
+        sampler draws), cut at the stop sequences."""
+        pad, out = self.model.config.text_config.pad_token_id, []
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="generate")
+        torch.manual_seed(self.seed)
+        for lo in range(0, len(requests), self.batch_size):
+            batch = [r.args for r in requests[lo : lo + self.batch_size]]
+            encoded = [self.encode(context) for context, _ in batch]
+            width = max(map(len, encoded))
+            prompts = torch.full((len(encoded), width), pad, dtype=torch.long)
+            keep = torch.zeros(prompts.shape, dtype=torch.bool)
+            for i, ids in enumerate(encoded):
+                prompts[i, width - len(ids) :], keep[i, width - len(ids) :] = (
+                    torch.tensor(ids),
+                    True,
+                )
+            lengths = [
+                int(k.get("max_gen_toks", self.model.config.canvas_length)) for _, k in batch
+            ]
+            gen = generate_canvases(
+                self.model, prompts.to(self._device), keep.to(self._device), self.settings,
+                max_new_tokens=max(lengths),
+            )  # fmt: skip
+            self.block_sum += float(sum(b.sum() for b in gen.per_block))
+            self.canvas_sum += float(sum(c.sum() for c in gen.per_canvas))
+            self.counted += sum(b.numel() for b in gen.per_block)
+            for (_, kwargs), tokens, n in zip(batch, gen.tokens.cpu(), lengths, strict=True):
+                text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+                until = kwargs.get("until") or []
+                out.append(stop_at(text, [until] if isinstance(until, str) else until))
+            bar.update(len(batch))
+        bar.close()
+        return out
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        raise NotImplementedError(
+            "DiffusionGemma: likelihood tasks need a log-likelihood bound for uniform-state "
+            "diffusion, which the dmoe model does not implement; run generation tasks"
+        )
+
+    def routing_report(self) -> dict:
+        """Unique experts per block and per canvas over every decoder forward (summed over
+        processes)."""
+        stats = torch.tensor([self.block_sum, self.canvas_sum, float(self.counted)])
+        if self.accelerator is not None:
+            stats = self.accelerator.reduce(stats.to(self._device), reduction="sum").cpu()
+        per_block, per_canvas = (
+            float(x / stats[2]) if stats[2] else float("nan") for x in stats[:2]
+        )
+        text = self.model.config.text_config
+        param = next(self.model.parameters())
+        expert_bytes = 3 * text.hidden_size * text.moe_intermediate_size * param.element_size()
+        return {
+            "routing": self.policy.describe(),
+            "router": self.router or "the base's own",
+            "processes": self.world_size,
+            "unique_experts_per_block": per_block,
+            "unique_experts_per_canvas": per_canvas,
+            "num_experts": text.num_experts,
+            "expert_bytes_per_block": per_block * expert_bytes,
+            "decoding": asdict(self.settings),
+        }

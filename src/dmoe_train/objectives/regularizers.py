@@ -4,7 +4,8 @@ A token's soft activation probability of expert e is p_te = 1 - (1 - pi_te)^k, t
 draws from its soft routing distribution pi_t = softmax(router logits) hit e: it relaxes the hard
 top-k (about k experts per token), stays below 1 and has a gradient everywhere (a clamp at 1 would
 not). Both regularizers return a size in experts (mean over MoE layers, samples and blocks); the
-training loss adds weight * size / E. Beside them, ST-MoE's router z-loss.
+training loss adds weight * size / E. Beside them, ST-MoE's router z-loss and Switch
+Transformer's load-balancing loss (for bases trained from scratch).
 """
 
 from __future__ import annotations
@@ -75,3 +76,16 @@ def router_z_loss(routing: list[Routing]) -> Tensor:
     """ST-MoE's z-loss: the mean squared log-sum-exp of the router logits, over tokens and MoE
     layers; keeps logits small, so softmax scores stay smooth while the router is retrained."""
     return torch.stack([r.logits.logsumexp(-1).pow(2).mean() for r in routing]).mean()
+
+
+def load_balance_loss(routing: list[Routing], num_experts: int) -> Tensor:
+    """Switch Transformer's auxiliary loss E * sum_e f_e * P_e (f_e: the share of the top-k
+    choices that go to expert e, P_e: e's mean router probability), mean over MoE layers; 1 when
+    balanced. A softmax router trained from scratch without it collapses onto a few experts."""
+    losses = []
+    for r in routing:
+        probs = r.logits.float().softmax(-1).flatten(0, -2).mean(0)
+        ids = r.ids[r.ids >= 0]  # -1: an empty slot
+        share = torch.bincount(ids, minlength=num_experts).float() / max(ids.numel(), 1)
+        losses.append(num_experts * (share * probs).sum())
+    return torch.stack(losses).mean()

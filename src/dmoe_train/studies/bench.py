@@ -7,6 +7,8 @@
 3. A training step, router-only against full fine-tuning: tokens/s and peak memory (each case
    in its own process, so that peaks do not mix).
 4. Routing overhead: `topp_coreset` + `route_in_coreset` against token routing alone.
+5. Full width on CPU: a 2-layer LLaDA2.0-mini slice (`bench_full_width.py`) and a 2-layer
+   DiffusionGemma 26B-A4B slice (`bench_gemma_slice.py`) decoded under token routing and coresets.
 `--quick` uses tiny shapes and two training cases (the test suite runs it); no timing is
 asserted anywhere.
 """
@@ -32,6 +34,7 @@ from dmoe_train.models.block_diffusion import block_diffusion_block_mask
 from dmoe_train.models.grouped_experts import expert_mlp
 from dmoe_train.reports import markdown_table
 from dmoe_train.routing import MoeSpec, route_in_coreset, token_topk, topp_coreset
+from dmoe_train.studies import bench_gemma_slice
 from dmoe_train.studies.bench_full_width import run_all as run_full_width
 from dmoe_train.studies.bench_full_width import train_rows as strategy_train_rows
 
@@ -322,6 +325,8 @@ def main() -> None:
         "train_strategies": strategies,
         "attention_mask": attention_mask_rows([16, 512] if args.quick else [512, 2048, 8192], 32),
         **{f"full_width_{case}": rows for case, rows in full_width.items()},
+        # DiffusionGemma 26B-A4B's 2-layer slice: experts per forward of a 256-token canvas
+        **({} if args.quick else {"gemma_slice_decode": bench_gemma_slice.run(steps=8)}),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,11 +1,12 @@
 """`python -m dmoe_train.studies.make_gemma_base`: the tiny DiffusionGemma base, trained here from
-scratch by its own objective: every weight, token routing, uniform-state diffusion of the
-answer's canvas under its prompt with self-conditioning and the encoder's autoregressive loss,
-on the four skills. transformers' model class with a config in the published routing regime
-(128 experts, top-8, a dense MLP beside them, sliding and full attention, a canvas of 64 split
-into blocks of 32) at a width a CPU trains. Writes the model directory `from_pretrained` loads
-(bf16), the character tokenizer and `quality.json` (exact match on the test split under
-DiffusionGemma's decoding, per skill, unique experts per block and per canvas).
+scratch by its own objective: every weight, token routing with Switch load balancing,
+uniform-state diffusion of the answer's canvas under its prompt with self-conditioning and the
+encoder's autoregressive loss, on the four skills. transformers' model class with a config in
+the published routing regime (128 experts, top-8, a dense MLP beside them, sliding and full
+attention, a canvas of 64 split into blocks of 32) at a width a CPU trains. Writes the model
+directory `from_pretrained` loads (bf16), the character tokenizer and `quality.json` (exact
+match on the test split under DiffusionGemma's decoding, per skill, unique experts per block and
+per canvas).
 
 The training is a `dmoe-train` run (`module.trainable=all`) in `<out>.run/`, resumable: a rerun
 continues it, then writes the base again."""
@@ -60,8 +61,9 @@ def initial_model(out: Path, seed: int) -> Path:
 def train(init: Path, run: Path, args: argparse.Namespace) -> Path:
     """`dmoe-train` of every weight under token routing (resumes an unfinished run)."""
     overrides = [
-        "experiment=tiny_gemma_topp", f"model.path={init}", "router=token",
-        "router.block_size=32", "regularizer=none", "module.trainable=all",
+        "experiment=tiny_gemma_topp", f"model.path={init}", "router=token", "~router.top_p",
+        "~router.min_experts", "router.block_size=32", "regularizer=none", "module.trainable=all",
+        f"module.balance_weight={args.balance_weight}",
         f"module.optimizer.lr={args.lr}", f"trainer.max_steps={args.steps}",
         f"trainer.val_check_interval={min(args.steps, 500)}", f"data.batch_size={args.batch_size}",
         "callbacks.model_checkpoint.every_n_train_steps=100", "trainer.enable_progress_bar=false",
@@ -87,10 +89,11 @@ def quality(base: Path, test_size: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=ASSETS / "tiny-diffusion-gemma")
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--test-size", type=int, default=1000)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--balance-weight", type=float, default=0.01, help="Switch load balancing")
+    ap.add_argument("--test-size", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     init = args.out.with_name(f"{args.out.name}.init")
@@ -104,6 +107,7 @@ def main() -> None:
     measured = quality(args.out, args.test_size)
     record = {
         "train_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "balance_weight": args.balance_weight,
         "test_problems": measured["samples"], "exact_match": measured["accuracy"],
         "exact_match_by_skill": measured.get("accuracy_by_skill", {}),
         "correct": measured["correct"],

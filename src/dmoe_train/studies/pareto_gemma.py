@@ -54,10 +54,14 @@ def points() -> list[StudyPoint]:
         *(free("dmoe", f"p={p}", "router=dmoe", f"router.top_p={p}") for p in (0.6, 0.9)),
         *(free("llada22", f"c={c}", "router=llada22", f"router.capacity={c}") for c in (24, 48)),
     ]
-    routers = [trained("trained", Training("router", p)) for p in (0.7, 0.9)] + [
-        trained("trained+dense", Training("router+dense", p, trainable="router+dense"))
-        for p in (0.7, 0.9)
-    ]
+    # distilled from the base under token routing (KL, weight 1.0), as the main job trains
+    routers = [
+        *(trained("trained", Training("router", p, distill="batch")) for p in (0.5, 0.7)),
+        trained("trained+lora", Training("router+lora", 0.7, trainable="router+lora",
+                                         distill="batch")),
+        trained("trained+dense", Training("router+dense", 0.7, trainable="router+dense",
+                                          distill="batch")),
+    ]  # fmt: skip
     return [rules[0], *routers, *rules[1:]]
 
 

@@ -31,7 +31,11 @@ from dmoe_train.models.sharding import (
 )
 from dmoe_train.objectives.distillation import distillation_kl
 from dmoe_train.objectives.expert_metrics import routing_stats
-from dmoe_train.objectives.regularizers import CoresetRegularizer, router_z_loss
+from dmoe_train.objectives.regularizers import (
+    CoresetRegularizer,
+    load_balance_loss,
+    router_z_loss,
+)
 from dmoe_train.routing import RoutingPolicy
 from dmoe_train.training.settings import FineTuneSettings
 from dmoe_train.training.steps import Forward, Step, step_of
@@ -184,6 +188,7 @@ class RouterFineTuner(L.LightningModule):
         losses = step.losses(out, count)
         reg = self.regularizer.size(out.routing, self.block_size, moe.top_k)
         z = router_z_loss(out.routing)
+        balance = load_balance_loss(out.routing, moe.num_experts)
         kl = distillation_kl(
             settings.distillation,
             student=lambda x: step.forward(self.model, x),
@@ -197,6 +202,7 @@ class RouterFineTuner(L.LightningModule):
             sum(losses.values())
             + self.regularizer.weight * reg / moe.num_experts
             + settings.step.z_loss_weight * z
+            + settings.step.balance_weight * balance
             + settings.distillation.distill_weight * kl
         )
         return {
@@ -204,6 +210,7 @@ class RouterFineTuner(L.LightningModule):
             **losses,
             "regularizer": reg,
             "z_loss": z,
+            "balance_loss": balance,
             "distill_kl": kl,
             **routing_stats(out.routing, self.block_size),
         }
@@ -286,7 +293,8 @@ class RouterFineTuner(L.LightningModule):
         self.log_dict(
             {
                 f"{self.eval_label}/{k}": stats[k]
-                for k in ("lm_loss", "unique_experts", "coreset_size")
+                for k in ("lm_loss", "unique_experts", "coreset_size", "encoder_loss")
+                if k in stats
             },
             sync_dist=True,
             prog_bar=True,

@@ -19,12 +19,14 @@ from dmoe_train.settings import SettingError, refuse
 @dataclass(frozen=True)
 class StepSettings:
     """How a step runs: `attention` of the noised forward (`block_diffusion`: LLaDA2's
-    block-causal mask; `_flex`: flex_attention; `full`), the router `z_loss_weight`, how many
+    block-causal mask; `_flex`: flex_attention; `full`), the router `z_loss_weight`, the
+    load-balancing `balance_weight` (bases trained from scratch), how many
     batches with a non-finite loss to skip before the run stops, activation checkpointing, and
     the seed that keys every sample's noise."""
 
     attention: AttentionMode = "block_diffusion"
     z_loss_weight: float = 0.0
+    balance_weight: float = 0.0
     max_bad_batches: int = 0
     activation_checkpointing: bool = False
     seed: int = 0
@@ -34,6 +36,8 @@ class StepSettings:
             raise refuse("attention", repr(self.attention), f"one of {get_args(AttentionMode)}")
         if not self.z_loss_weight >= 0:
             raise refuse("z_loss_weight", self.z_loss_weight, "must be >= 0")
+        if not self.balance_weight >= 0:
+            raise refuse("balance_weight", self.balance_weight, "must be >= 0")
         if not isinstance(self.max_bad_batches, int) or self.max_bad_batches < 0:
             raise refuse("max_bad_batches", self.max_bad_batches, "must be an integer >= 0")
 
