@@ -4,8 +4,10 @@
 by `load_model` and decoded by transformers' `generate` (one 256-token canvas under a random
 prompt) under token routing and under block coresets. Per policy: unique experts per block of 32
 and per canvas (per decoder forward, mean over both layers), denoising forwards, tokens/s and the
-process's peak resident memory. Random weights never settle, so every canvas takes `--steps`
-forwards: the experts a forward touches are the measure, the speed is per forward.
+process's peak resident memory (`loaded_GiB`: resident right after loading, the safetensors
+still mapped lazily). At most `--steps` forwards per canvas: the experts a forward touches are
+the measure, the speed is per forward; random routers spread over the experts more evenly than
+trained ones do.
 `python -m dmoe_train.studies.bench_gemma_slice --out bench` writes
 `bench/gemma_slice.{md,json}`; `make bench` includes it."""
 

@@ -40,35 +40,35 @@ def points() -> list[StudyPoint]:
             free(
                 "topp", f"p={p}", "router=topp", BLOCKS, "router.min_experts=8", f"router.top_p={p}"
             )
-            for p in (0.5, 0.7, 0.9, 0.95)
+            for p in (0.5, 0.7, 0.9)
         ),
         *(
             free(name, f"c={c}", f"router={name}", BLOCKS, f"router.capacity={c}")
             for name in ("des_vote", "capacity_max")
-            for c in (16, 24, 32, 48)
+            for c in (16, 32)
         ),
-        *(
-            free("topk_cap", f"k={k}", "router=topk_cap", BLOCKS, f"router.top_k={k}")
-            for k in (2, 4, 6)
-        ),
-        *(free("dmoe", f"p={p}", "router=dmoe", f"router.top_p={p}") for p in (0.6, 0.9)),
-        *(free("llada22", f"c={c}", "router=llada22", f"router.capacity={c}") for c in (24, 48)),
+        *(free("topk_cap", f"k={k}", "router=topk_cap", BLOCKS, f"router.top_k={k}") for k in (4,)),
+        free("dmoe", "p=0.6", "router=dmoe", "router.top_p=0.6"),
+        free("llada22", "c=48", "router=llada22", "router.capacity=48"),
     ]
     # distilled from the base under token routing (KL, weight 1.0), as the main job trains
     routers = [
-        *(trained("trained", Training("router", p, distill="batch")) for p in (0.5, 0.7)),
-        trained("trained+lora", Training("router+lora", 0.7, trainable="router+lora",
-                                         distill="batch")),
-        trained("trained+dense", Training("router+dense", 0.7, trainable="router+dense",
-                                          distill="batch")),
-    ]  # fmt: skip
+        trained(method, Training(name, 0.5, trainable=name, distill="batch"))
+        for method, name in (
+            ("trained", "router"),
+            ("trained+lora", "router+lora"),
+            ("trained+dense", "router+dense"),
+        )
+    ]
     return [rules[0], *routers, *rules[1:]]
 
 
-def gemma_study(base: Path, out: Path) -> Study:
-    """`make pareto`'s store and runner, on the DiffusionGemma base and its presets."""
+def gemma_study(base: Path, out: Path, samples: int) -> Study:
+    """`make pareto`'s store and runner, on the DiffusionGemma base and its presets, measured on
+    the first `samples` test prompts."""
     study = Study(base, out, name="pareto_gemma", model="tiny_gemma", generation="tiny_gemma",
                   experiment="tiny_gemma_topp")  # fmt: skip
+    study.eval.append(f"generation.max_samples={samples}")
     return study
 
 
@@ -159,7 +159,12 @@ def report(rows: list[dict]) -> str:
         f"- >= {GOAL_RETAINED:.0%} of token routing's exact match at <= {GOAL_EXPERTS:.0%} of its "
         f"{token['experts_per_block']:.1f} experts per block: " + (", ".join(hits) or "not reached")
     )
-    return f"{table}\n\nGoal:\n\n{goal}"
+    base = (
+        f"- the reference: token routing's exact match on these prompts, "
+        f"{token['accuracy']:.1%}; a retained share above 1 means the trained set improved the "
+        "task itself, beyond what block routing costs"
+    )
+    return f"{table}\n\nGoal:\n\n{goal}\n{base}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -189,13 +194,14 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=BASE, help="a DiffusionGemma model directory")
     ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "results")
     ap.add_argument("--report-only", action="store_true", help="report the finished points")
+    ap.add_argument("--samples", type=int, default=200, help="test prompts per point")
     args = ap.parse_args()
     if not (args.base / "config.json").is_file():
         raise SystemExit(
             f"--base {args.base}: no config.json (the tiny DiffusionGemma base: "
             "python -m dmoe_train.studies.make_gemma_base)"
         )
-    study = gemma_study(args.base, args.out)
+    study = gemma_study(args.base, args.out, args.samples)
     study.claim()
     pts = points()
     if args.report_only:
