@@ -100,23 +100,20 @@ def test_two_ranks_match_one_process_and_resume(tmp_path, one_process, strategy)
 
 
 @pytest.mark.slow
-def test_diffusion_gemma_trains_on_two_ddp_ranks(tmp_path):
-    # transformers' model with its canvas objective under DDP: both ranks end with one router and
-    # one set of adapters. Not one process's: a sample's canvas logits depend on the pad width of
-    # its batch's prompts (left padding shifts the decoder's positions), so ranks differ from one
-    # process by up to 1e-3 after 6 steps
+def test_diffusion_gemma_two_ranks_match_one_process(tmp_path):
+    # transformers' model with its canvas objective: each sample's corruption and
+    # self-conditioning coin keyed by its index, prompts padded to one width on every rank and
+    # both losses over global counts, so two DDP ranks make one process's global batch (its
+    # resume is tests/training/test_gemma_training.py's, DDP's resume the LLaDA2 cases')
     base = tiny_gemma_dir(tmp_path / "base")
     gemma = ["experiment=tiny_gemma_topp", f"model.path={base}", "router.min_experts=4",
              "module.trainable=router+lora", "module.lora.rank=2"]  # fmt: skip
-    summary = _run(tmp_path / "full", *TWO_RANKS["ddp_cpu"], *gemma)
-    assert summary["world_size"] == 2 and summary["steps"] == 6
-    ranks = [torch.load(tmp_path / "full" / f"rank{r}.pt") for r in (0, 1)]
-    saved = router_of(tmp_path / "full")
-    assert ranks[0].keys() == ranks[1].keys() == saved.keys()
-    assert any(".lora_B." in n for n in saved) and any(".router.proj." in n for n in saved)
-    for name in saved:
-        assert torch.equal(ranks[0][name], ranks[1][name]), name  # replicas never drift
-        assert torch.equal(ranks[0][name], saved[name]), name
+    assert _run(tmp_path / "one", "data.batch_size=32", *gemma)["steps"] == 6
+    assert _run(tmp_path / "full", *TWO_RANKS["ddp_cpu"], *gemma)["world_size"] == 2
+    one, two = router_of(tmp_path / "one"), router_of(tmp_path / "full")
+    assert one.keys() == two.keys() and any(".lora_B." in n for n in one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=ATOL)
 
 
 @pytest.mark.slow

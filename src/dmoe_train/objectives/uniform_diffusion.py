@@ -72,9 +72,17 @@ def canvas_loss(
     return total / (corrupted.sum() if count is None else count).clamp_min(1)
 
 
-def autoregressive_loss(logits: Tensor, ids: Tensor, keep: Tensor) -> Tensor:
+def next_token_kept(keep: Tensor) -> Tensor:
+    """`[B, P-1]`: positions whose token and next token are both kept (not padding)."""
+    return keep[:, 1:] & keep[:, :-1]
+
+
+def autoregressive_loss(
+    logits: Tensor, ids: Tensor, keep: Tensor, count: Tensor | None = None
+) -> Tensor:
     """Next-token cross-entropy of the encoder's logits `[B, P, V]` over the prompt `ids`
-    `[B, P]`, on the positions whose next token is kept (`keep`: not padding)."""
-    targets, counted = ids[:, 1:], (keep[:, 1:] & keep[:, :-1]).float()
-    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-    return (ce * counted).sum() / counted.sum().clamp_min(1)
+    `[B, P]`, on the positions whose next token is kept (`keep`: not padding), over their count
+    (or `count`: the mean count over data-parallel ranks)."""
+    counted = next_token_kept(keep).float()
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    return (ce * counted).sum() / (counted.sum() if count is None else count).clamp_min(1)

@@ -184,8 +184,7 @@ class RouterFineTuner(L.LightningModule):
         keys = [hash((settings.step.seed, *key, int(i))) % 2**63 for i in batch["index"]]
         step = step_of(self.model, batch, keys, settings)
         out = step.forward(self.model, step.x0)
-        count = self.mean_count(out.masked)
-        losses = step.losses(out, count)
+        losses = step.losses(out, self.mean_count)
         reg = self.regularizer.size(out.routing, self.block_size, moe.top_k)
         z = router_z_loss(out.routing)
         balance = load_balance_loss(out.routing, moe.num_experts)

@@ -22,6 +22,7 @@ from dmoe_train.objectives.uniform_diffusion import (
     canvas_loss,
     corrupt,
     keyed_uniforms,
+    next_token_kept,
 )
 from dmoe_train.routing import Routing
 from dmoe_train.training.settings import FineTuneSettings
@@ -41,14 +42,15 @@ class Forward:
 class Step(Protocol):
     """One batch under one noise: `x0`, its clean tokens; `forward(call, x0)`, the noised
     forward of `x0` by `call` (the model, or the teacher's `functional_call`); `losses(out,
-    count)`, the named loss terms (`lm_loss` the diffusion loss) of a forward."""
+    count)`, the named loss terms (`lm_loss` the diffusion loss) of a forward, each sum over the
+    positions it scores divided by `count(positions)` (their count averaged over ranks)."""
 
     x0: Tensor
     mask_id: int | None
 
     def forward(self, call: Callable[..., Any], x0: Tensor) -> Forward: ...
 
-    def losses(self, out: Forward, count: Tensor) -> dict[str, Tensor]: ...
+    def losses(self, out: Forward, count: Callable[[Tensor], Tensor]) -> dict[str, Tensor]: ...
 
 
 class MaskedDiffusionStep:
@@ -76,10 +78,10 @@ class MaskedDiffusionStep:
         out = self.noised(call, x0=x0)
         return Forward(out.logits, out.masked, out.routing, {"t": out.t})
 
-    def losses(self, out: Forward, count: Tensor) -> dict[str, Tensor]:
+    def losses(self, out: Forward, count: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
         weighting = self.settings.noise.loss_weighting
         lm = masked_diffusion_loss(
-            out.logits, self.x0, out.masked, out.extra["t"], weighting, count
+            out.logits, self.x0, out.masked, out.extra["t"], weighting, count(out.masked)
         )
         return {"lm_loss": lm}
 
@@ -96,7 +98,9 @@ class CanvasStep:
     ) -> None:
         self.model, self.settings = model, settings
         text = model.config.text_config
-        self.batch = canvas_batch(batch, model.config.canvas_length, text.pad_token_id)
+        # prompts padded to the sequence length: the same width on every rank and batch
+        width = batch["input_ids"].shape[1]
+        self.batch = canvas_batch(batch, model.config.canvas_length, text.pad_token_id, width)
         self.x0, self.vocab = self.batch.canvas, text.vocab_size
         self.uniforms = keyed_uniforms(keys, self.x0.shape[1], self.x0.device)
 
@@ -109,12 +113,13 @@ class CanvasStep:
         out = canvas_forward(self.model, self.batch, x_t, conditioned, call)
         return Forward(out.logits, corrupted, out.routing, {"encoder_logits": out.encoder_logits})
 
-    def losses(self, out: Forward, count: Tensor) -> dict[str, Tensor]:
+    def losses(self, out: Forward, count: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+        keep = self.batch.keep
         encoder = autoregressive_loss(
-            out.extra["encoder_logits"], self.batch.prompts, self.batch.keep
+            out.extra["encoder_logits"], self.batch.prompts, keep, count(next_token_kept(keep))
         )
         return {
-            "lm_loss": canvas_loss(out.logits, self.x0, out.masked, count),
+            "lm_loss": canvas_loss(out.logits, self.x0, out.masked, count(out.masked)),
             "encoder_loss": self.settings.canvas.encoder_loss_weight * encoder,
         }
 

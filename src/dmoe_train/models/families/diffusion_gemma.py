@@ -183,11 +183,15 @@ class CanvasBatch:
     supervised: Tensor
 
 
-def canvas_batch(batch: dict, canvas_length: int, pad_id: int) -> CanvasBatch:
+def canvas_batch(
+    batch: dict, canvas_length: int, pad_id: int, width: int | None = None
+) -> CanvasBatch:
     """`input_ids` `[B, L]` = prompt + response + eos padding, `prompt_len` `[B]` -> the prompts
-    left-padded with `pad_id` and the canvas that follows each prompt."""
+    left-padded with `pad_id` to `width` (None: the longest prompt) and the canvas that follows
+    each prompt. The pad width shifts the decoder's positions, so training pads to a width that
+    does not depend on the batch: a sample computes the same on any rank."""
     ids, lens = batch["input_ids"], batch["prompt_len"].tolist()
-    width = max(lens)
+    width = max(lens) if width is None else max(width, *lens)
     prompts = ids.new_full((len(lens), width), pad_id)
     keep = torch.zeros(prompts.shape, dtype=torch.bool, device=ids.device)
     canvas = ids.new_full((len(lens), canvas_length), pad_id)
