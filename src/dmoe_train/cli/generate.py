@@ -73,6 +73,9 @@ def run_generate(cfg: DictConfig) -> dict | None:
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         rank, world = accelerator.process_index, accelerator.num_processes
+        # every rank has checked out_dir before any writes into it (else a rank that checks
+        # late sees the others' first files and refuses the directory)
+        accelerator.wait_for_everyone()
         device = accelerator.device
         model = instantiate(cfg.model, device="cpu" if device.type == "cpu" else str(device))
     else:
