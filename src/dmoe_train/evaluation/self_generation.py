@@ -122,7 +122,7 @@ def generate_split(
     decoded."""
     for sub in (ROWS, COUNTS):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    if not (out_dir / SETTINGS).is_file():
+    if rank == 0 and not (out_dir / SETTINGS).is_file():  # one writer: ranks share its temp name
         write_json(out_dir / SETTINGS, record)
     n_rows = rows_asked(data, split, max_rows)
     todo = [
