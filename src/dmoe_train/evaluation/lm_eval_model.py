@@ -212,12 +212,18 @@ class DiffusionLM(LM):
                 self.blocks + gen.blocks,
                 self.tokens_out + gen.tokens.numel(),
             )
-            for (_, kwargs), tokens, n in zip(batch, gen.tokens, lengths, strict=True):
-                text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
-                until = kwargs.get("until") or []
-                out.append(stop_at(text, [until] if isinstance(until, str) else until))
+            out += self.answers(batch, gen.tokens, lengths)
             bar.update(len(batch))
         bar.close()
+        return out
+
+    def answers(self, batch: list, tokens: torch.Tensor, lengths: list[int]) -> list[str]:
+        """Each request's generated `tokens`, cut at its `max_gen_toks` and stop sequences."""
+        out = []
+        for (_, kwargs), row, n in zip(batch, tokens, lengths, strict=True):
+            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            until = kwargs.get("until") or []
+            out.append(stop_at(text, [until] if isinstance(until, str) else until))
         return out
 
     @torch.no_grad()
@@ -369,10 +375,7 @@ class CanvasLM(DiffusionLM):
             self.block_sum += float(sum(b.sum() for b in gen.per_block))
             self.canvas_sum += float(sum(c.sum() for c in gen.per_canvas))
             self.counted += sum(b.numel() for b in gen.per_block)
-            for (_, kwargs), tokens, n in zip(batch, gen.tokens.cpu(), lengths, strict=True):
-                text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
-                until = kwargs.get("until") or []
-                out.append(stop_at(text, [until] if isinstance(until, str) else until))
+            out += self.answers(batch, gen.tokens.cpu(), lengths)
             bar.update(len(batch))
         bar.close()
         return out
