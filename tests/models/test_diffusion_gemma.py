@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from peft.tuners.lora.layer import ParamWrapper
+from torch.distributed.device_mesh import init_device_mesh
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
 from dmoe_train.data.tokenizer import char_tokenizer
@@ -16,6 +17,7 @@ from dmoe_train.models.families.diffusion_gemma import (
     text_only_config,
 )
 from dmoe_train.models.lora import ExpertLora, RoutedRowsLora, add_expert_lora, merge_expert_lora
+from dmoe_train.models.sharding import load_shards, shard_model
 from dmoe_train.objectives.expert_metrics import unique_experts_per_block
 from dmoe_train.routing import RULES, RoutingPolicy
 from dmoe_train.settings import SettingError
@@ -141,9 +143,38 @@ def test_load_model_picks_the_family_and_routes_by_the_policy(tmp_path):
         want = reference(input_ids=ids, decoder_input_ids=canvas_ids).logits
         got = model(input_ids=ids, decoder_input_ids=canvas_ids).logits
     assert torch.equal(got, want)
-    # FSDP's meta-device load is refused up front, naming the trainer setting
-    with pytest.raises(ValueError, match=r"gemma: trainer=fsdp does not shard DiffusionGemma"):
-        load_model(tmp_path / "gemma", device="meta")
+
+
+def _sharded_logits(rank: int, path: str, init_file: str, out: str) -> None:
+    """A one-rank mesh: the meta model sharded as trainer=fsdp shards it and loaded shard by
+    shard; its logits on the test inputs."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=0,
+                                         world_size=1)  # fmt: skip
+    try:
+        model = load_model(path, device="meta", routing=RoutingPolicy("token", block_size=16))
+        shard_model(model, init_device_mesh("cpu", (1,)))
+        load_shards(model, path, torch.device("cpu"))
+        ids, canvas_ids = _inputs(model.config)
+        with torch.no_grad():
+            torch.save(model.eval()(input_ids=ids, decoder_input_ids=canvas_ids).logits, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_sharded_load_of_the_meta_model_is_the_model(tmp_path):
+    # the encoder's and the decoder's layers stay tied on the meta device and in one FSDP unit,
+    # the computed buffers (rotary frequencies, embedding scale) survive materialisation
+    model = random_model(tiny_config())
+    model.save_pretrained(tmp_path / "gemma")
+    empty = load_model(tmp_path / "gemma", device="meta")
+    weight = empty.model.encoder.language_model.layers[0].router.proj.weight
+    assert weight.is_meta and weight is empty.model.decoder.layers[0].router.proj.weight
+    args = (str(tmp_path / "gemma"), str(tmp_path / "init"), str(tmp_path / "logits.pt"))
+    torch.multiprocessing.spawn(_sharded_logits, args=args, nprocs=1)
+    ids, canvas_ids = _inputs(model.config)
+    with torch.no_grad():
+        want = model(input_ids=ids, decoder_input_ids=canvas_ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-5, atol=1e-5)
 
 
 def test_adapters_run_on_the_routed_rows_as_peft_computes_them_and_merge_into_both_sides():

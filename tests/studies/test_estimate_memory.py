@@ -5,8 +5,11 @@ import pytest
 from helpers import PROJECT_ROOT
 
 from dmoe_train.models import TRAINABLE_SETS  # noqa: E402
+from dmoe_train.models.families.diffusion_gemma import text_only_config
 from dmoe_train.studies.estimate_memory import (
     BF16,
+    CANVAS_26B,
+    DIFFUSION_GEMMA_26B,
     Layout,
     broadcast_bucket,
     estimate,
@@ -72,3 +75,15 @@ def test_every_trainable_set_counts_its_own_weights():
     assert counts["router+lora"] - counts["router"] == lora
     assert counts["router+lora+shared"] - counts["router"] == lora + shared
     assert counts["router+experts"] - counts["router"] == layers * 3 * e * h * i
+
+
+def test_fsdp_holds_every_diffusion_gemma_layer_gathered():
+    # the encoder's and the decoder's layer i are one unit, gathered from one pass to the other
+    cfg = text_only_config(CANVAS_26B, **DIFFUSION_GEMMA_26B)
+    counts = parameter_counts(cfg, "router")
+    weights = estimate(cfg, 16, 1, Layout("fsdp", 8))["weights"]
+    layers = cfg.text_config.num_hidden_layers
+    frozen_shard = (counts.total - counts.trained) * BF16 / 8
+    assert weights == pytest.approx(
+        frozen_shard + layers * counts.layer * BF16 + counts.root * BF16
+    )

@@ -99,21 +99,36 @@ def test_two_ranks_match_one_process_and_resume(tmp_path, one_process, strategy)
         assert torch.equal(resumed[name], uninterrupted[name]), name
 
 
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory) -> tuple[list[str], Path]:
+    """The tiny DiffusionGemma's router+lora fine-tune and its one-process run."""
+    base = tiny_gemma_dir(tmp_path_factory.mktemp("gemma_base"))
+    overrides = ["experiment=tiny_gemma_topp", f"model.path={base}", "router.min_experts=4",
+                 "module.trainable=router+lora", "module.lora.rank=2"]  # fmt: skip
+    one = tmp_path_factory.mktemp("gemma_one")
+    assert _run(one, "data.batch_size=32", *overrides)["steps"] == 6
+    return overrides, one
+
+
 @pytest.mark.slow
-def test_diffusion_gemma_two_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", sorted(TWO_RANKS))
+def test_diffusion_gemma_two_ranks_match_one_process_and_resume(tmp_path, gemma, strategy):
     # transformers' model with its canvas objective: each sample's corruption and
     # self-conditioning coin keyed by its index, prompts padded to one width on every rank and
-    # both losses over global counts, so two DDP ranks make one process's global batch (its
-    # resume is tests/training/test_gemma_training.py's, DDP's resume the LLaDA2 cases')
-    base = tiny_gemma_dir(tmp_path / "base")
-    gemma = ["experiment=tiny_gemma_topp", f"model.path={base}", "router.min_experts=4",
-             "module.trainable=router+lora", "module.lora.rank=2"]  # fmt: skip
-    assert _run(tmp_path / "one", "data.batch_size=32", *gemma)["steps"] == 6
-    assert _run(tmp_path / "full", *TWO_RANKS["ddp_cpu"], *gemma)["world_size"] == 2
-    one, two = router_of(tmp_path / "one"), router_of(tmp_path / "full")
+    # both losses over global counts, so two ranks make one process's global batch. Under FSDP
+    # the encoder's and the decoder's layer i (one set of tied weights) are one unit
+    overrides, one_dir = gemma
+    assert _run(tmp_path / "full", *TWO_RANKS[strategy], *overrides)["world_size"] == 2
+    one, two = router_of(one_dir), router_of(tmp_path / "full")
     assert one.keys() == two.keys() and any(".lora_B." in n for n in one)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=ATOL)
+    stop = ["+callbacks.stop._target_=helpers.InterruptAtStep", "+callbacks.stop.step=3"]
+    assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *overrides, *stop) == {}
+    assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *overrides, *stop)["steps"] == 6
+    resumed = router_of(tmp_path / "resumed")
+    for name in two:
+        assert torch.equal(resumed[name], two[name]), name
 
 
 @pytest.mark.slow

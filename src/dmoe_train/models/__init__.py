@@ -86,11 +86,6 @@ def load_model(
     if kind == GEMMA:
         if expert_cache is not None:
             raise ValueError(f"model path {path}: no expert cache for DiffusionGemma yet")
-        if device is not None and torch.device(device).type == "meta":
-            raise ValueError(
-                f"model path {path}: trainer=fsdp does not shard DiffusionGemma yet (its encoder"
-                " and decoder tie one set of layers); use a DDP trainer or one device"
-            )
         return load_diffusion_gemma(path, dtype=dtype, device=device, routing=routing)
     family = FAMILIES[kind]
     return family.from_pretrained(

@@ -159,16 +159,19 @@ def estimate(
     weights = (counts.total - counts.trained) * BF16 / layout.shard  # the frozen base
     # FSDP: the current and the prefetched layer, whole (fp32 where its experts train), and the
     # root unit (embedding, head), which FSDP2 keeps gathered from forward through backward:
-    # measured 5.9 GiB added per rank against 4.6 estimated without it on the full-width slice
+    # measured 5.9 GiB added per rank against 4.6 estimated without it on the full-width slice.
+    # DiffusionGemma's encoder and decoder layer i are one unit (one set of tied weights),
+    # gathered from the encoder's pass to the decoder's: every layer at once
+    text = cfg.text_config if gemma else cfg
     dtype = FP32 if trainable in ("router+experts", "all") else BF16
     root = counts.root * (FP32 if trainable == "all" else BF16)
-    gathered = 2 * counts.layer * dtype + root if layout.shard > 1 else 0
+    held = text.num_hidden_layers if gemma else 2
+    gathered = held * counts.layer * dtype + root if layout.shard > 1 else 0
     # fp32 master + grad + Adam m, v, and the step's temporaries: AdamW computes sqrt(v) / c
     # out of place, one more fp32 copy of the trainable set (all at once under foreach, the
     # CUDA default; two of the largest tensor at a time on the CPU: measured 16.6 GiB added
     # against 13.4 estimated without this term, for the 2-layer full-width slice's experts)
     optimizer = counts.trained * (FP32 * 5) / layout.shard
-    text = cfg.text_config if gemma else cfg
     per_layer = gemma_layer_activations(text, tokens) if gemma else layer_activations(cfg, tokens)
     scored = tokens if gemma else seq * micro_batch  # encoder + canvas; the x_t half
     logits = scored * text.vocab_size * (BF16 + 2 * FP32)  # fp32 CE + grad
@@ -195,8 +198,9 @@ def table(
     lines = [
         f"Per-GPU memory (GB), {counts.total / 1e9:.2f}B parameters "
         f"({counts.trained / 1e6:.1f}M trainable: "
-        f"{trainable}), seq {seq}, micro batch {micro_batch}: frozen weights bf16 (+2 gathered "
-        "layers and the embedding and head under FSDP), the trainable set fp32 + grad + AdamW "
+        f"{trainable}), seq {seq}, micro batch {micro_batch}: frozen weights bf16 (+"
+        + ("every layer" if is_gemma(cfg) else "2 layers")
+        + " gathered and the embedding and head under FSDP), the trainable set fp32 + grad + AdamW "
         "+ the step's fp32 temporaries, activations of "
         + ("the prompt and the canvas" if is_gemma(cfg) else "[x_t ; x_0]")
         + " with and without per-layer checkpointing (under DDP a total is at least the "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate import init_empty_weights
 from torch import Tensor, nn
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
@@ -150,15 +151,39 @@ def load_diffusion_gemma(
 ) -> DiffusionGemmaForBlockDiffusion:
     """transformers' model from a local directory (never the hub), with our routing installed:
     `routing`, else the one its config.json records (`ROUTING_KEY`, an export's), else token
-    routing (the published model's)."""
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-        str(path), local_files_only=True, dtype=dtype, device_map=device
-    )
+    routing (the published model's). `device="meta"`: its weights on the meta device, for a
+    sharded load (`models.sharding.load_shards`)."""
+    if device is not None and torch.device(device).type == "meta":
+        model = empty_diffusion_gemma(path, dtype)
+    else:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+            str(path), local_files_only=True, dtype=dtype, device_map=device
+        )
     recorded = json.loads((Path(path) / "config.json").read_text()).get(ROUTING_KEY)
     if routing is None and recorded is not None:
         routing = RoutingPolicy.from_record(recorded)
     install_routing(model.eval(), routing or RoutingPolicy("token"), encoder)
     return model
+
+
+def empty_diffusion_gemma(
+    path: str | Path, dtype: torch.dtype | None
+) -> DiffusionGemmaForBlockDiffusion:
+    """transformers' model of the directory's config with its weights on the meta device and
+    tied as `from_pretrained` ties them; its buffers are real (the rotary frequencies and the
+    embedding scale are computed, not read)."""
+    config = DiffusionGemmaConfig.from_pretrained(str(path), local_files_only=True)
+    with init_empty_weights(include_buffers=False):
+        model = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=dtype)
+    model.tie_weights()
+    model.name_or_path = str(path)
+    return model
+
+
+def layer_pairs(model: DiffusionGemmaForBlockDiffusion) -> list[list[nn.Module]]:
+    """The encoder's and the decoder's layer i: one set of weights (transformers ties them)."""
+    encoder, decoder = model.model.encoder.language_model.layers, model.model.decoder.layers
+    return [[e, d] for e, d in zip(encoder, decoder, strict=True)]
 
 
 def save_with_routing(model: DiffusionGemmaForBlockDiffusion, path: str | Path) -> None:
