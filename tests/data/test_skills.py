@@ -1,9 +1,11 @@
+import hashlib
+import json
 import random
 
 import pytest
 
 from dmoe_train.data.module import data_module
-from dmoe_train.data.skills import GENERATORS, SKILLS, skills_split
+from dmoe_train.data.skills import BROAD, GENERATORS, SKILLS, final_answer, skills_split
 
 
 def test_splits_are_disjoint_seeded_and_hold_1000_test_problems():
@@ -21,8 +23,49 @@ def test_splits_are_disjoint_seeded_and_hold_1000_test_problems():
 
 
 def test_every_answer_spans_two_blocks_of_32_and_fits_96_tokens():
-    for row in skills_split("test", 1000):
-        assert len(row["response"]) >= 33 and len(row["prompt"]) + len(row["response"]) < 96
+    for row in skills_split("test", 1200, skills=BROAD):
+        assert 47 <= len(row["response"]) <= 53
+        assert len(row["prompt"]) + len(row["response"]) < 96
+
+
+def test_the_four_skill_data_is_what_the_shipped_bases_were_trained_and_tested_on():
+    # digests of the first 400 rows of each split as the four-skill suite wrote them before the
+    # broad suite existed: every skill draws from its own stream
+    digests = {
+        "train": "d229ba3f4ece1ee67daf01bd877ecaea6f1d47e13d5b1da9cd19bdc36745b8b4",
+        "test": "d82c2a951acc190f7a5d601fa93865e6cf3d9540b5c8e2ed7291c9d0c7d86d02",
+    }
+    for split, digest in digests.items():
+        rows = json.dumps(skills_split(split, 400, 0)).encode()
+        assert hashlib.sha256(rows).hexdigest() == digest
+    broad = skills_split("test", 1200, 0, skills=BROAD)
+    assert [r for r in broad if r["skill"] == "sort"][:50] == [
+        r for r in skills_split("test", 400, 0) if r["skill"] == "sort"
+    ][:50]
+    assert [r["skill"] for r in broad[:12]] == list(BROAD)
+
+
+class Digits(random.Random):
+    """Draws `randrange` values from a fixed list."""
+
+    def __init__(self, *values: int) -> None:
+        super().__init__(0)
+        self.values = iter(values)
+
+    def randrange(self, *_):
+        return next(self.values)
+
+
+def test_subtraction_writes_every_column_with_its_borrow():
+    prompt, answer = GENERATORS["sub"](Digits(937, 4821))  # drawn in either order: a >= b
+    assert prompt == "sub 004821-000937="
+    assert answer == "1-7-0=14 2-3-1=18 8-9-1=18 4-0-1=03 0-0-0=00 0-0-0=00"
+
+
+def test_multiplication_by_a_digit_writes_every_column_with_its_carry():
+    prompt, answer = GENERATORS["mul"](Digits(4821, 7))
+    assert prompt == "mul 004821*7="
+    assert answer == "1*7+0=07 2*7+0=14 8*7+1=57 4*7+5=33 0*7+3=03 0*7+0=00"
 
 
 def test_addition_writes_every_column_with_its_carry():
@@ -63,11 +106,39 @@ def test_answers_follow_their_skill(skill):
             assert row["response"].split(" ") == sorted(body)
         elif skill == "reverse":
             assert row["response"].split(" ") == list(reversed(body))
-        else:
+        elif skill == "count":
             counts = dict(pair.split("=") for pair in row["response"].split(" "))
             assert list(counts) == list("0123456789")  # every digit, in order, even if absent
             assert {d: int(c) for d, c in counts.items()} == {d: body.count(d) for d in counts}
             assert all(len(c) == 2 for c in counts.values()) and len(body) == 24
+
+
+@pytest.mark.parametrize("skill", BROAD[len(SKILLS) :])
+def test_broad_answers_follow_their_skill(skill):
+    rows = [r for r in skills_split("validation", 480, skills=BROAD) if r["skill"] == skill]
+    assert len(rows) == 40
+    for row in rows:
+        body = row["prompt"].split(" ", 1)[1].rstrip("=")
+        fields = row["response"].split(" ")
+        if skill in ("sub", "mul"):
+            a, b = body.split("-" if skill == "sub" else "*")
+            digits = "".join(c[-1] for c in reversed(fields))
+            want = int(a) - int(b) if skill == "sub" else int(a) * int(b)
+            assert int(fields[-1][-2] + digits if skill == "mul" else digits) == want
+        elif skill in ("max", "min"):
+            pick = max if skill == "max" else min
+            assert fields == [pick(body[: i + 1]) for i in range(24)]
+            assert all(abs(int(x) - int(y)) == 1 for x, y in zip(body, body[1:], strict=False))
+        elif skill == "parity":
+            assert fields == [str(body[: i + 1].count("1") % 2) for i in range(24)]
+        elif skill == "copy":
+            assert fields == list(body)
+        elif skill == "dedup":
+            assert fields == list(dict.fromkeys(body)) and len(body) == 36 and len(fields) == 25
+        else:
+            depths = [body[: i + 1].count("(") - body[: i + 1].count(")") for i in range(24)]
+            assert fields == [str(d) for d in depths] and min(depths) >= 0 and max(depths) <= 9
+        assert final_answer(row["response"]) == fields[-1]
 
 
 def test_the_data_module_serves_skills_with_their_names(tokenizer_dir):
@@ -108,3 +179,20 @@ def test_held_out_skills_never_enter_the_train_split(tokenizer_dir):
         data_module(str(tokenizer_dir), "skills", train_skills=["add", "lookup"], **sizes)
     with pytest.raises(ValueError, match=r"^train_skills=\['add'\]: only for source=skills"):
         data_module(str(tokenizer_dir), "arithmetic", train_skills=["add"], **sizes)
+
+
+def test_a_suite_and_a_test_side_selection_pick_the_skills(tokenizer_dir):
+    sizes = {"max_seq_len": 96, "train_size": 24, "val_size": 12, "test_size": 12}
+    dm = data_module(str(tokenizer_dir), "skills", suite="broad", **sizes,
+                     train_skills=["dedup", "mul"], test_skills=["brackets", "add"])  # fmt: skip
+    dm.setup()
+    assert set(dm.splits["train"]["skill"]) == {"dedup", "mul"}
+    assert dm.splits["test"]["skill"] == ["brackets", "add"] * 6
+    assert set(dm.splits["validation"]["skill"]) == {"brackets", "add"}
+    with pytest.raises(ValueError, match=r"^suite=wide: must be one of \['broad', 'four'\]"):
+        data_module(str(tokenizer_dir), "skills", suite="wide", **sizes)
+    # the four-skill suite has no dedup: named with the suite
+    with pytest.raises(
+        ValueError, match=r"^test_skills=\['dedup'\]: unknown \['dedup'\] in suite=four"
+    ):
+        data_module(str(tokenizer_dir), "skills", test_skills=["dedup"], **sizes)

@@ -96,3 +96,20 @@ def test_eval_of_an_export_measures_against_its_base(tmp_path):
     alone = evaluate(tmp_path / "alone", f"model.path={exported}")
     assert alone["reference"].startswith(f"the export {exported} itself under token routing")
     assert "is not at hand" in alone["reference"]
+
+
+def test_skills_report_exact_match_and_the_final_answer_per_skill(tmp_path):
+    # the 256-expert base on two skills it knows and two of the broad suite it never saw
+    metrics = evaluate(
+        tmp_path / "eval", "model=tiny256", "generation=tiny256", "data=broad_skills",
+        "data.test_size=16", "data.test_skills=[sort,count,max,parity]", "reference_token=false",
+    )  # fmt: skip
+    skills = ["sort", "count", "max", "parity"] * 4
+    exact, final = metrics["correct"], metrics["final_answer_correct"]
+    assert len(exact) == len(final) == 16 and all(f for e, f in zip(exact, final, strict=True) if e)
+    for key, hits in (("accuracy_by_skill", exact), ("final_answer_by_skill", final)):
+        assert metrics[key] == {
+            s: sum(h for k, h in zip(skills, hits, strict=True) if k == s) / 4
+            for s in sorted(set(skills))
+        }
+    assert metrics["accuracy_by_skill"]["sort"] > 0 == metrics["accuracy_by_skill"]["max"]

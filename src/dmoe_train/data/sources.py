@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dmoe_train.data.arithmetic import arithmetic_split
 from dmoe_train.data.own_files import read_rows
-from dmoe_train.data.skills import SKILLS, skills_split
+from dmoe_train.data.skills import SUITES, skills_split
 from dmoe_train.settings import SettingError, refuse
 
 
@@ -45,39 +45,43 @@ class ArithmeticSource:
 
 @dataclass(frozen=True)
 class SkillsSource:
-    """The embedded multi-skill task; `train_skills`: the skills the train split holds (None:
-    all; validation and test keep all): held-out skills enter training in no form."""
+    """The embedded skills task: `suite` `four` (the shipped bases') or `broad` (12 skills);
+    `train_skills`: the skills the train split holds, `test_skills`: those validation and test
+    hold (None: the suite's all). Held-out skills enter training in no form."""
 
     train_size: int
     val_size: int
     test_size: int
+    suite: str = "four"
     train_skills: tuple[str, ...] | None = None
+    test_skills: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_sizes(self)
-        if self.train_skills is None:
-            return
-        skills = list(self.train_skills)
-        object.__setattr__(self, "train_skills", tuple(skills))
-        if not skills:
-            raise SettingError("train_skills", f"=[]: empty; name at least one of {list(SKILLS)}")
-        unknown = [s for s in skills if s not in SKILLS]
-        if unknown:
-            raise refuse(
-                "train_skills", skills, f"unknown {unknown}; each must be one of {list(SKILLS)}"
-            )
+        if self.suite not in SUITES:
+            raise refuse("suite", self.suite, f"must be one of {sorted(SUITES)}")
+        for key in ("train_skills", "test_skills"):
+            chosen = getattr(self, key)
+            if chosen is None:
+                continue
+            skills = list(chosen)
+            object.__setattr__(self, key, tuple(skills))
+            names = list(SUITES[self.suite])
+            if not skills:
+                raise SettingError(key, f"=[]: empty; name at least one of {names}")
+            unknown = [s for s in skills if s not in names]
+            if unknown:
+                why = f"unknown {unknown} in suite={self.suite}; each must be one of {names}"
+                raise refuse(key, skills, why)
 
     def splits(self, seed: int, tokenizer: PreTrainedTokenizerBase) -> dict[str, Dataset]:
         sizes = {"train": self.train_size, "validation": self.val_size, "test": self.test_size}
+        every = SUITES[self.suite]
+        held = {"train": self.train_skills or every}
         return {
             split: Dataset.from_list(
-                skills_split(
-                    split,
-                    size,
-                    seed,
-                    skills=(self.train_skills or SKILLS) if split == "train" else SKILLS,
-                )
-            )  # fmt: skip
+                skills_split(split, size, seed, skills=held.get(split, self.test_skills or every))
+            )
             for split, size in sizes.items()
         }
 

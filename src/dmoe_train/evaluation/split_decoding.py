@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from dmoe_train.data.module import DiffusionDataModule
+from dmoe_train.data.skills import final_answer
 from dmoe_train.evaluation.sampler import BlockDecode, decode_blocks
 from dmoe_train.memory import peak_memory_bytes, resident_bytes
 from dmoe_train.models.adapted_weights import changes_routed_experts, read_manifest
@@ -196,6 +197,7 @@ class _Tally:
     unique_masked: list[Tensor] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)  # per sample, in test order
     skills: list[str] = field(default_factory=list)
+    final: list[bool] = field(default_factory=list)  # skills: the answer's last field right
     samples: int = 0
     tokens_out: int = 0
     seconds: float = 0.0
@@ -238,8 +240,11 @@ def decode_split(
         gen_length = settings.gen_length or data.max_seq_len - min(len(p) for p in prompts)
         out = decode_prompts(model, prompts, gen_length, settings)
         texts = data.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
-        correct = [answer_correct(t, a) for t, a in zip(texts, batch["answer"], strict=False)]
+        answers = list(zip(texts, batch["answer"], strict=False))
+        correct = [answer_correct(t, a) for t, a in answers]
         tally.add(out, correct, batch.get("skill", [])[: len(prompts)], gen_length)
+        if "skill" in batch:
+            tally.final += [final_answer(t.strip()) == final_answer(a.strip()) for t, a in answers]
     timer.remove()
     return _metrics(model, settings, tally, timer)
 
@@ -314,9 +319,9 @@ def interleaved_latency(
     }
 
 
-def _by_skill(tally: _Tally) -> dict[str, float]:
+def _by_skill(tally: _Tally, correct: list[bool]) -> dict[str, float]:
     hits: dict[str, list[bool]] = {}
-    for skill, ok in zip(tally.skills, tally.correct, strict=True):
+    for skill, ok in zip(tally.skills, correct, strict=True):
         hits.setdefault(skill, []).append(ok)
     return {skill: sum(h) / len(h) for skill, h in sorted(hits.items())}
 
@@ -355,15 +360,20 @@ class MemoryMeasures:
 @dataclass(frozen=True)
 class DecodeMetrics:
     """What decoding a split measured (`metrics.json` is `to_dict()`): exact match (per sample,
-    per skill), unique experts per block (mean over MoE layers, forwards and samples; per layer;
-    masked positions only), expert bytes per block and per generated token, load balance,
-    experts and expert FLOPs per token, speed, memory, and what was decoded how."""
+    per skill; on the skills tasks the final answer's too), unique experts per block (mean over
+    MoE layers, forwards and samples; per layer; masked positions only), expert bytes per block
+    and per generated token, load balance, experts and expert FLOPs per token, speed, memory,
+    and what was decoded how."""
 
     policy: dict
     samples: int
     accuracy: float
     correct: list[int]  # per sample: intervals, paired comparisons
     accuracy_by_skill: dict[str, float] | None
+    # the skills tasks: whether the answer's last field (its result) is right, as benchmarks
+    # that score a final answer after a chain count
+    final_answer_correct: list[int] | None
+    final_answer_by_skill: dict[str, float] | None
     unique_experts_per_block: float
     unique_experts_per_block_per_layer: list[float]
     unique_experts_per_block_masked: float
@@ -411,7 +421,9 @@ def _metrics(
         samples=tally.samples,
         accuracy=sum(tally.correct) / max(tally.samples, 1),
         correct=[int(c) for c in tally.correct],
-        accuracy_by_skill=_by_skill(tally) if tally.skills else None,
+        accuracy_by_skill=_by_skill(tally, tally.correct) if tally.skills else None,
+        final_answer_correct=[int(c) for c in tally.final] if tally.final else None,
+        final_answer_by_skill=_by_skill(tally, tally.final) if tally.final else None,
         unique_experts_per_block=float(per_layer.mean()),
         unique_experts_per_block_per_layer=per_layer.tolist(),
         unique_experts_per_block_masked=float(torch.cat(tally.unique_masked).mean()),
