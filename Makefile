@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare pareto pareto-gemma gemma-base ec-study sweep bench bench-cache bench-cache-20
+.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare pareto calibrate pareto-gemma gemma-base ec-study sweep bench bench-cache bench-cache-20
 
 venv: $(VENV)/.installed
 
@@ -56,6 +56,12 @@ compare: venv
 # results/pareto.{csv,md,png}; finished points are kept under results/pareto/ and not recomputed
 pareto: venv
 	$(BIN)/python -m dmoe_train.studies.pareto $(ARGS)
+
+# the proxy bases against LLaDA2.0-mini's published training-free figures at the same relative
+# budgets (exact match and the final answer) -> results/calibration.{md,csv}; points kept under
+# results/calibration/<base>/
+calibrate: venv
+	$(BIN)/python -m dmoe_train.studies.calibrate $(ARGS)
 
 # block routing on DiffusionGemma (transformers' own MoE dLLM): training-free rules and trained
 # routers on the tiny base -> results/pareto_gemma.{csv,md,png}; points kept under

@@ -60,7 +60,7 @@ PAID = ("forwards_per_block", "expert_bytes_per_generated_token")
 
 class Study:
     """Where a study reads its base and keeps its points (`<out>/<name>/`), and the presets its
-    evaluations (`model`, `generation`: the skills test split, no training data needed) and its
+    evaluations (`model`, `generation`, `data`: its test split, no training data needed) and its
     trained points (`experiment`) start from."""
 
     def __init__(
@@ -71,11 +71,12 @@ class Study:
         model: str = "tiny256",
         generation: str = "tiny256",
         experiment: str = "tiny256_topp",
+        data: str = "skills",
     ) -> None:
         self.base, self.store = base, out / name
         self.generated = self.store / "generated"  # dmoe-generate of the two skills' prompts
         model_at = [f"model={model}", f"model.path={base}"]
-        self.eval = [*model_at, "data=skills", "data.train_size=64", f"generation={generation}"]
+        self.eval = [*model_at, f"data={data}", "data.train_size=64", f"generation={generation}"]
         self.train = [f"experiment={experiment}", f"model.path={base}"]
 
     def generated_data(self) -> None:

@@ -1,0 +1,46 @@
+"""`make calibrate`: the proxy's points at the published rules' relative budgets, and retained
+shares under both measures against the published figures."""
+
+import pytest
+
+from dmoe_train.studies import calibrate
+from dmoe_train.studies.calibrate import PUBLISHED, ProxyBase, markdown, rule_point
+
+
+def test_each_published_rule_is_measured_at_its_share_of_token_routings_experts():
+    # 77.7 experts per block under token routing: 38/84 of it is 35.15, 25/84 is 23.13
+    points = [rule_point(p, 77.7) for p in PUBLISHED]
+    assert [p.label for p in points] == ["c=35", "c=23", "k=4"]
+    assert points[0].routing == ("router=des_vote", "router.block_size=32", "router.capacity=35")
+    assert points[2].routing == ("router=topk_cap", "router.block_size=32", "router.top_k=4")
+
+
+def test_rows_give_both_measures_and_the_gap_to_the_published_figure(tmp_path, monkeypatch):
+    # 80 experts (capacities 36 and 24), 10 prompts: token routing right on 8 (every final
+    # answer right); each rule on fewer
+    exact = {"token": [1] * 8 + [0] * 2, "c=36": [1] * 6 + [0] * 4, "c=24": [1] * 4 + [0] * 6,
+             "k=4": [1] * 2 + [0] * 8}  # fmt: skip
+    experts = {"token": 80.0, "c=36": 35.0, "c=24": 23.0, "k=4": 50.0}
+
+    def measure(self, point, refresh=True):
+        assert self.eval[2] == "data=broad_skills"
+        final = [1] * len(exact[point.label])  # every final answer right
+        return {"unique_experts_per_block": experts[point.label], "correct": exact[point.label],
+                "final_answer_correct": final}  # fmt: skip
+
+    monkeypatch.setattr(calibrate.PointStore, "measure", measure)
+    monkeypatch.setattr(calibrate.PointStore, "claim", lambda self: None)
+    base = ProxyBase.parse(f"proxy={tmp_path}@broad_skills")
+    rows = calibrate.calibrate(base, tmp_path)
+    des45 = next(r for r in rows if r["measure"] == "correct" and r["point"] == "c=36")
+    assert des45["share"] == pytest.approx(35 / 80) and des45["retained"] == pytest.approx(6 / 8)
+    assert des45["gap"] == pytest.approx(6 / 8 - 0.995)
+    assert des45["retained_lo"] <= des45["retained"] <= des45["retained_hi"]
+    final = [r for r in rows if r["measure"] == "final_answer_correct"]
+    assert [r["retained"] for r in final] == [1.0, 1.0, 1.0]
+    report = markdown(rows)
+    # 100% kept against the published 99.5% and 96.4%: 3.6 points off at the smaller budget
+    verdict = "DES-Vote within 3% of the published figures on the final answer: no (largest gap 3.6"
+    assert verdict in report
+    with pytest.raises(SystemExit, match="--base proxy: expected LABEL=PATH"):
+        ProxyBase.parse("proxy")
