@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from dmoe_train.data.skills import BROAD, SKILLS
 from dmoe_train.models import load_model
 
 MAKE_BASE = (sys.executable, "-m", "dmoe_train.studies.make_base")
@@ -24,16 +25,19 @@ def test_a_few_steps_write_a_base_that_loads(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_256_expert_recipe_writes_its_regime_and_per_skill_quality(tmp_path):
+@pytest.mark.parametrize(("base", "skills"), [("tiny256", SKILLS), ("tiny256-broad", BROAD)])
+def test_the_256_expert_recipe_writes_its_regime_and_per_skill_quality(tmp_path, base, skills):
     out = tmp_path / "base256"
-    run = [*MAKE_BASE, "--base", "tiny256", "--steps", "2", "--test-size", "8"]
+    run = [*MAKE_BASE, "--base", base, "--steps", "2", "--test-size", "12"]
     run += ["--train-size", "200", "--val-size", "16"]
     run += ["--eval-every", "0", "--out", str(out)]
     done = subprocess.run(run, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     quality = json.loads((out / "quality.json").read_text())
-    assert set(quality["exact_match_by_skill"]) == {"add", "sort", "reverse", "count"}
-    assert quality["test_problems"] == 8 and quality["decoding"]["threshold"] == 0.95
+    assert (
+        set(quality["exact_match_by_skill"]) == set(quality["final_answer_by_skill"]) == set(skills)
+    )
+    assert quality["test_problems"] == 12 and quality["decoding"]["threshold"] == 0.95
     cfg = load_model(out).config
     regime = (cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group)
     assert regime == (256, 8, 8, 4) and cfg.num_shared_experts == 1

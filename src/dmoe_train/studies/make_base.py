@@ -1,6 +1,7 @@
 """Train a shipped LLaDA2-MoE base from scratch on CPU: `--base tiny` (`assets/tiny-llada2`,
-32 experts, arithmetic, blocks of 8) or `--base tiny256` (`assets/tiny256-llada2`, LLaDA2.0-mini's
-routing regime: 256 experts, top-8, 4 of 8 groups, the multi-skill task, blocks of 32).
+32 experts, arithmetic, blocks of 8), `--base tiny256` (`assets/tiny256-llada2`, LLaDA2.0-mini's
+routing regime: 256 experts, top-8, 4 of 8 groups, the four skills, blocks of 32) or
+`--base tiny256-broad` (the same regime on the broad suite of 12 skills).
 
 All parameters, the block-diffusion loss, per-token routing, and LLaDA2's auxiliary-loss-free load
 balancing: after every step each router's `expert_bias` moves by `--bias-rate` towards the mean
@@ -64,6 +65,12 @@ BASES: dict[str, dict] = {
         preset="tiny256", source="skills", out="assets/tiny256-llada2", max_seq_len=96,
         block_size=32, steps=4000, batch_size=48, lr=3e-3, train_size=100000, test_size=1000,
         threshold=0.95,
+    ),
+    # the same regime on the broad suite of 12 skills (data=broad_skills): the calibrated proxy
+    "tiny256-broad": dict(
+        preset="tiny256", source="skills", suite="broad", out="assets/tiny256-broad-llada2",
+        max_seq_len=96, block_size=32, steps=4000, batch_size=48, lr=3e-3, train_size=100000,
+        test_size=1200, threshold=0.95,
     ),
 }  # fmt: skip
 
@@ -188,10 +195,11 @@ def main() -> None:
     tok_dir = Path(tempfile.mkdtemp())
     tokenizer.save_pretrained(tok_dir)
     (tok_dir / "config.json").write_text(json.dumps(model.config.to_dict()))
+    suite = {"suite": args.suite} if "suite" in BASES[args.base] else {}
     data = data_module(
         str(tok_dir), source=args.source, max_seq_len=args.max_seq_len,
         batch_size=args.batch_size, train_size=args.train_size, val_size=args.val_size,
-        test_size=args.test_size,
+        test_size=args.test_size, **suite,
     )  # fmt: skip
     data.setup()
     curve = train_base(model, data, args)
@@ -208,6 +216,7 @@ def main() -> None:
         "test_problems": test.samples,
         "exact_match": test.accuracy,
         "exact_match_by_skill": test.accuracy_by_skill or {},
+        "final_answer_by_skill": test.final_answer_by_skill or {},
         "correct": test.correct,  # per test problem: paired intervals between bases
         "unique_experts_per_block": test.unique_experts_per_block,
         "share_of_experts_per_block": test.unique_experts_per_block / model.config.num_experts,
