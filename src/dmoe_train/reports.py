@@ -22,6 +22,20 @@ def write_csv(path: Path, head: Sequence[str], rows: Iterable[Sequence[Any]]) ->
         writer.writerows(rows)
 
 
+def accuracy_line(ax: Any, rows: list[dict], x: str, label: str, bold: bool = False) -> Any:
+    """One method's points: `accuracy` against `x`, with their interval bars
+    (`accuracy_lo`, `accuracy_hi`); the line (its colour marks the method's other marks)."""
+    return ax.errorbar(
+        [r[x] for r in rows],
+        [r["accuracy"] for r in rows],
+        yerr=[
+            [r["accuracy"] - r["accuracy_lo"] for r in rows],
+            [r["accuracy_hi"] - r["accuracy"] for r in rows],
+        ],
+        marker="o", ms=4, capsize=2, lw=2 if bold else 1, label=label,
+    )  # fmt: skip
+
+
 def save_figure(fig: Any, axes: Any, path: Path, legend: bool = True) -> None:
     """A grid on each of `axes` (one, or a sequence), the legend on the last, a tight layout,
     saved at 120 dpi."""

@@ -35,7 +35,12 @@ from dmoe_train.evaluation.frontier import (  # noqa: E402
 )
 from dmoe_train.locations import PROJECT_ROOT  # noqa: E402
 from dmoe_train.models import LLaDA2MoeConfig  # noqa: E402
-from dmoe_train.reports import markdown_table, save_figure, write_csv  # noqa: E402
+from dmoe_train.reports import (  # noqa: E402
+    accuracy_line,
+    markdown_table,
+    save_figure,
+    write_csv,
+)
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 from dmoe_train.studies.estimate_memory import parameter_counts  # noqa: E402
 from dmoe_train.studies.pareto_points import (  # noqa: E402
@@ -498,20 +503,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for method, rs in by_method(rows).items():
         if method in ("ablation", "held-out"):  # own tables; the figure shows frontiers
             continue
-        err = [
-            [r["accuracy"] - r["accuracy_lo"] for r in rs],
-            [r["accuracy_hi"] - r["accuracy"] for r in rs],
-        ]
-        line = ax.errorbar(
-            [r["experts"] for r in rs],
-            [r["accuracy"] for r in rs],
-            yerr=err,
-            marker="o",
-            ms=4,
-            capsize=2,
-            lw=2 if method == "trained" else 1,
-            label=method,
-        )
+        line = accuracy_line(ax, rs, "experts", method, bold=method == "trained")
         hollow = [r for r in rs if r["dominated"]]
         ax.scatter(
             [r["experts"] for r in hollow],

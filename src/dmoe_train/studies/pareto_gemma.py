@@ -20,7 +20,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dmoe_train.evaluation.frontier import Point, bootstrap_intervals, dominated  # noqa: E402
 from dmoe_train.locations import ASSETS, PROJECT_ROOT  # noqa: E402
-from dmoe_train.reports import markdown_table, save_figure, write_csv  # noqa: E402
+from dmoe_train.reports import accuracy_line, markdown_table, save_figure, write_csv  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 from dmoe_train.studies.pareto import Study  # noqa: E402
 from dmoe_train.studies.pareto_points import StudyPoint, Training, free, trained  # noqa: E402
@@ -174,15 +174,7 @@ def plot(rows: list[dict], path: Path) -> None:
         methods.setdefault(r["method"], []).append(r)
     for method, rs in methods.items():
         rs = sorted(rs, key=lambda r: r["experts_per_block"])
-        ax.errorbar(
-            [r["experts_per_block"] for r in rs],
-            [r["accuracy"] for r in rs],
-            yerr=[
-                [r["accuracy"] - r["accuracy_lo"] for r in rs],
-                [r["accuracy_hi"] - r["accuracy"] for r in rs],
-            ],
-            marker="o", ms=4, capsize=2, lw=2 if method.startswith("trained") else 1, label=method,
-        )  # fmt: skip
+        accuracy_line(ax, rs, "experts_per_block", method, bold=method.startswith("trained"))
     ax.set_xlabel("unique experts per block of 32 (mean over MoE layers, forwards, prompts)")
     ax.set_ylabel("exact match (95% bootstrap CI)")
     ax.set_title("DiffusionGemma, 128 experts, top-8, canvas 64: the same test prompts")
