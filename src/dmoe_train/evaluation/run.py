@@ -184,11 +184,24 @@ CACHE_COLUMNS = (
     ("peak resident MB", lambda m: f"{m['peak_resident_expert_bytes'] / 2**20:.1f}"),
 )
 
+# DiffusionGemma's canvases (`run_canvas_eval`)
+CANVAS_COLUMNS = (
+    ("policy", lambda m: m["policy"]["name"]),
+    ("rule", lambda m: RoutingPolicy.from_record(m["policy"]).rule),
+    ("unique experts/block", lambda m: f"{m['unique_experts_per_block']:.2f}"),
+    ("unique experts/canvas", lambda m: f"{m['unique_experts_per_canvas']:.2f}"),
+    ("forwards/canvas", lambda m: f"{m['forwards_per_canvas']:.2f}"),
+    ("tokens/forward", lambda m: f"{m['tokens_per_forward']:.2f}"),
+    ("accuracy", lambda m: f"{m['accuracy']:.3f}"),
+    ("retained", _retained),
+    ("expert KB/token", lambda m: f"{m['expert_bytes_per_generated_token'] / 2**10:.1f}"),
+)
 
-def format_table(rows: list[dict], names: list[str] | None = None) -> str:
-    """A markdown table of metrics rows (`names` label them, default: the policy); the cache's
-    columns when a row decoded under `generation.expert_cache`."""
-    columns = COLUMNS
+
+def format_table(rows: list[dict], names: list[str] | None = None, columns: tuple = COLUMNS) -> str:
+    """A markdown table of metrics rows (`names` label them, default: the policy) in `columns`
+    (`CANVAS_COLUMNS` for DiffusionGemma's canvases); the cache's columns when a row decoded
+    under `generation.expert_cache`."""
     if any("expert_cache" in m for m in rows):
         columns += tuple(
             (c, lambda m, f=f: f(m) if "expert_cache" in m else "-") for c, f in CACHE_COLUMNS
@@ -234,31 +247,7 @@ def run_canvas_eval(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
-    log.info("\n%s\nmetrics: %s", format_canvas_table([metrics]), out / "metrics.json")
-    return metrics
-
-
-CANVAS_COLUMNS = (
-    ("policy", lambda m: m["policy"]["name"]),
-    ("rule", lambda m: RoutingPolicy.from_record(m["policy"]).rule),
-    ("unique experts/block", lambda m: f"{m['unique_experts_per_block']:.2f}"),
-    ("unique experts/canvas", lambda m: f"{m['unique_experts_per_canvas']:.2f}"),
-    ("forwards/canvas", lambda m: f"{m['forwards_per_canvas']:.2f}"),
-    ("tokens/forward", lambda m: f"{m['tokens_per_forward']:.2f}"),
-    ("accuracy", lambda m: f"{m['accuracy']:.3f}"),
-    ("retained", _retained),
-    ("expert KB/token", lambda m: f"{m['expert_bytes_per_generated_token'] / 2**10:.1f}"),
-)
-
-
-def format_canvas_table(rows: list[dict], names: list[str] | None = None) -> str:
-    """`format_table` for DiffusionGemma's canvases."""
-    head = [*(["run"] if names else []), *(c for c, _ in CANVAS_COLUMNS)]
-    labels = names or [None] * len(rows)
-    return markdown_table(
-        head,
-        (
-            [*([name] if names else []), *(fmt(m) for _, fmt in CANVAS_COLUMNS)]
-            for name, m in zip(labels, rows, strict=True)
-        ),
+    log.info(
+        "\n%s\nmetrics: %s", format_table([metrics], columns=CANVAS_COLUMNS), out / "metrics.json"
     )
+    return metrics
