@@ -79,6 +79,25 @@ class ModelArgs:
     offload_dir: str | None = None
 
 
+POLICY_KEYS = {"top_p", "min_experts", "capacity"}  # model_args a `routing` preset takes
+
+
+def route_as_asked(
+    model: Any, routing: str | None, router: str | None, model_args: dict, block_length: int
+) -> None:
+    """The routing `model_args` ask for: the `routing` preset with its `POLICY_KEYS`, on the
+    decoding blocks, and the adapted weights of `router` under it (or under their own)."""
+    policy = None
+    if routing is not None:
+        with settings_of("model_args"):  # a bad top_p, min_experts or capacity is named there
+            policy = instantiate({**preset("router", routing), **_pick(model_args, POLICY_KEYS)})
+        policy = replace(policy, block_size=block_length)
+    if router is not None:
+        load_adapted(model, router, policy)
+    elif policy is not None:
+        set_policy(model, policy)
+
+
 @register_model("dmoe")
 class DiffusionLM(LM):
     latest: DiffusionLM | None = None  # the instance `dmoe-lm-eval` reports on
@@ -98,10 +117,9 @@ class DiffusionLM(LM):
         router, routing, decoding, device = args.router, args.routing, args.decoding, args.device
         dtype, max_memory, offload_dir = args.dtype, args.max_memory, args.offload_dir
         batch_size, mc_samples, seed = args.batch_size, args.mc_samples, args.seed
-        policy_keys = {"top_p", "min_experts", "capacity"}
         decoding_keys = {"block_length", "steps", "threshold", "gen_length", "expert_cache"}
         decoding_keys |= {"expert_store"}
-        unknown = set(overrides) - policy_keys - decoding_keys - {"max_batch_size"}
+        unknown = set(overrides) - POLICY_KEYS - decoding_keys - {"max_batch_size"}
         if unknown:
             raise ValueError(f"model_args {sorted(unknown)}: unknown to the dmoe model")
         picked = _pick(overrides, decoding_keys)
@@ -123,15 +141,7 @@ class DiffusionLM(LM):
             self._device = next(self.model.parameters()).device
         self.model.eval()
         self.tokenizer = load_tokenizer(pretrained)
-        policy = None
-        if routing is not None:
-            with settings_of("model_args"):  # top_p, min_experts, capacity arrive there
-                policy = instantiate({**preset("router", routing), **_pick(overrides, policy_keys)})
-            policy = replace(policy, block_size=self.settings.block_length)
-        if router is not None:
-            load_adapted(self.model, router, policy)
-        elif policy is not None:
-            self.model.set_routing(policy)
+        route_as_asked(self.model, routing, router, overrides, self.settings.block_length)
         self.policy: RoutingPolicy = self.model.config.routing
         self.router = router  # the report says whose router routes: the base's, or this one
         if self.policy.uses_blocks and self.policy.block_size != self.settings.block_length:
@@ -317,8 +327,8 @@ class CanvasLM(DiffusionLM):
     def __init__(self, pretrained: str, **model_args: Any) -> None:
         LM.__init__(self)
         own = {"router", "routing", "decoding", "batch_size", "dtype", "device", "seed"}
-        policy_keys, decoding_keys = {"top_p", "min_experts", "capacity"}, {"steps", "block_length"}
-        unknown = set(model_args) - own - policy_keys - decoding_keys - {"max_batch_size"}
+        decoding_keys = {"steps", "block_length"}
+        unknown = set(model_args) - own - POLICY_KEYS - decoding_keys - {"max_batch_size"}
         if unknown:
             raise ValueError(f"model_args {sorted(unknown)}: unknown to the dmoe canvas model")
         picked = {k: int(v) for k, v in _pick(model_args, decoding_keys).items()}
@@ -329,19 +339,11 @@ class CanvasLM(DiffusionLM):
         dtype = getattr(torch, model_args.get("dtype", "float32"))
         self.model = load_model(pretrained, dtype=dtype, device=self._device).eval()
         self.tokenizer = load_tokenizer(pretrained)
-        policy = None
-        if "routing" in model_args:
-            with settings_of("model_args"):
-                chosen = {
-                    **preset("router", model_args["routing"]),
-                    **_pick(model_args, policy_keys),
-                }
-                policy = replace(instantiate(chosen), block_size=self.settings.block_length)
         self.router = model_args.get("router")
-        if self.router is not None:
-            load_adapted(self.model, self.router, policy)
-        elif policy is not None:
-            set_policy(self.model, policy)
+        route_as_asked(
+            self.model, model_args.get("routing"), self.router, model_args,
+            self.settings.block_length,
+        )  # fmt: skip
         self.policy = policy_of(self.model)
         self.batch_size = int(model_args.get("batch_size", 8))
         self.seed = int(model_args.get("seed", 0))
