@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare pareto calibrate pareto-gemma gemma-base ec-study sweep bench bench-cache bench-cache-20
+.PHONY: venv venv-deepspeed test test-slow test-all lint train retrofit compare pareto calibrate breadth pareto-gemma gemma-base ec-study sweep bench bench-cache bench-cache-20
 
 venv: $(VENV)/.installed
 
@@ -62,6 +62,11 @@ pareto: venv
 # results/calibration/<base>/
 calibrate: venv
 	$(BIN)/python -m dmoe_train.studies.calibrate $(ARGS)
+
+# routers trained on k of the broad suite's skills, tested on the held-out ones, against k ->
+# results/breadth.{md,csv,png}; needs the broad base (make_base --base tiny256-broad)
+breadth: venv
+	$(BIN)/python -m dmoe_train.studies.breadth $(ARGS)
 
 # block routing on DiffusionGemma (transformers' own MoE dLLM): training-free rules and trained
 # routers on the tiny base -> results/pareto_gemma.{csv,md,png}; points kept under

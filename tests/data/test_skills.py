@@ -196,3 +196,13 @@ def test_a_suite_and_a_test_side_selection_pick_the_skills(tokenizer_dir):
         ValueError, match=r"^test_skills=\['dedup'\]: unknown \['dedup'\] in suite=four"
     ):
         data_module(str(tokenizer_dir), "skills", test_skills=["dedup"], **sizes)
+
+
+def test_own_rows_under_the_skills_preset_leave_its_suite_unused(tmp_path):
+    # a study trains on the base's generations with data=skills data.source=<rows>
+    from dmoe_train.data.sources import FileSource, data_source
+
+    kind = data_source(str(tmp_path / "rows"), suite="four", train_size=8, test_skills=None)
+    assert isinstance(kind, FileSource)
+    with pytest.raises(ValueError, match=r"^train_skills=\['add'\]: only for source=skills"):
+        data_source(str(tmp_path / "rows"), suite="four", train_skills=["add"])

@@ -126,7 +126,7 @@ class FileSource:
 DataSource = ArithmeticSource | SkillsSource | FileSource
 EMBEDDED = {"arithmetic": ArithmeticSource, "skills": SkillsSource}
 # the settings of the embedded tasks that a preset may carry and own files do not use
-EMBEDDED_ONLY = ("train_size", "val_size", "test_size", "max_digits")
+EMBEDDED_ONLY = ("train_size", "val_size", "test_size", "max_digits", "suite")
 
 
 def data_source(source: str, **settings: Any) -> DataSource:

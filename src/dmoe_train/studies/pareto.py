@@ -78,22 +78,22 @@ class Study:
         experiment: str = "tiny256_topp",
         data: str = "skills",
     ) -> None:
-        self.base, self.store = base, out / name
+        self.base, self.store, self.data = base, out / name, data
         self.generated = self.store / "generated"  # dmoe-generate of the two skills' prompts
         model_at = [f"model={model}", f"model.path={base}"]
         self.eval = [*model_at, f"data={data}", "data.train_size=64", f"generation={generation}"]
         self.train = [f"experiment={experiment}", f"model.path={base}"]
 
-    def generated_data(self) -> None:
-        """The base's own decodes (token routing) of 4000 train prompts of the two training
-        skills (`dmoe-generate`), written once; the generated row trains on these."""
+    def generated_data(self, out: Path, skills: tuple[str, ...]) -> None:
+        """The base's own decodes (token routing) of 4000 train prompts of `skills`
+        (`dmoe-generate` into `out`), written once; generated rows train on these."""
         cmd = [
             sys.executable, "-m", "dmoe_train.cli.generate", "model=tiny256",
-            f"model.path={self.base}", "data=skills", f"data.train_skills=[{','.join(TWO_SKILLS)}]",
-            "generation=tiny256", "max_rows=4000", f"out_dir={self.generated}",
-            f"hydra.run.dir={self.generated}",
+            f"model.path={self.base}", f"data={self.data}",
+            f"data.train_skills=[{','.join(skills)}]", "generation=tiny256", "max_rows=4000",
+            f"out_dir={out}", f"hydra.run.dir={out}",
         ]  # fmt: skip
-        if not (self.generated / "summary.json").is_file():
+        if not (out / "summary.json").is_file():
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
     def train_point(self, point: StudyPoint) -> tuple[Path, float]:
@@ -103,8 +103,8 @@ class Study:
         def timed() -> dict:
             # a resumed run counts only its own last part: the cost of an uninterrupted one is
             # what the report shows, from a run that was not interrupted
-            if point.training.generated:
-                self.generated_data()
+            if (out := point.training.generated) is not None:
+                self.generated_data(out, point.training.generated_from)
             began = time.time()
             train_run(run_dir, [*self.train, *point.training.overrides()])
             return {"train_seconds": time.time() - began}

@@ -32,6 +32,7 @@ class Training:
     lr: float | None = None
     skills: tuple[str, ...] | None = None  # the train split's skills (None: all four)
     generated: Path | None = None  # trains on these rows of the base's own generations
+    generated_from: tuple[str, ...] = TWO_SKILLS  # of these skills' train prompts
 
     @property
     def set_label(self) -> str:

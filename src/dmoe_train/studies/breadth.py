@@ -1,0 +1,224 @@
+"""`make breadth`: how broad router-training data must be to keep the skills it never saw.
+
+Routers trained on k of the broad suite's N skills (k = 2, 4, 8 and N - 2, the skills drawn by a
+seed, two draws at the smallest k) and tested on all N: exact match on the held-out skills
+against k, for `router` and `router+lora+shared` (the best cheap set), trained on the base's own
+generations of the training skills' prompts (`dmoe-generate`), without and with KL to the
+token-routed base; beside token routing and the training-free coreset of the same size
+(DES-Vote at the trained point's unique experts per block). 95% paired-bootstrap intervals over
+the held-out prompts on every point; every point is stored as it finishes (`<out>/breadth/`) and
+a rerun resumes. Writes `<out>/breadth.{md,csv,png}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dmoe_train.data.skills import BROAD  # noqa: E402
+from dmoe_train.evaluation.frontier import Point, bootstrap_intervals  # noqa: E402
+from dmoe_train.locations import PROJECT_ROOT  # noqa: E402
+from dmoe_train.reports import markdown_table, save_figure, write_csv  # noqa: E402
+from dmoe_train.studies.pareto import Study  # noqa: E402
+from dmoe_train.studies.pareto_points import (  # noqa: E402
+    BLOCKS,
+    StudyPoint,
+    Training,
+    free,
+    trained,
+)
+
+BASE = PROJECT_ROOT / "assets" / "tiny256-broad-llada2"
+KS = (2, 4, 8, len(BROAD) - 2)
+SETS = ("router", "router+lora+shared")
+GOAL_HELD_OUT = 0.95  # of token routing's exact match on the held-out skills
+
+
+@dataclass(frozen=True)
+class Draw:
+    """The k skills one router family trains on (`index`: which draw at this k)."""
+
+    k: int
+    index: int
+    skills: tuple[str, ...]
+
+    @property
+    def slug(self) -> str:
+        return f"k{self.k}_{self.index}"
+
+    @property
+    def held_out(self) -> tuple[str, ...]:
+        return tuple(s for s in BROAD if s not in self.skills)
+
+
+def draws(seed: int = 0) -> list[Draw]:
+    """Each k's skills, drawn by `seed` (two draws at the smallest k), in the suite's order."""
+    out = []
+    for k in KS:
+        for index in range(2 if k == KS[0] else 1):
+            drawn = random.Random(f"breadth-{seed}-{k}-{index}").sample(BROAD, k)
+            out.append(Draw(k, index, tuple(s for s in BROAD if s in drawn)))
+    return out
+
+
+def trainings(draw: Draw, store: Path) -> list[StudyPoint]:
+    """The draw's trained points: each set on the base's generations, without and with KL."""
+    return [
+        trained(
+            f"k={draw.k}",
+            Training(
+                f"{trainable}{' KL' if kl else ''} on {'+'.join(draw.skills)}",
+                0.6,
+                trainable=trainable,
+                distill="batch" if kl else None,
+                generated=store / "generated" / draw.slug,
+                generated_from=draw.skills,
+            ),
+        )  # fmt: skip
+        for trainable in SETS
+        for kl in (False, True)
+    ]
+
+
+def coreset_of_size(experts: float) -> StudyPoint:
+    """The training-free coreset with the trained point's unique experts per block."""
+    c = max(1, round(experts))
+    return free("des_vote", f"c={c}", "router=des_vote", BLOCKS, f"router.capacity={c}")
+
+
+def held_out_rows(draw: Draw, points: list[tuple[str, dict]], token: dict) -> list[dict]:
+    """Exact match on the draw's held-out prompts (test prompts interleave the suite's skills
+    in order: prompt i is skill i mod N) and its share of token routing's, paired intervals."""
+    n = len(token["correct"])
+    held = np.array([BROAD[i % len(BROAD)] in draw.held_out for i in range(n)])
+    as_points = [
+        Point(name, name, m["unique_experts_per_block"], np.array(m["correct"])[held])
+        for name, m in [("token", token), *points]
+    ]
+    ci = bootstrap_intervals(as_points[1:], as_points[0])
+    reference = max(as_points[0].accuracy, 1e-9)
+    return [
+        {
+            "k": draw.k,
+            "draw": draw.index,
+            "train_skills": "+".join(draw.skills),
+            "point": p.label,
+            "experts": p.experts,
+            "held_out": p.accuracy,
+            "held_out_lo": ci["accuracy"][i, 0],
+            "held_out_hi": ci["accuracy"][i, 1],
+            "retained": p.accuracy / reference,
+            "retained_lo": ci["retained"][i, 0],
+            "retained_hi": ci["retained"][i, 1],
+            "token_held_out": as_points[0].accuracy,
+        }  # fmt: skip
+        for i, p in enumerate(as_points[1:])
+    ]
+
+
+def measure_draw(study: Study, draw: Draw, token: dict) -> list[dict]:
+    """The draw's trained points and, beside each, the coreset of its size."""
+    rows = []
+    for point in trainings(draw, study.store):
+        m = study.measure(point)
+        coreset = coreset_of_size(m["unique_experts_per_block"])
+        pair = [(point.name, m), (f"coreset {coreset.name}", study.measure(coreset))]
+        trained_row, coreset_row = held_out_rows(draw, pair, token)
+        trained_row["coreset_held_out"] = coreset_row["held_out"]
+        trained_row["coreset_held_out_hi"] = coreset_row["held_out_hi"]
+        rows.append(trained_row)
+    return rows
+
+
+CSV_COLUMNS = (
+    "k", "draw", "train_skills", "point", "experts", "held_out", "held_out_lo", "held_out_hi",
+    "retained", "retained_lo", "retained_hi", "token_held_out", "coreset_held_out",
+)  # fmt: skip
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["k", "draw", "point", "experts/block", "held-out exact match [95%]",
+            "of token routing [95%]", "coreset of that size", "above it"]  # fmt: skip
+    table = markdown_table(
+        head,
+        (
+            (
+                r["k"],
+                r["draw"],
+                r["point"],
+                f"{r['experts']:.2f}",
+                f"{r['held_out']:.1%} [{r['held_out_lo']:.1%}, {r['held_out_hi']:.1%}]",
+                f"{r['retained']:.1%} [{r['retained_lo']:.1%}, {r['retained_hi']:.1%}]",
+                f"{r['coreset_held_out']:.1%}",
+                "yes" if r["held_out_lo"] > r["coreset_held_out_hi"] else "no",
+            )  # fmt: skip
+            for r in rows
+        ),
+    )
+    kept = sorted(
+        {r["k"] for r in rows if r["retained"] >= GOAL_HELD_OUT}
+        - {r["k"] for r in rows if r["held_out"] < r["coreset_held_out"]}
+    )
+    verdict = (
+        f"- the smallest k whose held-out skills keep >= {GOAL_HELD_OUT:.0%} of token routing's "
+        "exact match (some point) and never fall below the coreset of the same size (every "
+        f"point): {kept[0] if kept else 'none of ' + str(sorted({r['k'] for r in rows}))}"
+    )
+    return f"{table}\n\n{verdict}"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in dict.fromkeys(r["point"].split(" on ")[0] for r in rows):
+        rs = sorted((r for r in rows if r["point"].startswith(name + " on")), key=lambda r: r["k"])
+        ax.errorbar(
+            [r["k"] for r in rs], [r["retained"] for r in rs],
+            yerr=[[r["retained"] - r["retained_lo"] for r in rs],
+                  [r["retained_hi"] - r["retained"] for r in rs]],
+            marker="o", ms=4, capsize=2, label=name,
+        )  # fmt: skip
+    coreset = sorted(rows, key=lambda r: r["k"])
+    ax.plot([r["k"] for r in coreset],
+            [r["coreset_held_out"] / max(r["token_held_out"], 1e-9) for r in coreset],
+            "x", c="grey", label="coreset of the same size")  # fmt: skip
+    ax.axhline(GOAL_HELD_OUT, ls="--", c="grey", lw=0.8, label=f"{GOAL_HELD_OUT:.0%} of token")
+    ax.set_xlabel(f"skills in the training data (of {len(BROAD)})")
+    ax.set_ylabel("held-out exact match / token routing's (95% CI)")
+    save_figure(fig, ax, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", type=Path, default=BASE, help="a base trained on the broad suite")
+    ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "results")
+    ap.add_argument("--seed", type=int, default=0, help="draws the training skills")
+    args = ap.parse_args()
+    if not (args.base / "model.safetensors").is_file():
+        raise SystemExit(
+            f"--base {args.base}: no model.safetensors (the broad-suite base: "
+            "python -m dmoe_train.studies.make_base --base tiny256-broad)"
+        )
+    study = Study(args.base, args.out, name="breadth", data="broad_skills")
+    study.claim()
+    token = study.measure(free("token", "token", "router=token", BLOCKS))
+    rows = [
+        row for d in tqdm(draws(args.seed), desc="draws") for row in measure_draw(study, d, token)
+    ]
+    write_csv(args.out / "breadth.csv", CSV_COLUMNS, ([r[k] for k in CSV_COLUMNS] for r in rows))
+    table = markdown(rows)
+    (args.out / "breadth.md").write_text(f"# Held-out skills against training breadth\n\n{table}\n")
+    plot(rows, args.out / "breadth.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""`make breadth`: the draws of training skills, the trained points on the base's generations,
+and held-out exact match measured on the held-out skills' prompts only."""
+
+import pytest
+
+from dmoe_train.data.skills import BROAD
+from dmoe_train.studies import breadth
+from dmoe_train.studies.breadth import Draw, draws, held_out_rows, markdown, trainings
+
+
+def test_draws_are_seeded_subsets_of_each_size_two_at_the_smallest():
+    drawn = draws(0)
+    assert [(d.k, d.index) for d in drawn] == [(2, 0), (2, 1), (4, 0), (8, 0), (10, 0)]
+    assert all(len(d.skills) == d.k and set(d.skills) <= set(BROAD) for d in drawn)
+    assert drawn[0].skills != drawn[1].skills and draws(0) == drawn and draws(1) != drawn
+    assert set(drawn[4].held_out) | set(drawn[4].skills) == set(BROAD)
+
+
+def test_each_set_trains_on_the_generations_of_its_skills_without_and_with_kl(tmp_path):
+    draw = Draw(2, 0, ("sub", "copy"))
+    points = trainings(draw, tmp_path)
+    assert [p.name for p in points] == [
+        "router on sub+copy", "router KL on sub+copy",
+        "router+lora+shared on sub+copy", "router+lora+shared KL on sub+copy",
+    ]  # fmt: skip
+    kl = points[3].training.overrides()
+    assert f"data.source={tmp_path / 'generated' / 'k2_0' / 'rows'}" in kl
+    assert "module.distill_weight=1.0" in kl and "module.trainable=router+lora+shared" in kl
+    assert points[3].training.generated_from == ("sub", "copy")
+    assert not any("distill" in o for o in points[0].training.overrides())
+
+
+def test_held_out_exact_match_counts_only_the_held_out_prompts():
+    # 24 prompts, two of each skill in the suite's order; trained on the first 10 skills
+    draw = Draw(10, 0, BROAD[:10])
+    token = {"correct": [1] * 24, "unique_experts_per_block": 70.0}
+    # right on every trained-skill prompt, on one of the four held-out ones
+    correct = [0 if BROAD[i % 12] in BROAD[10:] else 1 for i in range(24)]
+    correct[10] = 1  # prompt 10: skill BROAD[10], held out
+    row, coreset = held_out_rows(
+        draw, [("router", {"correct": correct, "unique_experts_per_block": 9.0}),
+               ("coreset", {"correct": [0] * 24, "unique_experts_per_block": 9.0})], token,
+    )  # fmt: skip
+    assert row["held_out"] == pytest.approx(1 / 4) and row["retained"] == pytest.approx(1 / 4)
+    assert coreset["held_out"] == 0.0 and row["token_held_out"] == 1.0
+    assert row["held_out_lo"] <= 0.25 <= row["held_out_hi"]
+
+
+def test_the_verdict_names_the_smallest_breadth_that_keeps_the_held_out_skills(
+    tmp_path, monkeypatch
+):
+    def measure(self, point, refresh=True):
+        # 48 prompts, 4 of each skill: trained points keep everything from k = 8 on; coresets
+        # keep the first two of each skill's four
+        if point.training is None:
+            half = [int(i < 24) for i in range(48)]
+            correct = [1] * 48 if point.method == "token" else half
+        else:
+            k = int(point.method.split("=")[1])
+            correct = [int(k >= 8)] * 48
+        return {"correct": correct, "unique_experts_per_block": 10.0}
+
+    monkeypatch.setattr(breadth.Study, "measure", measure)
+    study = breadth.Study(tmp_path, tmp_path, name="breadth", data="broad_skills")
+    token = measure(None, breadth.free("token", "token"))
+    rows = [r for d in draws(0) for r in breadth.measure_draw(study, d, token)]
+    assert len(rows) == 20 and {r["coreset_held_out"] for r in rows} == {0.5}
+    assert "never fall below the coreset of the same size (every point): 8" in markdown(rows)
+    breadth.plot(rows, tmp_path / "breadth.png")
+    assert (tmp_path / "breadth.png").stat().st_size > 0
