@@ -38,6 +38,7 @@ def test_the_256_expert_recipe_writes_its_regime_and_per_skill_quality(tmp_path,
         set(quality["exact_match_by_skill"]) == set(quality["final_answer_by_skill"]) == set(skills)
     )
     assert quality["test_problems"] == 12 and quality["decoding"]["threshold"] == 0.95
+    assert quality["recipe"]["suite"] == ("broad" if base == "tiny256-broad" else None)
     cfg = load_model(out).config
     regime = (cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group)
     assert regime == (256, 8, 8, 4) and cfg.num_shared_experts == 1
@@ -66,3 +67,22 @@ def test_an_expert_choice_base_trains_balanced_and_records_its_curve(tmp_path):
     # expert choice balances by construction: the bias is never moved
     biases = [layer.mlp.gate.expert_bias for layer in model.model.layers[1:]]
     assert all(float(b.float().abs().max()) == 0.0 for b in biases)
+
+
+def test_router_noise_moves_training_scores_only():
+    from dmoe_train.models import build_model
+    from dmoe_train.studies.make_base import add_router_noise
+
+    plain, noisy = build_model("tiny", seed=0), build_model("tiny", seed=0)
+    add_router_noise(noisy, 1.0, seed=0)
+    ids = torch.randint(3, 60, (2, 8))
+    with torch.no_grad():
+        for model in (plain, noisy):
+            model.eval()
+        eval_scores = [m(ids).routing[0].scores for m in (plain, noisy)]
+        for model in (plain, noisy):
+            model.train()
+        train_scores = [m(ids).routing[0].scores for m in (plain, noisy)]
+    assert torch.equal(eval_scores[0], eval_scores[1])
+    assert not torch.allclose(train_scores[0], train_scores[1])
+    assert torch.equal(train_scores[0], eval_scores[0])

@@ -53,6 +53,27 @@ def balance_experts(loads: torch.Tensor, model: torch.nn.Module, rate: float) ->
         moe.gate.expert_bias += rate * torch.sign(load.mean() - load)
 
 
+def add_router_noise(model: torch.nn.Module, std: float, seed: int) -> None:
+    """In training, Gaussian noise of `std` on every router's logits before its scores (seeded):
+    a recipe knob for how much the tokens of a block agree on their experts."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def noised(gate: torch.nn.Module, _: tuple, out: tuple) -> tuple | None:
+        if not gate.training:
+            return None
+        logits, _, bias = out
+        logits = logits + std * torch.randn(logits.shape, generator=gen).to(logits.device)
+        return (
+            logits,
+            logits.sigmoid() if gate.score_function == "sigmoid" else logits.softmax(-1),
+            bias,
+        )
+
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.register_forward_hook(noised)
+
+
 # what each shipped base is: its model preset, data and pretraining recipe
 BASES: dict[str, dict] = {
     "tiny": dict(
@@ -94,6 +115,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--k-max", type=int, help="expert choice's k at r = 1 (default: top-k)")
     ap.add_argument("--ec-group", choices=EC_GROUPS, default="sequence")
     ap.add_argument("--z-loss", type=float, default=0.0, help="router z-loss weight")
+    ap.add_argument("--router-noise", type=float, default=0.0, help="logit noise std in training")
+    ap.add_argument("--hidden-size", type=int, help="the width (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     for key, value in BASES[args.base].items():  # the base's recipe where not given
@@ -188,7 +211,10 @@ def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
     tokenizer = char_tokenizer()
-    model = build_model(args.preset, seed=args.seed)
+    width = {"hidden_size": args.hidden_size} if args.hidden_size else {}
+    model = build_model(args.preset, seed=args.seed, **width)
+    if args.router_noise:
+        add_router_noise(model, args.router_noise, args.seed)
     if (policy := routing_of(args)) is not None:
         model.set_routing(policy)
     # the data module reads its tokenizer from a model directory: the base-to-be's
@@ -209,6 +235,8 @@ def main() -> None:
         "base": args.base,
         "train_steps": args.steps,
         "batch_size": args.batch_size,
+        "recipe": {k: getattr(args, k) for k in ("lr", "bias_rate", "router_noise", "z_loss")}
+        | {"hidden_size": model.config.hidden_size, "suite": getattr(args, "suite", None)},
         "routing": model.config.routing.to_dict(),
         "train_seconds": curve[-1]["seconds"] if curve else None,
         "train_tokens_per_s": curve[-1]["tokens"] / curve[-1]["seconds"] if curve else None,
