@@ -49,7 +49,7 @@ retrofit: venv
 # (minutes); the expert-choice retrofit's row joins them once `make retrofit` (27 min) has run
 compare: venv
 	ls outputs/*/checkpoints/router.safetensors >/dev/null 2>&1 || $(MAKE) train
-	$(BIN)/python -m dmoe_train.studies.compare
+	$(BIN)/python -m dmoe_train.studies.compare $(ARGS)
 
 # the 256-expert base (LLaDA2.0-mini's routing regime): every training-free method at several
 # coreset sizes, the published rules and trained routers on the same 1000 test prompts ->

@@ -113,6 +113,29 @@ def test_every_policy_routes_the_canvas_by_blocks_and_the_prompt_by_tokens(polic
         assert (per_block <= 16).all()
 
 
+def test_empty_slots_never_reach_the_experts_as_an_out_of_range_index():
+    # transformers' grouped experts leave an out-of-range index's rows uninitialised (NaN * 0
+    # = NaN): an empty slot repeats a chosen expert at weight 0, and the logits are the eager
+    # implementation's, which skips out-of-range indices
+    config = tiny_config()
+    grouped = random_model(config)
+    eager = copy.deepcopy(grouped)
+    eager.set_experts_implementation("eager")
+    policy = RoutingPolicy("expert_choice", block_size=16)  # tokens get 0 to many experts
+    seen = []
+    for layer in grouped.model.decoder.layers:
+        layer.experts.register_forward_pre_hook(lambda m, args: seen.append(args[1:]))
+    ids, canvas_ids = _inputs(config)
+    logits = []
+    for model in (grouped, eager):
+        install_routing(model, policy)
+        with torch.no_grad():
+            logits.append(model(input_ids=ids, decoder_input_ids=canvas_ids).logits)
+    index, weights = seen[0]
+    assert int(index.max()) < config.text_config.num_experts and (weights == 0).any()
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
 def test_a_block_policy_touches_fewer_experts_per_block_than_token_routing():
     config = tiny_config(experts=32, k=4)
     model = random_model(config)

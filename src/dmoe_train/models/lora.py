@@ -84,12 +84,12 @@ def add_expert_lora(model: nn.Module, spec: ExpertLora) -> None:
 
 class RoutedRowsLora(ParamWrapper):
     """peft's wrapper of transformers' stacked experts (`forward(hidden, top_k_index,
-    top_k_weights)`, an index of `num_experts` an empty slot), computing the adapters on the
-    routed rows only, as `SparseMoe` does for ours."""
+    top_k_weights)`, an empty slot at weight 0), computing the adapters on the routed rows
+    only, as `SparseMoe` does for ours."""
 
     def forward(self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         experts, low_rank = expert_low_rank(self)
-        ids = top_k_index.masked_fill(top_k_index >= experts.num_experts, -1)
+        ids = top_k_index.masked_fill(top_k_weights == 0, -1)
         out = stacked_expert_mlp(
             hidden, ids, top_k_weights, experts.gate_up_proj, experts.down_proj, experts.act_fn,
             low_rank,

@@ -16,7 +16,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from dmoe_train.evaluation.run import format_table, prepare_eval, retained, run_eval  # noqa: E402
+from dmoe_train.evaluation.run import (  # noqa: E402
+    CANVAS_COLUMNS,
+    COLUMNS,
+    format_table,
+    prepare_eval,
+    retained,
+    run_eval,
+)
 from dmoe_train.evaluation.split_decoding import first_prompts, interleaved_latency  # noqa: E402
 from dmoe_train.reports import save_figure  # noqa: E402
 from dmoe_train.resolvers import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
@@ -87,24 +94,41 @@ CSV_COLUMNS = {
 LATENCY_PROMPTS, LATENCY_ROUNDS = 64, 9
 
 
+# a DiffusionGemma model's canvases (`generation=tiny_gemma`): its own measures, no latency rounds
+CANVAS_CSV_COLUMNS = {
+    key: key
+    for key in (
+        "unique_experts_per_block", "unique_experts_per_canvas", "forwards_per_canvas",
+        "tokens_per_forward", "accuracy", "accuracy_retained", "expert_bytes_per_generated_token",
+    )
+}  # fmt: skip
+
+
+def is_canvas(m: dict) -> bool:
+    return "unique_experts_per_canvas" in m
+
+
 def run_rows(rows: dict[str, list[str]], out: Path, overrides: list[str]) -> dict[str, dict]:
     """`dmoe-eval` for every row on the same test prompts, retained against the token row; then
-    every row's decode latency on the same prompts, in interleaved rounds, against token's."""
+    every row's decode latency on the same prompts, in interleaved rounds, against token's (not
+    for DiffusionGemma's canvases: transformers' `generate` is timed as a whole there)."""
     results, runs = {}, {}
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for i, (name, extra) in enumerate(rows.items()):
             row_dir = f"paths.output_dir={out / 'compare' / str(i)}"
             cfg = compose("eval", [row_dir, "reference_token=false", *extra, *overrides])
             results[name] = run_eval(cfg)
-            model, data, settings = prepare_eval(cfg)
-            runs[name] = (model, settings)
+            if not is_canvas(results[name]):
+                model, data, settings = prepare_eval(cfg)
+                runs[name] = (model, settings)
     token = results["token"]
     for m in results.values():
         m["accuracy_retained"] = retained(m["accuracy"], token["accuracy"])
-    prompts, gen_length = first_prompts(data, "test", LATENCY_PROMPTS, runs["token"][1])
-    latency = interleaved_latency(runs, "token", prompts, gen_length, LATENCY_ROUNDS)
-    for name, m in results.items():
-        m |= latency[name]
+    if runs:
+        prompts, gen_length = first_prompts(data, "test", LATENCY_PROMPTS, runs["token"][1])
+        latency = interleaved_latency(runs, "token", prompts, gen_length, LATENCY_ROUNDS)
+        for name, m in results.items():
+            m |= latency[name]
     return results
 
 
@@ -132,12 +156,13 @@ def verdict(results: dict[str, dict]) -> str:
 
 
 def write_csv(results: dict[str, dict], path: Path) -> None:
+    columns = CANVAS_CSV_COLUMNS if is_canvas(results["token"]) else CSV_COLUMNS
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "rule", *CSV_COLUMNS])
+        w.writerow(["run", "rule", *columns])
         for name, m in results.items():
             rule = RoutingPolicy.from_record(m["policy"]).rule
-            w.writerow([name, rule, *(m[key] for key in CSV_COLUMNS.values())])
+            w.writerow([name, rule, *(m[key] for key in columns.values())])
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
@@ -168,9 +193,11 @@ def main() -> None:
     shown = router.resolve()
     shown = shown.relative_to(PROJECT_ROOT) if shown.is_relative_to(PROJECT_ROOT) else shown
     args.out.mkdir(parents=True, exist_ok=True)
-    table = format_table(list(results.values()), list(results))
+    columns = CANVAS_COLUMNS if is_canvas(results["token"]) else COLUMNS
+    table = format_table(list(results.values()), list(results), columns)
+    on = f"`{' '.join(args.overrides)}`" if args.overrides else "the embedded default"
     (args.out / "compare.md").write_text(
-        f"# Routing policies on the embedded default\n\ntrained router: `{shown}`\n\n{table}\n\n"
+        f"# Routing policies on {on}\n\ntrained router: `{shown}`\n\n{table}\n\n"
         f"{verdict(results)}\n"
     )
     write_csv(results, args.out / "compare.csv")

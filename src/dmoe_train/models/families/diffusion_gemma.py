@@ -80,8 +80,10 @@ class CanvasRouting:
 class PolicyRouter(DiffusionGemmaTextRouter):
     """transformers' router (its class, parameters and scores) choosing its experts by our
     policy. `side` is `encoder` or `decoder`; `routing` is the model's `CanvasRouting`. An empty
-    slot (a coreset with fewer than k experts) gets the index `num_experts` and weight 0: the
-    experts' own forward skips that index."""
+    slot (a coreset with fewer than k experts, a token expert choice passed over) repeats the
+    token's first expert at weight 0 (expert 0 where it has none): transformers' grouped experts
+    leave the rows of an out-of-range index uninitialised outside expert parallelism, and
+    NaN * 0 is NaN."""
 
     side: str
     routing: CanvasRouting
@@ -98,9 +100,8 @@ class PolicyRouter(DiffusionGemmaTextRouter):
         if self.routing.records is not None:
             self.routing.records.append((self.side, chosen))
         empty = chosen.ids < 0
-        ids = chosen.ids.masked_fill(empty, self.routing.moe.num_experts)
-        weights = chosen.weights * self.per_expert_scale[chosen.ids.clamp_min(0)]
-        weights = weights.masked_fill(empty, 0.0)
+        ids = torch.where(empty, chosen.ids[..., :1].clamp_min(0), chosen.ids)
+        weights = (chosen.weights * self.per_expert_scale[ids]).masked_fill(empty, 0.0)
         k = ids.shape[-1]
         return probs, weights.reshape(b * n, k), ids.reshape(b * n, k)
 
