@@ -20,7 +20,7 @@ def test_compare_runs_every_row_on_a_diffusion_gemma_model(tmp_path):
     router = tmp_path / "run" / "checkpoints" / "router.safetensors"
     overrides = [
         "model=tiny_gemma", f"model.path={base}", "generation=tiny_gemma", "data=skills",
-        "data.train_size=64", "data.test_size=8", "generation.max_samples=8",
+        "data.train_size=64", "data.test_size=4", "generation.max_samples=4",
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "dmoe_train.studies.compare", "--router", str(router)]
     done = subprocess.run([*cmd, "--out", str(tmp_path / "out"), *overrides],
