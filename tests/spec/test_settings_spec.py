@@ -129,8 +129,8 @@ def test_an_empty_skill_list_is_called_empty(tmp_path, no_model_load):
         (["router.top_p=1.5"], "error: router.top_p=1.5: must be in (0, 1]"),
         (
             ["data=skills", "data.train_skills=[add,multiply]"],
-            "error: data.train_skills=['add', 'multiply']: unknown ['multiply']; each must be "
-            "one of ['add', 'sort', 'reverse', 'count']",
+            "error: data.train_skills=['add', 'multiply']: unknown ['multiply'] in suite=four; "
+            "each must be one of ['add', 'sort', 'reverse', 'count']",
         ),
         (
             ["data.train_skills=[add]"],
