@@ -531,13 +531,16 @@ def main() -> None:
     ap.add_argument(
         "--report-only", action="store_true", help="report the finished points, compute none"
     )
+    ap.add_argument(
+        "--data", choices=("skills", "broad_skills"), default="skills", help="its test split"
+    )
     args = ap.parse_args()
     if not (args.base / "model.safetensors").is_file():
         raise SystemExit(
             f"--base {args.base}: no model.safetensors (the 256-expert base: "
             "python -m dmoe_train.studies.make_base --base tiny256)"
         )
-    runner = Study(args.base, args.out)
+    runner = Study(args.base, args.out, data=args.data)
     points = study(runner.generated, with_trained=not args.no_trained)
     runner.claim()
     if args.report_only:  # the points finished so far, nothing computed
