@@ -22,6 +22,16 @@ def write_csv(path: Path, head: Sequence[str], rows: Iterable[Sequence[Any]]) ->
         writer.writerows(rows)
 
 
+def write_report(
+    out: Path, name: str, title: str, text: str, head: Sequence[str], rows: Iterable[dict]
+) -> None:
+    """A study's `<out>/<name>.csv` (the `head` keys of each row) and `<out>/<name>.md` (`title`
+    over `text`), and `text` printed."""
+    write_csv(out / f"{name}.csv", head, ([r[k] for k in head] for r in rows))
+    (out / f"{name}.md").write_text(f"# {title}\n\n{text}\n")
+    print(text)
+
+
 def accuracy_line(ax: Any, rows: list[dict], x: str, label: str, bold: bool = False) -> Any:
     """One method's points: `accuracy` against `x`, with their interval bars
     (`accuracy_lo`, `accuracy_hi`); the line (its colour marks the method's other marks)."""

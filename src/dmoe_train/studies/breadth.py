@@ -27,7 +27,7 @@ from tqdm import tqdm  # noqa: E402
 from dmoe_train.data.skills import BROAD  # noqa: E402
 from dmoe_train.evaluation.frontier import Point, bootstrap_intervals  # noqa: E402
 from dmoe_train.locations import PROJECT_ROOT  # noqa: E402
-from dmoe_train.reports import markdown_table, save_figure, write_csv  # noqa: E402
+from dmoe_train.reports import markdown_table, save_figure, write_report  # noqa: E402
 from dmoe_train.studies.pareto import Study  # noqa: E402
 from dmoe_train.studies.pareto_points import (  # noqa: E402
     BLOCKS,
@@ -213,11 +213,9 @@ def main() -> None:
     rows = [
         row for d in tqdm(draws(args.seed), desc="draws") for row in measure_draw(study, d, token)
     ]
-    write_csv(args.out / "breadth.csv", CSV_COLUMNS, ([r[k] for k in CSV_COLUMNS] for r in rows))
-    table = markdown(rows)
-    (args.out / "breadth.md").write_text(f"# Held-out skills against training breadth\n\n{table}\n")
+    title = "Held-out skills against training breadth"
+    write_report(args.out, "breadth", title, markdown(rows), CSV_COLUMNS, rows)
     plot(rows, args.out / "breadth.png")
-    print(table)
 
 
 if __name__ == "__main__":

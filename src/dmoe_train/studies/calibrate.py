@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from dmoe_train.evaluation.frontier import Point, bootstrap_intervals
 from dmoe_train.locations import PROJECT_ROOT
-from dmoe_train.reports import markdown_table, write_csv
+from dmoe_train.reports import markdown_table, write_report
 from dmoe_train.studies.pareto import BASE
 from dmoe_train.studies.pareto import Study as PointStore
 from dmoe_train.studies.pareto_points import BLOCKS, StudyPoint, free
@@ -161,13 +161,8 @@ def main() -> None:
     args = ap.parse_args()
     bases = args.base or [ProxyBase("tiny256", BASE)]
     rows = [row for base in bases for row in calibrate(base, args.out)]
-    write_csv(
-        args.out / "calibration.csv", CSV_COLUMNS, ([r[k] for k in CSV_COLUMNS] for r in rows)
-    )
-    table = markdown(rows)
-    title = "# Proxy bases against LLaDA2.0-mini's published training-free figures"
-    (args.out / "calibration.md").write_text(f"{title}\n\n{table}\n")
-    print(table)
+    title = "Proxy bases against LLaDA2.0-mini's published training-free figures"
+    write_report(args.out, "calibration", title, markdown(rows), CSV_COLUMNS, rows)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from dmoe_train.reports import (  # noqa: E402
     accuracy_line,
     markdown_table,
     save_figure,
-    write_csv,
+    write_report,
 )
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 from dmoe_train.studies.estimate_memory import parameter_counts  # noqa: E402
@@ -550,12 +550,10 @@ def main() -> None:
         for p in tqdm(points, desc="pareto points", unit="point")
     ]
     rows = analyse(points, metrics)
-    write_csv(args.out / "pareto.csv", CSV_COLUMNS, ([r[k] for k in CSV_COLUMNS] for r in rows))
-    table = markdown(rows)
-    (args.out / "pareto.md").write_text(f"# Pareto frontiers on the 256-expert base\n\n{table}\n")
+    title = "Pareto frontiers on the 256-expert base"
+    write_report(args.out, "pareto", title, markdown(rows), CSV_COLUMNS, rows)
     plot(rows, args.out / "pareto.png")
     plot_sets(rows, args.out / "pareto_sets.png")
-    print(table)
 
 
 if __name__ == "__main__":

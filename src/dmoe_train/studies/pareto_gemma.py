@@ -20,7 +20,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dmoe_train.evaluation.frontier import Point, bootstrap_intervals, dominated  # noqa: E402
 from dmoe_train.locations import ASSETS, PROJECT_ROOT  # noqa: E402
-from dmoe_train.reports import accuracy_line, markdown_table, save_figure, write_csv  # noqa: E402
+from dmoe_train.reports import accuracy_line, markdown_table, save_figure, write_report  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 from dmoe_train.studies.pareto import Study  # noqa: E402
 from dmoe_train.studies.pareto_points import StudyPoint, Training, free, trained  # noqa: E402
@@ -200,11 +200,9 @@ def main() -> None:
         pts = [p for p in pts if (study.store / "points" / p.slug / "point.json").is_file()]
     metrics = [study.measure(p, refresh=False) for p in tqdm(pts, desc="points", unit="point")]
     rows = analyse(pts, metrics)
-    write_csv(args.out / "pareto_gemma.csv", COLUMNS, ([r[k] for k in COLUMNS] for r in rows))
-    text = report(rows)
-    (args.out / "pareto_gemma.md").write_text(f"# Block routing on DiffusionGemma\n\n{text}\n")
+    title = "Block routing on DiffusionGemma"
+    write_report(args.out, "pareto_gemma", title, report(rows), COLUMNS, rows)
     plot(rows, args.out / "pareto_gemma.png")
-    print(text)
 
 
 if __name__ == "__main__":
