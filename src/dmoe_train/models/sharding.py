@@ -17,11 +17,11 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
-from transformers import DiffusionGemmaForBlockDiffusion
 
 from dmoe_train.models.families.diffusion_gemma import layer_pairs
 from dmoe_train.models.lora import base_name, is_lora_param
 from dmoe_train.models.model_dir import iter_tensors, read_state_dict
+from dmoe_train.models.routing_control import is_canvas_model
 from dmoe_train.models.trainable import is_router_param
 
 
@@ -45,7 +45,7 @@ def owning_modules(model: nn.Module, own_unit: Callable[[str], bool]) -> list[li
 def layer_units(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
     """One unit per decoder layer; DiffusionGemma's encoder and decoder layer i share one unit
     (their weights are one set), gathered from the encoder's forward to the decoder's."""
-    if isinstance(model, DiffusionGemmaForBlockDiffusion):
+    if is_canvas_model(model):
         return layer_pairs(model)
     return list(model.model.layers)
 
@@ -69,7 +69,7 @@ def load_shards(model: nn.Module, path: str | Path, device: torch.device) -> Non
     model.to_empty(device=device)
     for name, value in computed.items():
         model.get_buffer(name).copy_(value)
-    if isinstance(model, DiffusionGemmaForBlockDiffusion):
+    if is_canvas_model(model):
         _read_by_name(model, Path(path))
         return
     params = {base_name(n): p for n, p in model.named_parameters()}
