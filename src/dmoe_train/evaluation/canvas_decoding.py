@@ -17,7 +17,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 )
 
 from dmoe_train.data.module import DiffusionDataModule
-from dmoe_train.evaluation.split_decoding import answer_correct
+from dmoe_train.evaluation.split_decoding import answer_correct, by_skill
 from dmoe_train.models.families.diffusion_gemma import canvas_batch
 from dmoe_train.objectives.expert_metrics import unique_experts_per_block
 from dmoe_train.settings import refuse
@@ -138,19 +138,12 @@ def decode_canvas_split(
         texts = data.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
         correct += [answer_correct(t, a) for t, a in zip(texts, batch["answer"], strict=True)]
         skills += batch.get("skill", [])
-    by_skill: dict[str, list[bool]] = {}
-    for skill, ok in zip(skills, correct, strict=False):
-        by_skill.setdefault(skill, []).append(ok)
     return {
         "policy": model.canvas_routing.policy.to_dict(),
         "samples": len(correct),
         "accuracy": sum(correct) / max(len(correct), 1),
         "correct": [int(c) for c in correct],
-        **(
-            {"accuracy_by_skill": {s: sum(h) / len(h) for s, h in sorted(by_skill.items())}}
-            if by_skill
-            else {}
-        ),  # fmt: skip
+        **({"accuracy_by_skill": by_skill(skills, correct)} if skills else {}),
         "unique_experts_per_block": float(torch.cat(per_block).mean()),
         "unique_experts_per_canvas": float(torch.cat(per_canvas).mean()),
         "forwards_per_canvas": forwards / max(canvases, 1),

@@ -184,17 +184,14 @@ CACHE_COLUMNS = (
     ("peak resident MB", lambda m: f"{m['peak_resident_expert_bytes'] / 2**20:.1f}"),
 )
 
-# DiffusionGemma's canvases (`run_canvas_eval`)
+# DiffusionGemma's canvases (`run_canvas_eval`): the block columns they share, and their own
+_SHARED = dict(COLUMNS)
 CANVAS_COLUMNS = (
-    ("policy", lambda m: m["policy"]["name"]),
-    ("rule", lambda m: RoutingPolicy.from_record(m["policy"]).rule),
-    ("unique experts/block", lambda m: f"{m['unique_experts_per_block']:.2f}"),
+    *((c, _SHARED[c]) for c in ("policy", "rule", "unique experts/block")),
     ("unique experts/canvas", lambda m: f"{m['unique_experts_per_canvas']:.2f}"),
     ("forwards/canvas", lambda m: f"{m['forwards_per_canvas']:.2f}"),
     ("tokens/forward", lambda m: f"{m['tokens_per_forward']:.2f}"),
-    ("accuracy", lambda m: f"{m['accuracy']:.3f}"),
-    ("retained", _retained),
-    ("expert KB/token", lambda m: f"{m['expert_bytes_per_generated_token'] / 2**10:.1f}"),
+    *((c, _SHARED[c]) for c in ("accuracy", "retained", "expert KB/token")),
 )
 
 

@@ -319,11 +319,12 @@ def interleaved_latency(
     }
 
 
-def _by_skill(tally: _Tally, correct: list[bool]) -> dict[str, float]:
-    hits: dict[str, list[bool]] = {}
-    for skill, ok in zip(tally.skills, correct, strict=True):
-        hits.setdefault(skill, []).append(ok)
-    return {skill: sum(h) / len(h) for skill, h in sorted(hits.items())}
+def by_skill(skills: list[str], hits: list[bool]) -> dict[str, float]:
+    """The share of `hits` per skill (`skills[i]` is sample i's), skills in name order."""
+    per_skill: dict[str, list[bool]] = {}
+    for skill, ok in zip(skills, hits, strict=True):
+        per_skill.setdefault(skill, []).append(ok)
+    return {skill: sum(h) / len(h) for skill, h in sorted(per_skill.items())}
 
 
 @dataclass(frozen=True)
@@ -421,9 +422,9 @@ def _metrics(
         samples=tally.samples,
         accuracy=sum(tally.correct) / max(tally.samples, 1),
         correct=[int(c) for c in tally.correct],
-        accuracy_by_skill=_by_skill(tally, tally.correct) if tally.skills else None,
+        accuracy_by_skill=by_skill(tally.skills, tally.correct) if tally.skills else None,
         final_answer_correct=[int(c) for c in tally.final] if tally.final else None,
-        final_answer_by_skill=_by_skill(tally, tally.final) if tally.final else None,
+        final_answer_by_skill=by_skill(tally.skills, tally.final) if tally.final else None,
         unique_experts_per_block=float(per_layer.mean()),
         unique_experts_per_block_per_layer=per_layer.tolist(),
         unique_experts_per_block_masked=float(torch.cat(tally.unique_masked).mean()),
