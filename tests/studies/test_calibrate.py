@@ -1,6 +1,8 @@
 """`make calibrate`: the proxy's points at the published rules' relative budgets, and retained
 shares under both measures against the published figures."""
 
+import json
+
 import pytest
 
 from dmoe_train.studies import calibrate
@@ -31,6 +33,11 @@ def test_rows_give_both_measures_and_the_gap_to_the_published_figure(tmp_path, m
     monkeypatch.setattr(calibrate.PointStore, "measure", measure)
     monkeypatch.setattr(calibrate.PointStore, "claim", lambda self: None)
     base = ProxyBase.parse(f"proxy={tmp_path}@broad_skills")
+    with pytest.raises(SystemExit, match=f"--base proxy: no {tmp_path}/quality.json"):
+        calibrate.calibrate(base, tmp_path)
+    recipe = {"lr": 3e-3, "bias_rate": 1e-3, "router_noise": 0.5, "z_loss": 0.0,
+              "hidden_size": 64, "suite": "broad"}  # fmt: skip
+    (tmp_path / "quality.json").write_text(json.dumps({"train_steps": 2000, "recipe": recipe}))
     rows = calibrate.calibrate(base, tmp_path)
     des45 = next(r for r in rows if r["measure"] == "correct" and r["point"] == "c=36")
     assert des45["share"] == pytest.approx(35 / 80) and des45["retained"] == pytest.approx(6 / 8)
@@ -42,5 +49,8 @@ def test_rows_give_both_measures_and_the_gap_to_the_published_figure(tmp_path, m
     # 100% kept against the published 99.5% and 96.4%: 3.6 points off at the smaller budget
     verdict = "DES-Vote within 3% of the published figures on the final answer: no (largest gap 3.6"
     assert verdict in report
+    # the recipe tries: one row per base, its knobs and what each rule keeps of the final answer
+    tries = "| proxy | broad | 2000 | 0.001 | 0.5 | 64 | 80.0 experts, 80.0% exact match | 100.0% |"
+    assert tries in report
     with pytest.raises(SystemExit, match="--base proxy: expected LABEL=PATH"):
         ProxyBase.parse("proxy")

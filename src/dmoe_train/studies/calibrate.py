@@ -18,6 +18,7 @@ their shares are compared.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from dmoe_train.studies.pareto import BASE
 from dmoe_train.studies.pareto import Study as PointStore
 from dmoe_train.studies.pareto_points import BLOCKS, StudyPoint, free
 
+RECIPE = ("suite", "bias_rate", "router_noise", "hidden_size")  # make_base's knobs, as recorded
 CLOSE = 0.03  # the goal: within 3 points of the published DES-Vote figures
 
 
@@ -71,6 +73,15 @@ class ProxyBase:
             raise SystemExit(f"--base {text}: expected LABEL=PATH or LABEL=PATH@DATA")
         return cls(label, Path(path), data or "skills")
 
+    def recipe(self) -> dict:
+        """How the base was trained (its `quality.json`, written by `make_base`): what the
+        table of recipe tries compares."""
+        quality = self.path / "quality.json"
+        if not quality.is_file():
+            raise SystemExit(f"--base {self.label}: no {quality} (a base made by make_base)")
+        q = json.loads(quality.read_text())
+        return {"steps": q["train_steps"]} | {k: q["recipe"][k] for k in RECIPE}
+
 
 def rule_point(published: Published, token_experts: float) -> StudyPoint:
     """The proxy's point of a published rule at the same relative budget."""
@@ -86,6 +97,7 @@ def calibrate(base: ProxyBase, out: Path) -> list[dict]:
     """One row per published figure: the proxy's share of experts and retained accuracy under
     both measures, with intervals."""
     store = PointStore(base.path, out, name=f"calibration/{base.label}", data=base.data)
+    recipe = base.recipe()
     store.claim()
     token = store.measure(free("token", "token", "router=token", BLOCKS))
     points = [rule_point(p, token["unique_experts_per_block"]) for p in PUBLISHED]
@@ -107,13 +119,14 @@ def calibrate(base: ProxyBase, out: Path) -> list[dict]:
                 "retained": retained, "retained_lo": ci["retained"][i, 0],
                 "retained_hi": ci["retained"][i, 1], "gap": retained - published.retained,
                 "source": published.source,
-            })  # fmt: skip
+            } | recipe)  # fmt: skip
     return rows
 
 
 CSV_COLUMNS = (
     "base", "measure", "rule", "point", "published_share", "share", "experts", "token_experts",
     "token_accuracy", "published_retained", "retained", "retained_lo", "retained_hi", "gap",
+    "steps", *RECIPE,
 )  # fmt: skip
 MEASURES = {"correct": "exact match", "final_answer_correct": "final answer"}
 
@@ -148,7 +161,18 @@ def markdown(rows: list[dict]) -> str:
     token = {r["base"]: (r["token_experts"], r["token_accuracy"]) for r in exact}
     bases = "; ".join(f"{b}: token routing {e:.1f} experts per block, exact match {a:.1%}"
                       for b, (e, a) in token.items())  # fmt: skip
-    return "\n".join([markdown_table(head, lines), "", bases, "", *verdicts])
+    tries = markdown_table(
+        ["base", "suite", "steps", "bias rate", "router noise", "width", "token routing",
+         *(f"{p.source.split(',')[0]} {p.share:.0%}: final answer kept" for p in PUBLISHED)],
+        [(label, r["suite"], r["steps"], r["bias_rate"], r["router_noise"], r["hidden_size"],
+          f"{r['token_experts']:.1f} experts, {r['token_accuracy']:.1%} exact match",
+          *(f"{x['retained']:.1%}" for x in final if x["base"] == label))
+         for label, r in {r["base"]: r for r in exact}.items()],
+    )  # fmt: skip
+    return "\n".join([
+        markdown_table(head, lines), "", bases, "", *verdicts, "",
+        "## The recipes tried", "", tries,
+    ])  # fmt: skip
 
 
 def main() -> None:

@@ -83,9 +83,9 @@ BASES: dict[str, dict] = {
     ),
     # LLaDA2.0-mini's routing regime: 256 experts, top-8, 4 of 8 groups, blocks of 32
     "tiny256": dict(
-        preset="tiny256", source="skills", out="assets/tiny256-llada2", max_seq_len=96,
-        block_size=32, steps=4000, batch_size=48, lr=3e-3, train_size=100000, test_size=1000,
-        threshold=0.95,
+        preset="tiny256", source="skills", suite="four", out="assets/tiny256-llada2",
+        max_seq_len=96, block_size=32, steps=4000, batch_size=48, lr=3e-3, train_size=100000,
+        test_size=1000, threshold=0.95,
     ),
     # the same regime on the broad suite of 12 skills (data=broad_skills): the calibrated proxy
     "tiny256-broad": dict(
