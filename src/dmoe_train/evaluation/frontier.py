@@ -5,6 +5,7 @@ reports. Pure functions of per-prompt correctness and expert counts."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -15,6 +16,16 @@ class Point:
     label: str
     experts: float  # unique experts per block, mean over MoE layers, forwards and samples
     correct: np.ndarray  # [N] 0/1 per test prompt, the same prompts for every point
+
+    @classmethod
+    def measured(
+        cls, method: str, label: str, metrics: dict, key: str = "correct", prompts: Any = None
+    ) -> Point:
+        """A point from an evaluation's metrics: per-prompt `metrics[key]` (0/1), of the
+        `prompts` (a mask or indices) when given."""
+        correct = np.array(metrics[key])
+        experts = metrics["unique_experts_per_block"]
+        return cls(method, label, experts, correct if prompts is None else correct[prompts])
 
     @property
     def accuracy(self) -> float:

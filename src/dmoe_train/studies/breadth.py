@@ -101,8 +101,7 @@ def held_out_rows(draw: Draw, points: list[tuple[str, dict]], token: dict) -> li
     n = len(token["correct"])
     held = np.array([BROAD[i % len(BROAD)] in draw.held_out for i in range(n)])
     as_points = [
-        Point(name, name, m["unique_experts_per_block"], np.array(m["correct"])[held])
-        for name, m in [("token", token), *points]
+        Point.measured(name, name, m, prompts=held) for name, m in [("token", token), *points]
     ]
     ci = bootstrap_intervals(as_points[1:], as_points[0])
     reference = max(as_points[0].accuracy, 1e-9)

@@ -22,7 +22,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from dmoe_train.evaluation.frontier import Point, bootstrap_intervals
@@ -105,7 +104,7 @@ def calibrate(base: ProxyBase, out: Path) -> list[dict]:
     rows = []
     for key in ("correct", "final_answer_correct"):
         as_points = [
-            Point(p.method, p.label, m["unique_experts_per_block"], np.array(m[key]))
+            Point.measured(p.method, p.label, m, key)
             for p, m in zip([free("token", "token"), *points], [token, *measured], strict=True)
         ]
         ci = bootstrap_intervals(as_points[1:], as_points[0])

@@ -162,10 +162,7 @@ def paid_share(m: dict, token: dict) -> float | None:
 
 def analyse(points: list[StudyPoint], metrics: list[dict]) -> list[dict]:
     """One row per point: intervals against token routing (paired bootstrap), domination."""
-    measured = [
-        Point(p.method, p.label, m["unique_experts_per_block"], np.array(m["correct"]))
-        for p, m in zip(points, metrics, strict=True)
-    ]
+    measured = [Point.measured(p.method, p.label, m) for p, m in zip(points, metrics, strict=True)]
     token = next(p for p in measured if p.method == "token")
     ci = bootstrap_intervals(measured, token)
     experts = np.array([p.experts for p in measured])

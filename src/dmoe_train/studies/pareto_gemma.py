@@ -73,10 +73,7 @@ def gemma_study(base: Path, out: Path, samples: int) -> Study:
 
 
 def analyse(pts: list[StudyPoint], metrics: list[dict]) -> list[dict]:
-    measured = [
-        Point(p.method, p.label, m["unique_experts_per_block"], np.array(m["correct"]))
-        for p, m in zip(pts, metrics, strict=True)
-    ]
+    measured = [Point.measured(p.method, p.label, m) for p, m in zip(pts, metrics, strict=True)]
     token = measured[0]
     ci = bootstrap_intervals(measured, token)
     beaten = dominated(
