@@ -87,3 +87,51 @@ def test_router_noise_moves_training_scores_only():
     assert torch.equal(eval_scores[0], eval_scores[1])
     assert not torch.allclose(train_scores[0], train_scores[1])
     assert torch.equal(train_scores[0], eval_scores[0])
+
+
+def test_an_interrupted_base_resumes_as_the_uninterrupted_run(tmp_path, tokenizer_dir, monkeypatch):
+    from itertools import islice
+
+    from dmoe_train.data.module import data_module
+    from dmoe_train.models import build_model
+    from dmoe_train.studies import make_base
+
+    flags = ["--steps", "6", "--val-every", "2", "--eval-every", "0", "--router-noise", "0.5"]
+    monkeypatch.setattr(sys, "argv", ["make_base", *flags, "--checkpoint-every", "3"])
+    args = make_base.parse_args()
+
+    def train(state, stop_after=None):
+        model = build_model("tiny", seed=0)
+        noise = make_base.add_router_noise(model, args.router_noise, args.seed)
+        data = data_module(
+            str(tokenizer_dir),
+            max_seq_len=16,
+            batch_size=4,
+            train_size=64,
+            val_size=16,
+            test_size=8,
+        )
+        data.setup()
+        if stop_after:  # the process dies after `stop_after` steps
+            stream = data.stream_loader
+            data.stream_loader = lambda steps, start: islice(stream(steps, start), stop_after)
+        return model, make_base.train_base(model, data, args, state, noise)
+
+    whole, whole_curve = train(tmp_path / "whole.pt")
+    train(tmp_path / "cut.pt", stop_after=4)  # saved at step 3; step 4 is lost
+    assert torch.load(tmp_path / "cut.pt", weights_only=False)["run"]["step"] == 3
+    resumed, resumed_curve = train(tmp_path / "cut.pt")
+    timeless = [
+        [{k: v for k, v in r.items() if k != "seconds"} for r in c]
+        for c in (whole_curve, resumed_curve)
+    ]
+    assert timeless[0] == timeless[1] and [r["step"] for r in whole_curve] == [2, 4, 6]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # weights and expert biases, bit for bit
+    # a state of other settings is refused, named, and left as it is
+    monkeypatch.setattr(sys, "argv", ["make_base", *flags, "--lr", "1e-3"])
+    args = make_base.parse_args()
+    before = (tmp_path / "cut.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"cut.pt: a run of other settings \(lr\)"):
+        train(tmp_path / "cut.pt")
+    assert (tmp_path / "cut.pt").read_bytes() == before

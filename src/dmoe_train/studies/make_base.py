@@ -12,6 +12,8 @@ group, `--ec-group`; capacity from the sample's mask ratio by `--schedule` betwe
 layout, its routing in the config), its character tokenizer and `quality.json`: exact match on the
 test split (per skill), the share of experts per block, and the training curve (validation loss
 every `--val-every` steps against tokens and seconds, expert-load CV, tokens per second).
+Every `--checkpoint-every` steps the run is saved to `<out>/training_state.pt`: the same command
+run again resumes it, as the uninterrupted run would (the file goes once the base is written).
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ def balance_experts(loads: torch.Tensor, model: torch.nn.Module, rate: float) ->
         moe.gate.expert_bias += rate * torch.sign(load.mean() - load)
 
 
-def add_router_noise(model: torch.nn.Module, std: float, seed: int) -> None:
+def add_router_noise(model: torch.nn.Module, std: float, seed: int) -> torch.Generator:
     """In training, Gaussian noise of `std` on every router's logits before its scores (seeded):
-    a recipe knob for how much the tokens of a block agree on their experts."""
+    a recipe knob for how much the tokens of a block agree on their experts. Returns the noise's
+    generator (its state resumes with the run)."""
     gen = torch.Generator().manual_seed(seed)
 
     def noised(gate: torch.nn.Module, _: tuple, out: tuple) -> tuple | None:
@@ -72,6 +75,7 @@ def add_router_noise(model: torch.nn.Module, std: float, seed: int) -> None:
     for layer in model.model.layers:
         if hasattr(layer.mlp, "gate"):
             layer.mlp.gate.register_forward_hook(noised)
+    return gen
 
 
 # what each shipped base is: its model preset, data and pretraining recipe
@@ -118,6 +122,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--router-noise", type=float, default=0.0, help="logit noise std in training")
     ap.add_argument("--hidden-size", type=int, help="the width (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--checkpoint-every", type=int, default=200,
+        help=f"steps between saves of <out>/{STATE} (a rerun resumes from it)",
+    )  # fmt: skip
     args = ap.parse_args()
     for key, value in BASES[args.base].items():  # the base's recipe where not given
         if getattr(args, key, None) is None:
@@ -143,11 +151,25 @@ def routing_of(args: argparse.Namespace) -> RoutingPolicy | None:
     )  # fmt: skip
 
 
+STATE = "training_state.pt"  # in the output directory until the base is written
+UNSAVED = ("out", "checkpoint_every", "eval_every")  # settings a resumed run may change
+
+
+def resumable(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in UNSAVED}
+
+
 def train_base(
-    model: torch.nn.Module, data: DiffusionDataModule, args: argparse.Namespace
+    model: torch.nn.Module,
+    data: DiffusionDataModule,
+    args: argparse.Namespace,
+    state: Path,
+    noise: torch.Generator | None = None,
 ) -> list[dict]:
     """Block-diffusion pretraining from scratch, every parameter, with LLaDA2's bias balancing
-    under token routing. Returns the curve: one row per `--val-every` steps."""
+    under token routing. Every `--checkpoint-every` steps and at the end the run is saved to
+    `state` (weights, optimizer, schedule, random streams, curve); a run that finds it continues
+    from it, as the uninterrupted run would. Returns the curve: one row per `--val-every` steps."""
     cfg = model.config
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     # the schedule router fine-tuning uses (configs/train.yaml: module.scheduler), to zero
@@ -155,11 +177,35 @@ def train_base(
         opt, args.steps // 20, args.steps, min_lr_rate=0.0
     )
     gen = torch.Generator().manual_seed(args.seed)
-    curve: list[dict] = []
-    seconds = 0.0  # training time, evaluation left out
-    tokens, cvs = 0, []
+    streams = {"diffusion": gen} | ({"noise": noise} if noise is not None else {})
+    run = {"step": 0, "curve": [], "seconds": 0.0, "tokens": 0, "cvs": []}  # seconds: training
+    if state.is_file():
+        saved = torch.load(state, weights_only=False)
+        if saved["args"] != resumable(args):
+            changed = sorted(k for k in resumable(args) if saved["args"].get(k) != getattr(args, k))
+            raise SystemExit(
+                f"{state}: a run of other settings ({', '.join(changed)}); move it away to start "
+                "afresh, or rerun with its settings to resume it"
+            )
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        for name, stream in streams.items():
+            stream.set_state(saved["streams"][name])
+        run = saved["run"]
+        print(f"resumed from {state} at step {run['step']}", flush=True)
+
+    def save() -> None:
+        torch.save({
+            "args": resumable(args), "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "streams": {name: s.get_state() for name, s in streams.items()}, "run": run,
+        }, state.with_suffix(".tmp"))  # fmt: skip
+        state.with_suffix(".tmp").replace(state)  # never half a file
+
+    curve, cvs = run["curve"], run["cvs"]
     model.train()
-    for step, batch in enumerate(data.stream_loader(args.steps)):
+    for step, batch in enumerate(data.stream_loader(args.steps, run["step"]), run["step"]):
         began = time.perf_counter()
         ids = batch["input_ids"]
         uniforms = torch.rand(len(ids), 1 + ids.shape[1], generator=gen)
@@ -178,25 +224,25 @@ def train_base(
         loads = torch.stack([expert_load(r.ids, cfg.num_experts) for r in out.routing])
         if args.routing == "token":
             balance_experts(loads, model, args.bias_rate)
-        seconds += time.perf_counter() - began
-        tokens += ids.numel()
+        run["seconds"] += time.perf_counter() - began
+        run["tokens"] += ids.numel()
         cvs.append(float(load_balance_cv(loads).mean()))  # mean over MoE layers
         if args.val_every and ((step + 1) % args.val_every == 0 or step + 1 == args.steps):
             model.eval()
             val = masked_token_metrics(model, data, args.block_size, 0.0, 1.0)
             model.train()
             curve.append(dict(
-                step=step + 1, tokens=tokens, seconds=round(seconds, 2), val_loss=val["loss"],
-                val_accuracy=val["accuracy"], load_cv=sum(cvs) / len(cvs),
+                step=step + 1, tokens=run["tokens"], seconds=round(run["seconds"], 2),
+                val_loss=val["loss"], val_accuracy=val["accuracy"], load_cv=sum(cvs) / len(cvs),
             ))  # fmt: skip
-            cvs = []
+            cvs.clear()
         if step % 100 == 0:
             unique = sum(
                 unique_experts_per_block(r.ids, args.block_size).float().mean() for r in out.routing
             ) / len(out.routing)
             print(
                 f"step {step:5d}  loss {loss.item():.4f}  unique experts {unique:.1f}  "
-                f"{seconds:6.1f}s",
+                f"{run['seconds']:6.1f}s",
                 flush=True,
             )
         if args.eval_every and step and step % args.eval_every == 0:
@@ -204,6 +250,9 @@ def train_base(
             m = decode_split(model, data, decoding_of(args, 64), "test")
             model.train()
             print(f"step {step:5d}  exact match on 64 test prompts {m.accuracy:.3f}", flush=True)
+        run["step"] = step + 1
+        if run["step"] % args.checkpoint_every == 0 or run["step"] == args.steps:
+            save()
     return curve
 
 
@@ -213,8 +262,7 @@ def main() -> None:
     tokenizer = char_tokenizer()
     width = {"hidden_size": args.hidden_size} if args.hidden_size else {}
     model = build_model(args.preset, seed=args.seed, **width)
-    if args.router_noise:
-        add_router_noise(model, args.router_noise, args.seed)
+    noise = add_router_noise(model, args.router_noise, args.seed) if args.router_noise else None
     if (policy := routing_of(args)) is not None:
         model.set_routing(policy)
     # the data module reads its tokenizer from a model directory: the base-to-be's
@@ -228,7 +276,9 @@ def main() -> None:
         test_size=args.test_size, **suite,
     )  # fmt: skip
     data.setup()
-    curve = train_base(model, data, args)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curve = train_base(model, data, args, out_dir / STATE, noise)
     model.eval()
     test = decode_split(model, data, decoding_of(args, args.test_size), "test")
     quality = {
@@ -252,10 +302,10 @@ def main() -> None:
         "curve": curve,
     }
     print(json.dumps({k: v for k, v in quality.items() if k != "curve"}, indent=2))
-    out_dir = Path(args.out)
     model.to(torch.bfloat16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+    (out_dir / STATE).unlink()  # the base is written: nothing left to resume
 
 
 if __name__ == "__main__":
