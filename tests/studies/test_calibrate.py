@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from dmoe_train.files import write_json
 from dmoe_train.studies import calibrate
 from dmoe_train.studies.calibrate import PUBLISHED, ProxyBase, markdown, rule_point
 
@@ -27,18 +28,24 @@ def test_rows_give_both_measures_and_the_gap_to_the_published_figure(tmp_path, m
     def measure(self, point, refresh=True):
         assert self.eval[2] == "data=broad_skills"
         final = [1] * len(exact[point.label])  # every final answer right
-        return {"unique_experts_per_block": experts[point.label], "correct": exact[point.label],
-                "final_answer_correct": final}  # fmt: skip
+        metrics = {"unique_experts_per_block": experts[point.label], "correct": exact[point.label],
+                   "final_answer_correct": final}  # fmt: skip
+        (self.store / "points" / point.slug).mkdir(parents=True)
+        write_json(self.store / "points" / point.slug / "point.json", metrics)
+        return metrics
 
     monkeypatch.setattr(calibrate.PointStore, "measure", measure)
-    monkeypatch.setattr(calibrate.PointStore, "claim", lambda self: None)
+    monkeypatch.setattr(calibrate.PointStore, "claim", lambda self: self.store.mkdir(parents=True))
     base = ProxyBase.parse(f"proxy={tmp_path}@broad_skills")
     with pytest.raises(SystemExit, match=f"--base proxy: no {tmp_path}/quality.json"):
         calibrate.calibrate(base, tmp_path)
     recipe = {"lr": 3e-3, "bias_rate": 1e-3, "router_noise": 0.5, "z_loss": 0.0,
               "hidden_size": 64, "suite": "broad"}  # fmt: skip
     (tmp_path / "quality.json").write_text(json.dumps({"train_steps": 2000, "recipe": recipe}))
-    rows = calibrate.calibrate(base, tmp_path)
+    calibrate.calibrate(base, tmp_path)
+    # the report is drawn from the store alone: its points and the recipe kept beside them
+    store = tmp_path / "calibration" / "proxy"
+    rows = calibrate.stored_rows(store)
     des45 = next(r for r in rows if r["measure"] == "correct" and r["point"] == "c=36")
     assert des45["share"] == pytest.approx(35 / 80) and des45["retained"] == pytest.approx(6 / 8)
     assert des45["gap"] == pytest.approx(6 / 8 - 0.995)
@@ -52,5 +59,10 @@ def test_rows_give_both_measures_and_the_gap_to_the_published_figure(tmp_path, m
     # the recipe tries: one row per base, its knobs and what each rule keeps of the final answer
     tries = "| proxy | broad | 2000 | 0.001 | 0.5 | 64 | 80.0 experts, 80.0% exact match | 100.0% |"
     assert tries in report
+    (store / "points" / "topk_cap__k4" / "point.json").unlink()
+    with pytest.raises(
+        SystemExit, match=f"{store}: no point topk_cap__k4; measure it with --base proxy="
+    ):
+        calibrate.stored_rows(store)
     with pytest.raises(SystemExit, match="--base proxy: expected LABEL=PATH"):
         ProxyBase.parse("proxy")

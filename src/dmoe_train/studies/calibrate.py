@@ -7,8 +7,9 @@ token routing's unique experts per block, and the top-4 cap per token (the publi
 is: top-4 of top-8). Each retained share is given twice, with 95% paired-bootstrap intervals on
 the same prompts: exact match over the whole 47-53 character answer, and the final answer alone
 (the answer's last field, as the published benchmarks score a final answer after a chain). The
-points are kept under `<out>/calibration/<base label>/` (resumable) and each store is tied to
-its base's weights. Writes `<out>/calibration.{md,csv}`.
+points are kept under `<out>/calibration/<base label>/` (resumable) with the base's recipe, and
+each store is tied to its base's weights. Writes `<out>/calibration.{md,csv}` over every store
+there, so the recipes tried stay in the report without their bases at hand.
 
 Counting: unique experts per block per denoising forward and MoE layer (dMoE's). The published
 top-4 shares (43.5 of 69.5) are counted so; DES-Vote's (38 and 25 of 84) another way, so only
@@ -25,6 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dmoe_train.evaluation.frontier import Point, bootstrap_intervals
+from dmoe_train.files import write_json
 from dmoe_train.locations import PROJECT_ROOT
 from dmoe_train.reports import markdown_table, write_report
 from dmoe_train.studies.pareto import BASE
@@ -92,26 +94,52 @@ def rule_point(published: Published, token_experts: float) -> StudyPoint:
     )
 
 
-def calibrate(base: ProxyBase, out: Path) -> list[dict]:
-    """One row per published figure: the proxy's share of experts and retained accuracy under
-    both measures, with intervals."""
+TOKEN = free("token", "token", "router=token", BLOCKS)
+
+
+def calibrate(base: ProxyBase, out: Path) -> None:
+    """Measure the base's points at the published rules' budgets, kept (resumable) in its store
+    `<out>/calibration/<label>/` with its recipe (`recipe.json`)."""
     store = PointStore(base.path, out, name=f"calibration/{base.label}", data=base.data)
     recipe = base.recipe()
     store.claim()
-    token = store.measure(free("token", "token", "router=token", BLOCKS))
-    points = [rule_point(p, token["unique_experts_per_block"]) for p in PUBLISHED]
-    measured = [store.measure(p) for p in tqdm(points, desc=base.label, unit="point")]
+    write_json(store.store / "recipe.json", recipe)
+    token = store.measure(TOKEN)
+    for point in tqdm(rule_points(token), desc=base.label, unit="point"):
+        store.measure(point)
+
+
+def rule_points(token: dict) -> list[StudyPoint]:
+    return [rule_point(p, token["unique_experts_per_block"]) for p in PUBLISHED]
+
+
+def stored_rows(store: Path) -> list[dict]:
+    """One row per published figure and measure, from a store's points and recipe (the base
+    itself is not needed): the proxy's share of experts, retained accuracy with intervals."""
+
+    def metrics(point: StudyPoint) -> dict:
+        path = store / "points" / point.slug / "point.json"
+        if not path.is_file():
+            raise SystemExit(
+                f"{store}: no point {point.slug}; measure it with --base {store.name}=PATH"
+            )
+        return json.loads(path.read_text())
+
+    recipe = json.loads((store / "recipe.json").read_text())
+    token = metrics(TOKEN)
+    points = rule_points(token)
+    measured = [metrics(p) for p in points]
     rows = []
     for key in ("correct", "final_answer_correct"):
         as_points = [
             Point.measured(p.method, p.label, m, key)
-            for p, m in zip([free("token", "token"), *points], [token, *measured], strict=True)
+            for p, m in zip([TOKEN, *points], [token, *measured], strict=True)
         ]
         ci = bootstrap_intervals(as_points[1:], as_points[0])
         for i, (published, p) in enumerate(zip(PUBLISHED, as_points[1:], strict=True)):
             retained = p.accuracy / max(as_points[0].accuracy, 1e-9)
             rows.append({
-                "base": base.label, "measure": key, "rule": published.rule,
+                "base": store.name, "measure": key, "rule": published.rule,
                 "published_share": published.share, "published_retained": published.retained,
                 "point": p.label, "share": p.experts / as_points[0].experts, "experts": p.experts,
                 "token_experts": as_points[0].experts, "token_accuracy": as_points[0].accuracy,
@@ -178,12 +206,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--base", action="append", type=ProxyBase.parse,
-        help="LABEL=PATH[@DATA], repeatable (default: the shipped 256-expert base, four skills)",
+        help="LABEL=PATH[@DATA], repeatable: measure it (default: the shipped 256-expert base, "
+        "four skills); the report covers every base measured into --out",
     )  # fmt: skip
     ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "results")
     args = ap.parse_args()
-    bases = args.base or [ProxyBase("tiny256", BASE)]
-    rows = [row for base in bases for row in calibrate(base, args.out)]
+    for base in args.base or [ProxyBase("tiny256", BASE)]:
+        calibrate(base, args.out)
+    stores = sorted(p.parent for p in (args.out / "calibration").glob("*/recipe.json"))
+    rows = [row for store in stores for row in stored_rows(store)]
     title = "Proxy bases against LLaDA2.0-mini's published training-free figures"
     write_report(args.out, "calibration", title, markdown(rows), CSV_COLUMNS, rows)
 
