@@ -19,6 +19,7 @@ def test_a_few_steps_write_a_base_that_loads(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     quality = json.loads((out / "quality.json").read_text())
     assert quality["train_steps"] == 3 and 0.0 <= quality["exact_match"] <= 1.0
+    assert not (out / "training_state.pt").exists()  # the base is written: nothing to resume
     model = load_model(out)
     assert next(model.parameters()).dtype == torch.bfloat16  # saved as shipped
     assert model.config.num_experts == 32 and model.config.routing.name == "token"
