@@ -43,7 +43,7 @@ def test_rows_give_both_measures_and_the_gap_to_the_published_figure(tmp_path, m
               "hidden_size": 64, "suite": "broad"}  # fmt: skip
     (tmp_path / "quality.json").write_text(json.dumps({"train_steps": 2000, "recipe": recipe}))
     calibrate.calibrate(base, tmp_path)
-    # the report is drawn from the store alone: its points and the recipe kept beside them
+    # the report is drawn from the store alone: its points and the base's record beside them
     store = tmp_path / "calibration" / "proxy"
     rows = calibrate.stored_rows(store)
     des45 = next(r for r in rows if r["measure"] == "correct" and r["point"] == "c=36")

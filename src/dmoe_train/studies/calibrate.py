@@ -7,9 +7,10 @@ token routing's unique experts per block, and the top-4 cap per token (the publi
 is: top-4 of top-8). Each retained share is given twice, with 95% paired-bootstrap intervals on
 the same prompts: exact match over the whole 47-53 character answer, and the final answer alone
 (the answer's last field, as the published benchmarks score a final answer after a chain). The
-points are kept under `<out>/calibration/<base label>/` (resumable) with the base's recipe, and
-each store is tied to its base's weights. Writes `<out>/calibration.{md,csv}` over every store
-there, so the recipes tried stay in the report without their bases at hand.
+points are kept under `<out>/calibration/<base label>/` (resumable) with the base's
+`quality.json` (its recipe), and each store is tied to its base's weights. Writes
+`<out>/calibration.{md,csv}` over every store there, so the recipes tried stay in the report
+without their bases at hand.
 
 Counting: unique experts per block per denoising forward and MoE layer (dMoE's). The published
 top-4 shares (43.5 of 69.5) are counted so; DES-Vote's (38 and 25 of 84) another way, so only
@@ -74,14 +75,18 @@ class ProxyBase:
             raise SystemExit(f"--base {text}: expected LABEL=PATH or LABEL=PATH@DATA")
         return cls(label, Path(path), data or "skills")
 
-    def recipe(self) -> dict:
-        """How the base was trained (its `quality.json`, written by `make_base`): what the
-        table of recipe tries compares."""
-        quality = self.path / "quality.json"
-        if not quality.is_file():
-            raise SystemExit(f"--base {self.label}: no {quality} (a base made by make_base)")
-        q = json.loads(quality.read_text())
-        return {"steps": q["train_steps"]} | {k: q["recipe"][k] for k in RECIPE}
+    def quality(self) -> dict:
+        """The base's own record (`quality.json`, written by `make_base`): its recipe, per-skill
+        quality and training curve, kept beside its points."""
+        path = self.path / "quality.json"
+        if not path.is_file():
+            raise SystemExit(f"--base {self.label}: no {path} (a base made by make_base)")
+        return json.loads(path.read_text())
+
+
+def recipe_of(quality: dict) -> dict:
+    """What the table of recipe tries compares: make_base's knobs, as recorded."""
+    return {"steps": quality["train_steps"]} | {k: quality["recipe"][k] for k in RECIPE}
 
 
 def rule_point(published: Published, token_experts: float) -> StudyPoint:
@@ -99,11 +104,11 @@ TOKEN = free("token", "token", "router=token", BLOCKS)
 
 def calibrate(base: ProxyBase, out: Path) -> None:
     """Measure the base's points at the published rules' budgets, kept (resumable) in its store
-    `<out>/calibration/<label>/` with its recipe (`recipe.json`)."""
+    `<out>/calibration/<label>/` with the base's `quality.json` (its recipe)."""
     store = PointStore(base.path, out, name=f"calibration/{base.label}", data=base.data)
-    recipe = base.recipe()
+    quality = base.quality()
     store.claim()
-    write_json(store.store / "recipe.json", recipe)
+    write_json(store.store / "quality.json", quality)
     token = store.measure(TOKEN)
     for point in tqdm(rule_points(token), desc=base.label, unit="point"):
         store.measure(point)
@@ -125,7 +130,7 @@ def stored_rows(store: Path) -> list[dict]:
             )
         return json.loads(path.read_text())
 
-    recipe = json.loads((store / "recipe.json").read_text())
+    recipe = recipe_of(json.loads((store / "quality.json").read_text()))
     token = metrics(TOKEN)
     points = rule_points(token)
     measured = [metrics(p) for p in points]
@@ -213,7 +218,7 @@ def main() -> None:
     args = ap.parse_args()
     for base in args.base or [ProxyBase("tiny256", BASE)]:
         calibrate(base, args.out)
-    stores = sorted(p.parent for p in (args.out / "calibration").glob("*/recipe.json"))
+    stores = sorted(p.parent for p in (args.out / "calibration").glob("*/quality.json"))
     rows = [row for store in stores for row in stored_rows(store)]
     title = "Proxy bases against LLaDA2.0-mini's published training-free figures"
     write_report(args.out, "calibration", title, markdown(rows), CSV_COLUMNS, rows)
