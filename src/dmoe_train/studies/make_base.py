@@ -34,6 +34,7 @@ from dmoe_train.evaluation.split_decoding import (
     decode_split,
     masked_token_metrics,
 )
+from dmoe_train.files import atomic_write
 from dmoe_train.models import build_model
 from dmoe_train.models.block_diffusion import noised_forward
 from dmoe_train.objectives.expert_metrics import (
@@ -196,12 +197,12 @@ def train_base(
         print(f"resumed from {state} at step {run['step']}", flush=True)
 
     def save() -> None:
-        torch.save({
+        saved = {
             "args": resumable(args), "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "streams": {name: s.get_state() for name, s in streams.items()}, "run": run,
-        }, state.with_suffix(".tmp"))  # fmt: skip
-        state.with_suffix(".tmp").replace(state)  # never half a file
+        }  # fmt: skip
+        atomic_write(state, lambda tmp: torch.save(saved, tmp))  # never half a file
 
     curve, cvs = run["curve"], run["cvs"]
     model.train()
