@@ -30,7 +30,7 @@ from dmoe_train.evaluation.frontier import Point, bootstrap_intervals
 from dmoe_train.files import write_json
 from dmoe_train.locations import PROJECT_ROOT
 from dmoe_train.reports import markdown_table, write_report
-from dmoe_train.studies.pareto import BASE
+from dmoe_train.studies.pareto import BASE, point_file
 from dmoe_train.studies.pareto import Study as PointStore
 from dmoe_train.studies.pareto_points import BLOCKS, StudyPoint, free
 
@@ -123,7 +123,7 @@ def stored_rows(store: Path) -> list[dict]:
     itself is not needed): the proxy's share of experts, retained accuracy with intervals."""
 
     def metrics(point: StudyPoint) -> dict:
-        path = store / "points" / point.slug / "point.json"
+        path = point_file(store, point)
         if not path.is_file():
             raise SystemExit(
                 f"{store}: no point {point.slug}; measure it with --base {store.name}=PATH"

@@ -63,6 +63,11 @@ SKILL_ORDER = (*TWO_SKILLS, *HELD_SKILLS)
 PAID = ("forwards_per_block", "expert_bytes_per_generated_token")
 
 
+def point_file(store: Path, point: StudyPoint) -> Path:
+    """Where a study's store keeps a finished point's metrics."""
+    return store / "points" / point.slug / "point.json"
+
+
 class Study:
     """Where a study reads its base and keeps its points (`<out>/<name>/`), and the presets its
     evaluations (`model`, `generation`, `data`: its test split, no training data needed) and its
@@ -116,7 +121,8 @@ class Study:
         """The point's metrics on the test split, computed once and kept in
         `points/<slug>/point.json`; with `refresh`, measured again when it lacks a `PAID`
         metric and needs no training for it."""
-        point_dir = self.store / "points" / point.slug
+        stored = point_file(self.store, point)
+        point_dir = stored.parent
 
         def measure() -> dict:
             overrides = [*self.eval, *point.routing, "reference_token=false"]
@@ -130,7 +136,7 @@ class Study:
         run = self.store / "runs" / point.slug
         trainless = point.training is None or router_checkpoint(run).is_file()
         return kept(
-            point_dir / "point.json",
+            stored,
             measure,
             stale=lambda stored: refresh and trainless and any(k not in stored for k in PAID),
         )
@@ -541,7 +547,7 @@ def main() -> None:
     points = study(runner.generated, with_trained=not args.no_trained)
     runner.claim()
     if args.report_only:  # the points finished so far, nothing computed
-        points = [p for p in points if (runner.store / "points" / p.slug / "point.json").is_file()]
+        points = [p for p in points if point_file(runner.store, p).is_file()]
     metrics = [
         runner.measure(p, refresh=not args.report_only)
         for p in tqdm(points, desc="pareto points", unit="point")

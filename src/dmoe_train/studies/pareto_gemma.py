@@ -22,7 +22,7 @@ from dmoe_train.evaluation.frontier import Point, bootstrap_intervals, dominated
 from dmoe_train.locations import ASSETS, PROJECT_ROOT  # noqa: E402
 from dmoe_train.reports import accuracy_line, markdown_table, save_figure, write_report  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
-from dmoe_train.studies.pareto import Study  # noqa: E402
+from dmoe_train.studies.pareto import Study, point_file  # noqa: E402
 from dmoe_train.studies.pareto_points import StudyPoint, Training, free, trained  # noqa: E402
 
 BASE = ASSETS / "tiny-diffusion-gemma"
@@ -194,7 +194,7 @@ def main() -> None:
     study.claim()
     pts = points()
     if args.report_only:
-        pts = [p for p in pts if (study.store / "points" / p.slug / "point.json").is_file()]
+        pts = [p for p in pts if point_file(study.store, p).is_file()]
     metrics = [study.measure(p, refresh=False) for p in tqdm(pts, desc="points", unit="point")]
     rows = analyse(pts, metrics)
     title = "Block routing on DiffusionGemma"
