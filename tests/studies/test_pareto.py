@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from dmoe_train.studies import pareto
+from dmoe_train.studies import pareto, pareto_points
 from dmoe_train.studies import points as study_points
 from dmoe_train.studies.pareto_points import StudyPoint, Training, free, trained
 
@@ -69,6 +69,23 @@ def test_a_point_measured_before_the_paid_metrics_is_measured_again_where_no_tra
     assert json.loads((points / rule.slug / "point.json").read_text()) == again
     # its run is gone: measuring again would train it again, so it is left as it was
     assert study.measure(router_point) == old and len(calls) == 1
+
+
+def test_the_broad_study_trains_its_sets_on_the_broad_suite(tmp_path, monkeypatch):
+    trained_with = []
+    monkeypatch.setattr(pareto, "train_run", lambda run, overrides: trained_with.append(overrides))
+    study = pareto.Study(tmp_path / "base", tmp_path, data="broad_skills")
+    points = pareto_points.study(study.generated, broad=True)
+    names = [(p.method, p.label) for p in points if p.training]
+    assert names == [
+        ("sets", "p=0.6 router+lora+shared 3000 steps"),
+        *(("sets", f"p=0.6 {s.name}") for s in pareto_points.SETS),
+        ("trained+experts", "p=0.6 union 0.1"),
+    ]
+    assert points[0].method == "token" and len(points) == len(pareto_points.training_free()) + 7
+    study.train_point(points[1])
+    assert "data=broad_skills" in trained_with[0]
+    assert "trainer.max_steps=3000" in trained_with[0]
 
 
 def test_points_of_another_base_are_refused_and_kept(tmp_path):
@@ -191,7 +208,7 @@ def test_trainable_sets_and_held_out_skills_are_tabled_and_judged(tmp_path):
     report = pareto.markdown(rows)
     sets = report[report.index("Trainable sets") : report.index("Skills held out")]
     # rank 2 on LLaDA2.0-mini: the router's 0.13% and a quarter of rank 8's adapters (3.91%)
-    assert "| router+lora r=2 | 0.88M | 1.11% | 8.00 | 1.000" in sets
+    assert "| router+lora r=2 | 500 | 0.88M | 1.11% | 8.00 | 1.000" in sets
     assert "keeps >= 99% at <= 15% of token routing's 60.0 experts: p=0.6 router+lora r=2" in sets
     held = report[report.index("Skills held out") : report.index("Goal:")]
     assert (

@@ -87,7 +87,7 @@ class Study:
         self.generated = self.store / "generated"  # dmoe-generate of the two skills' prompts
         model_at = [f"model={model}", f"model.path={base}"]
         self.eval = [*model_at, f"data={data}", "data.train_size=64", f"generation={generation}"]
-        self.train = [f"experiment={experiment}", f"model.path={base}"]
+        self.train = [f"experiment={experiment}", f"model.path={base}", f"data={data}"]
 
     def generated_data(self, out: Path, skills: tuple[str, ...]) -> None:
         """The base's own decodes (token routing) of 4000 train prompts of `skills`
@@ -312,7 +312,8 @@ def nearest_training_free(rows: list[dict], experts: float) -> dict:
 
 
 def at_budget(rows: list[dict]) -> list[dict]:
-    """The trainable sets trained on all four skills at top_p 0.6 (500 steps)."""
+    """The trainable sets trained on every skill of the suite at top_p 0.6 (500 steps, and
+    LONG_CHEAP's 3000 where the study has it)."""
     return [
         r
         for r in rows
@@ -381,6 +382,7 @@ def trainable_sets_report(rows: list[dict]) -> list[str]:
     table = markdown_table(
         (
             "set",
+            "steps",
             "trainable (this base)",
             "LLaDA2.0-mini checkpoint (fp32) of its routed experts' bf16 bytes",
             "experts/block",
@@ -390,6 +392,7 @@ def trainable_sets_report(rows: list[dict]) -> list[str]:
         (
             (
                 r["point"].training.set_label,
+                str(r["point"].training.steps_or_default),
                 f"{r['trainable_params'] / 1e6:.2f}M" if r["trainable_params"] else "-",
                 f"{share:.2%}",
                 f"{r['experts']:.2f}",
@@ -407,7 +410,7 @@ def trainable_sets_report(rows: list[dict]) -> list[str]:
         and r["experts"] <= SMALL_EXPERTS * token["experts"]
     ]
     return [
-        "Trainable sets at top_p 0.6 (all four skills, 500 steps):",
+        "Trainable sets at top_p 0.6 (trained on every skill of the suite):",
         "",
         table,
         "",
@@ -487,7 +490,7 @@ def plot_sets(rows: list[dict], path: Path) -> None:
             ],
             fmt=marker,
             capsize=2,
-            label="all four skills" if marker == "o" else "add + sort only (held out)",
+            label="every skill" if marker == "o" else "add + sort only (held out)",
         )
         for r in group:
             ax.annotate(r["point"].name, (r["trainable_params"], r["retained"]),
@@ -544,7 +547,9 @@ def main() -> None:
             "python -m dmoe_train.studies.make_base --base tiny256)"
         )
     runner = Study(args.base, args.out, data=args.data)
-    points = study(runner.generated, with_trained=not args.no_trained)
+    points = study(
+        runner.generated, with_trained=not args.no_trained, broad=args.data == "broad_skills"
+    )
     runner.claim()
     if args.report_only:  # the points finished so far, nothing computed
         points = [p for p in points if point_file(runner.store, p).is_file()]

@@ -11,6 +11,7 @@ from dmoe_train.models import TrainableSet
 from dmoe_train.objectives.distillation import DistillInputs
 
 CAPACITIES = (8, 12, 16, 24, 32, 48)
+PRESET_STEPS = 500  # experiment=tiny256_topp's trainer.max_steps
 TWO_SKILLS = ("add", "sort")  # the held-out rows train on these; reverse and count never
 
 
@@ -28,7 +29,7 @@ class Training:
     distill: DistillInputs | None = None  # KL to the base (weight 1.0) on these inputs
     curriculum_start: float | None = None
     train_expert_bias: bool = False
-    steps: int | None = None  # None: the preset's 500
+    steps: int | None = None  # None: the preset's PRESET_STEPS
     lr: float | None = None
     skills: tuple[str, ...] | None = None  # the train split's skills (None: all four)
     generated: Path | None = None  # trains on these rows of the base's own generations
@@ -38,6 +39,10 @@ class Training:
     def set_label(self) -> str:
         """The trainable set as the report names it (`router+lora r=2`)."""
         return self.trainable + (f" r={self.lora_rank}" if self.lora_rank else "")
+
+    @property
+    def steps_or_default(self) -> int:
+        return self.steps or PRESET_STEPS
 
     @property
     def lora_rank_or_default(self) -> int:
@@ -164,6 +169,10 @@ SETS = [
     Training("router+lora", 0.6, trainable="router+lora"),  # rank 8
     Training("router+lora+shared", 0.6, trainable="router+lora+shared"),
 ]
+# the cheap set at router+experts' step count (3000 steps reached 99% there)
+LONG_CHEAP = Training(
+    "router+lora+shared 3000 steps", 0.6, trainable="router+lora+shared", steps=3000
+)
 HELD_OUT_SETS = [*SETS[:3], EXPERTS_AT_BUDGET]  # router, +shared, +lora r=2, +experts
 
 
@@ -196,13 +205,17 @@ ABLATION = [
 ]
 
 
-def study(generated: Path, with_trained: bool = True) -> list[StudyPoint]:
+def study(generated: Path, with_trained: bool = True, broad: bool = False) -> list[StudyPoint]:
     """Every point in the order computed: token routing (the reference), the trained points
     (the goal's before the ablation's: a run cut short still answers the goal first), then
-    the training-free rules."""
+    the training-free rules. `broad` (the broad suite): the trainable sets and LONG_CHEAP
+    alone, as its skills are held out by `make breadth` instead."""
     rules = training_free()
     if not with_trained:
         return rules
+    if broad:
+        sets = [trained("sets", LONG_CHEAP), *(trained("sets", t) for t in SETS)]
+        return [rules[0], *sets, trained("trained+experts", EXPERTS_AT_BUDGET), *rules[1:]]
     points = [
         *(trained("trained", t) for t in ROUTERS),
         *(trained("trained+experts", t) for t in WITH_EXPERTS),
