@@ -59,6 +59,10 @@ def test_rows_give_both_measures_and_the_gap_to_the_published_figure(tmp_path, m
     # the recipe tries: one row per base, its knobs and what each rule keeps of the final answer
     tries = "| proxy | broad | 2000 | 0.001 | 0.5 | 64 | 80.0 experts, 80.0% exact match | 100.0% |"
     assert tries in report
+    assert (
+        "proxy: token routing 80.0 experts per block, exact match 80.0% on 10 test prompts"
+        in report
+    )
     (store / "points" / "topk_cap__k4" / "point.json").unlink()
     with pytest.raises(
         SystemExit, match=f"{store}: no point topk_cap__k4; measure it with --base proxy="

@@ -148,6 +148,7 @@ def stored_rows(store: Path) -> list[dict]:
                 "published_share": published.share, "published_retained": published.retained,
                 "point": p.label, "share": p.experts / as_points[0].experts, "experts": p.experts,
                 "token_experts": as_points[0].experts, "token_accuracy": as_points[0].accuracy,
+                "prompts": len(token["correct"]),
                 "retained": retained, "retained_lo": ci["retained"][i, 0],
                 "retained_hi": ci["retained"][i, 1], "gap": retained - published.retained,
                 "source": published.source,
@@ -157,8 +158,8 @@ def stored_rows(store: Path) -> list[dict]:
 
 CSV_COLUMNS = (
     "base", "measure", "rule", "point", "published_share", "share", "experts", "token_experts",
-    "token_accuracy", "published_retained", "retained", "retained_lo", "retained_hi", "gap",
-    "steps", *RECIPE,
+    "token_accuracy", "prompts", "published_retained", "retained", "retained_lo", "retained_hi",
+    "gap", "steps", *RECIPE,
 )  # fmt: skip
 MEASURES = {"correct": "exact match", "final_answer_correct": "final answer"}
 
@@ -190,9 +191,9 @@ def markdown(rows: list[dict]) -> str:
             f"- {label}: DES-Vote within {CLOSE:.0%} of the published figures on the final "
             f"answer: {close} (largest gap {100 * max(gaps):.1f} points)"
         )
-    token = {r["base"]: (r["token_experts"], r["token_accuracy"]) for r in exact}
-    bases = "; ".join(f"{b}: token routing {e:.1f} experts per block, exact match {a:.1%}"
-                      for b, (e, a) in token.items())  # fmt: skip
+    token = {r["base"]: (r["token_experts"], r["token_accuracy"], r["prompts"]) for r in exact}
+    bases = "; ".join(f"{b}: token routing {e:.1f} experts per block, exact match {a:.1%} on "
+                      f"{n} test prompts" for b, (e, a, n) in token.items())  # fmt: skip
     tries = markdown_table(
         ["base", "suite", "steps", "bias rate", "router noise", "width", "token routing",
          *(f"{p.source.split(',')[0]} {p.share:.0%}: final answer kept" for p in PUBLISHED)],
