@@ -104,7 +104,9 @@ CANVAS_CSV_COLUMNS = {
 }  # fmt: skip
 
 
-def is_canvas(m: dict) -> bool:
+def has_canvas_metrics(m: dict) -> bool:
+    """Whether an evaluation's metrics count per canvas (DiffusionGemma) rather than per block;
+    the model itself is asked by `routing_control.is_canvas_model`."""
     return "unique_experts_per_canvas" in m
 
 
@@ -118,7 +120,7 @@ def run_rows(rows: dict[str, list[str]], out: Path, overrides: list[str]) -> dic
             row_dir = f"paths.output_dir={out / 'compare' / str(i)}"
             cfg = compose("eval", [row_dir, "reference_token=false", *extra, *overrides])
             results[name] = run_eval(cfg)
-            if not is_canvas(results[name]):
+            if not has_canvas_metrics(results[name]):
                 model, data, settings = prepare_eval(cfg)
                 runs[name] = (model, settings)
     token = results["token"]
@@ -156,7 +158,7 @@ def verdict(results: dict[str, dict]) -> str:
 
 
 def write_csv(results: dict[str, dict], path: Path) -> None:
-    columns = CANVAS_CSV_COLUMNS if is_canvas(results["token"]) else CSV_COLUMNS
+    columns = CANVAS_CSV_COLUMNS if has_canvas_metrics(results["token"]) else CSV_COLUMNS
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "rule", *columns])
@@ -193,7 +195,7 @@ def main() -> None:
     shown = router.resolve()
     shown = shown.relative_to(PROJECT_ROOT) if shown.is_relative_to(PROJECT_ROOT) else shown
     args.out.mkdir(parents=True, exist_ok=True)
-    columns = CANVAS_COLUMNS if is_canvas(results["token"]) else COLUMNS
+    columns = CANVAS_COLUMNS if has_canvas_metrics(results["token"]) else COLUMNS
     table = format_table(list(results.values()), list(results), columns)
     on = f"`{' '.join(args.overrides)}`" if args.overrides else "the embedded default"
     (args.out / "compare.md").write_text(
