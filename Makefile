@@ -32,8 +32,9 @@ lint: venv
 test: lint
 	$(BIN)/pytest -m "not slow"
 
+# the ten slowest tests named at the end: CI's whole run must stay under 20 minutes
 test-slow: venv-deepspeed
-	$(BIN)/pytest -m slow
+	$(BIN)/pytest -m slow --durations=10
 
 test-all: test test-slow
 
