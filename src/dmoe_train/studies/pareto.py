@@ -280,7 +280,7 @@ def goal(rows: list[dict]) -> list[str]:
         ]
         verdict = "above every training-free method" if not below else f"not above {below}"
         lines.append(f"- trained {t['label']} ({t['experts']:.1f} experts): {verdict}")
-    for method in ("trained", "trained+experts"):
+    for method in (m for m in ("trained", "trained+experts") if m in methods):  # measured ones
         hit = [
             t["label"]
             for t in methods.get(method, [])
@@ -464,9 +464,7 @@ def markdown(rows: list[dict]) -> str:
         "",
         *held_out_report(rows),
         "",
-        "Goal:",
-        "",
-        *goal(rows),
+        *(["Goal:", "", *verdicts] if (verdicts := goal(rows)) else []),
     ]
     return "\n".join(lines)
 
