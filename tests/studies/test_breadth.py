@@ -5,7 +5,7 @@ import pytest
 
 from dmoe_train.data.skills import BROAD
 from dmoe_train.studies import breadth
-from dmoe_train.studies.breadth import Draw, draws, held_out_rows, markdown, trainings
+from dmoe_train.studies.breadth import Draw, draws, held_out_rows, markdown, plan, trainings
 
 
 def test_draws_are_seeded_subsets_of_each_size_two_at_the_smallest():
@@ -20,8 +20,8 @@ def test_each_set_trains_on_the_generations_of_its_skills_without_and_with_kl(tm
     draw = Draw(2, 0, ("sub", "copy"))
     points = trainings(draw, tmp_path)
     assert [p.name for p in points] == [
-        "router on sub+copy", "router KL on sub+copy",
-        "router+lora+shared on sub+copy", "router+lora+shared KL on sub+copy",
+        "router on sub+copy", "router+lora+shared on sub+copy",
+        "router KL on sub+copy", "router+lora+shared KL on sub+copy",
     ]  # fmt: skip
     kl = points[3].training.overrides()
     assert f"data.source={tmp_path / 'generated' / 'k2_0' / 'rows'}" in kl
@@ -63,8 +63,22 @@ def test_the_verdict_names_the_smallest_breadth_that_keeps_the_held_out_skills(
     monkeypatch.setattr(breadth.Study, "measure", measure)
     study = breadth.Study(tmp_path, tmp_path, name="breadth", data="broad_skills")
     token = measure(None, breadth.free("token", "token"))
-    rows = [r for d in draws(0) for r in breadth.measure_draw(study, d, token)]
+    planned = plan(draws(0), tmp_path)
+    rows = [breadth.measure_point(study, d, p, token) for d, p in planned]
     assert len(rows) == 20 and {r["coreset_held_out"] for r in rows} == {0.5}
-    assert "never fall below the coreset of the same size (every point): 8" in markdown(rows)
+    assert "never fall below the coreset of the same size (every point): 8" in markdown(rows, 20)
+    assert "not measured yet" not in markdown(rows, 20)
     breadth.plot(rows, tmp_path / "breadth.png")
     assert (tmp_path / "breadth.png").stat().st_size > 0
+
+
+def test_one_family_runs_at_every_draw_before_the_next_and_a_cut_run_says_so(tmp_path):
+    planned = plan(draws(0), tmp_path)
+    families = [p.name.split(" on ")[0] for _, p in planned]
+    assert families == [f for f in ("router", "router+lora+shared", "router KL",
+                                    "router+lora+shared KL") for _ in range(5)]  # fmt: skip
+    assert [d.slug for d, _ in planned[:5]] == [d.slug for d in draws(0)]
+    row = {"k": 2, "draw": 0, "point": "router on add+sub", "experts": 9.0, "held_out": 0.5,
+           "held_out_lo": 0.4, "held_out_hi": 0.6, "retained": 0.6, "retained_lo": 0.5,
+           "retained_hi": 0.7, "coreset_held_out": 0.3, "coreset_held_out_hi": 0.4}  # fmt: skip
+    assert "- 19 of 20 points not measured yet: `make breadth` resumes" in markdown([row], 20)

@@ -60,28 +60,27 @@ def _run(out: Path, *overrides: str) -> dict:
     return json.loads(summary.read_text()) if summary.is_file() else {}
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("one_process")
-    _run(out, "data.batch_size=32")
-    return out
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", sorted(TWO_RANKS))
-def test_two_ranks_match_one_process_and_resume(tmp_path, one_process, strategy):
-    full = _run(tmp_path / "full", *TWO_RANKS[strategy])
-    assert full["world_size"] == 2 and full["steps"] == 6
+@pytest.mark.parametrize(
+    ("strategy", "trainable"), [("ddp_cpu", "router"), ("fsdp", "router+lora+shared")]
+)
+def test_two_ranks_match_one_process_and_resume(tmp_path, strategy, trainable):
+    # DDP on the router alone; FSDP2 on the router with peft adapters and the shared expert
+    chosen = [f"module.trainable={trainable}"] + ["module.lora.rank=2"] * ("lora" in trainable)
+    single = _run(tmp_path / "one", "data.batch_size=32", *chosen)
+    full = _run(tmp_path / "full", *TWO_RANKS[strategy], *chosen)
+    assert full["world_size"] == 2 and full["steps"] == single["steps"] == 6
     ranks = [torch.load(tmp_path / "full" / f"rank{r}.pt") for r in (0, 1)]
-    reference = router_of(one_process)
+    reference = router_of(tmp_path / "one")
     assert ranks[0].keys() == ranks[1].keys() == reference.keys()
+    assert ("shared" in trainable) == any(".shared_experts." in n for n in reference)
+    assert ("lora" in trainable) == any(".lora_B." in n for n in reference)
     for name in reference:
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # replicas never drift
         torch.testing.assert_close(ranks[0][name], reference[name], rtol=0, atol=ATOL)
-    single = json.loads((one_process / "summary.json").read_text())
     # each rank reports its own throughput and peak memory; the global batch is one process's
     used = [json.loads((tmp_path / "full" / f"resources.rank{r}.json").read_text()) for r in (0, 1)]
-    alone = json.loads((one_process / "resources.rank0.json").read_text())
+    alone = json.loads((tmp_path / "one" / "resources.rank0.json").read_text())
     assert [u["rank"] for u in used] == [0, 1] and {u["world_size"] for u in used} == {2}
     assert {u["batches"] for u in used} == {alone["batches"]} == {6}
     for u in used:
@@ -90,10 +89,10 @@ def test_two_ranks_match_one_process_and_resume(tmp_path, one_process, strategy)
     assert full["val_loss_after"] == pytest.approx(single["val_loss_after"], abs=ATOL)
     assert full["unique_experts_after"] == pytest.approx(single["unique_experts_after"], abs=1e-4)
 
-    # interrupted after step 3, resumed in the same run directory: the same router, bit for bit
+    # interrupted after step 3, resumed in the same run directory: the same weights, bit for bit
     stop = ["+callbacks.stop._target_=helpers.InterruptAtStep", "+callbacks.stop.step=3"]
-    assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *stop) == {}  # interrupted
-    assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *stop)["steps"] == 6
+    assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *chosen, *stop) == {}  # interrupted
+    assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *chosen, *stop)["steps"] == 6
     resumed, uninterrupted = router_of(tmp_path / "resumed"), router_of(tmp_path / "full")
     for name in uninterrupted:
         assert torch.equal(resumed[name], uninterrupted[name]), name
@@ -129,29 +128,6 @@ def test_diffusion_gemma_two_ranks_match_one_process(tmp_path, gemma, strategy):
     stop = ["+callbacks.stop._target_=helpers.InterruptAtStep", "+callbacks.stop.step=3"]
     assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *overrides, *stop) == {}
     assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *overrides, *stop)["steps"] == 6
-    resumed = router_of(tmp_path / "resumed")
-    for name in two:
-        assert torch.equal(resumed[name], two[name]), name
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("strategy", "trainable"),
-    [("ddp_cpu", "router+lora+shared"), ("fsdp", "router+lora+shared")],
-)
-def test_adapter_sets_match_one_process_and_resume(tmp_path, strategy, trainable):
-    chosen = [f"module.trainable={trainable}", "module.lora.rank=2"]
-    alone = _run(tmp_path / "one", "data.batch_size=32", *chosen)
-    assert _run(tmp_path / "full", *TWO_RANKS[strategy], *chosen)["world_size"] == 2
-    one, two = router_of(tmp_path / "one"), router_of(tmp_path / "full")
-    assert one.keys() == two.keys() and alone["steps"] == 6
-    assert any(".shared_experts." in n for n in one)
-    assert ("lora" in trainable) == any(".lora_B." in n for n in one)
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=ATOL)
-    stop = ["+callbacks.stop._target_=helpers.InterruptAtStep", "+callbacks.stop.step=3"]
-    assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *chosen, *stop) == {}
-    assert _run(tmp_path / "resumed", *TWO_RANKS[strategy], *chosen, *stop)["steps"] == 6
     resumed = router_of(tmp_path / "resumed")
     for name in two:
         assert torch.equal(resumed[name], two[name]), name

@@ -71,7 +71,7 @@ def draws(seed: int = 0) -> list[Draw]:
 
 
 def trainings(draw: Draw, store: Path) -> list[StudyPoint]:
-    """The draw's trained points: each set on the base's generations, without and with KL."""
+    """The draw's trained points: each set on the base's generations, without, then with KL."""
     return [
         trained(
             f"k={draw.k}",
@@ -84,9 +84,16 @@ def trainings(draw: Draw, store: Path) -> list[StudyPoint]:
                 generated_from=draw.skills,
             ),
         )  # fmt: skip
-        for trainable in SETS
         for kl in (False, True)
+        for trainable in SETS
     ]
+
+
+def plan(drawn: list[Draw], store: Path) -> list[tuple[Draw, StudyPoint]]:
+    """Every trained point in the order computed: one family (a set, without or with KL) at
+    every draw before the next family, so a run cut short has whole curves."""
+    families = zip(*(trainings(d, store) for d in drawn), strict=True)
+    return [pair for family in families for pair in zip(drawn, family, strict=True)]
 
 
 def coreset_of_size(experts: float) -> StudyPoint:
@@ -124,18 +131,16 @@ def held_out_rows(draw: Draw, points: list[tuple[str, dict]], token: dict) -> li
     ]
 
 
-def measure_draw(study: Study, draw: Draw, token: dict) -> list[dict]:
-    """The draw's trained points and, beside each, the coreset of its size."""
-    rows = []
-    for point in trainings(draw, study.store):
-        m = study.measure(point)
-        coreset = coreset_of_size(m["unique_experts_per_block"])
-        pair = [(point.name, m), (f"coreset {coreset.name}", study.measure(coreset))]
-        trained_row, coreset_row = held_out_rows(draw, pair, token)
-        trained_row["coreset_held_out"] = coreset_row["held_out"]
-        trained_row["coreset_held_out_hi"] = coreset_row["held_out_hi"]
-        rows.append(trained_row)
-    return rows
+def measure_point(study: Study, draw: Draw, point: StudyPoint, token: dict) -> dict:
+    """The trained point's held-out row, with the coreset of its size beside it."""
+    m = study.measure(point)
+    coreset = coreset_of_size(m["unique_experts_per_block"])
+    pair = [(point.name, m), (f"coreset {coreset.name}", study.measure(coreset))]
+    row, coreset_row = held_out_rows(draw, pair, token)
+    return row | {
+        "coreset_held_out": coreset_row["held_out"],
+        "coreset_held_out_hi": coreset_row["held_out_hi"],
+    }
 
 
 CSV_COLUMNS = (
@@ -144,7 +149,8 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], planned: int) -> str:
+    """The held-out table and its verdict; `planned`: the points a whole run measures."""
     head = ["k", "draw", "point", "experts/block", "held-out exact match [95%]",
             "of token routing [95%]", "coreset of that size", "above it"]  # fmt: skip
     table = markdown_table(
@@ -172,6 +178,9 @@ def markdown(rows: list[dict]) -> str:
         "exact match (some point) and never fall below the coreset of the same size (every "
         f"point): {kept[0] if kept else 'none of ' + str(sorted({r['k'] for r in rows}))}"
     )
+    missing = planned - len(rows)
+    if missing:  # written after every point: a run cut short reports what it measured
+        verdict += f"\n- {missing} of {planned} points not measured yet: `make breadth` resumes"
     return f"{table}\n\n{verdict}"
 
 
@@ -208,13 +217,18 @@ def main() -> None:
         )
     study = Study(args.base, args.out, name="breadth", data="broad_skills")
     study.claim()
+    planned = plan(draws(args.seed), study.store)
+    progress = tqdm(total=len(planned) + 1, desc="breadth points (token routing first)")
     token = study.measure(free("token", "token", "router=token", BLOCKS))
-    rows = [
-        row for d in tqdm(draws(args.seed), desc="draws") for row in measure_draw(study, d, token)
-    ]
-    title = "Held-out skills against training breadth"
-    write_report(args.out, "breadth", title, markdown(rows), CSV_COLUMNS, rows)
-    plot(rows, args.out / "breadth.png")
+    progress.update()
+    rows = []
+    for draw, point in planned:
+        rows.append(measure_point(study, draw, point, token))
+        progress.update()
+        title = "Held-out skills against training breadth"
+        write_report(args.out, "breadth", title, markdown(rows, len(planned)), CSV_COLUMNS, rows)
+        plot(rows, args.out / "breadth.png")
+    progress.close()
 
 
 if __name__ == "__main__":
