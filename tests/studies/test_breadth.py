@@ -1,6 +1,8 @@
 """`make breadth`: the draws of training skills, the trained points on the base's generations,
 and held-out exact match measured on the held-out skills' prompts only."""
 
+import hashlib
+
 import pytest
 
 from dmoe_train.data.skills import BROAD
@@ -44,6 +46,8 @@ def test_held_out_exact_match_counts_only_the_held_out_prompts():
     assert row["held_out"] == pytest.approx(1 / 4) and row["retained"] == pytest.approx(1 / 4)
     assert coreset["held_out"] == 0.0 and row["token_held_out"] == 1.0
     assert row["held_out_lo"] <= 0.25 <= row["held_out_hi"]
+    # the 20 training-skill prompts: all right, as token routing; the coreset none of them
+    assert row["trained_retained"] == 1.0 and coreset["trained_retained"] == 0.0
 
 
 def test_the_verdict_names_the_smallest_breadth_that_keeps_the_held_out_skills(
@@ -80,5 +84,32 @@ def test_one_family_runs_at_every_draw_before_the_next_and_a_cut_run_says_so(tmp
     assert [d.slug for d, _ in planned[:5]] == [d.slug for d in draws(0)]
     row = {"k": 2, "draw": 0, "point": "router on add+sub", "experts": 9.0, "held_out": 0.5,
            "held_out_lo": 0.4, "held_out_hi": 0.6, "retained": 0.6, "retained_lo": 0.5,
-           "retained_hi": 0.7, "coreset_held_out": 0.3, "coreset_held_out_hi": 0.4}  # fmt: skip
+           "retained_hi": 0.7, "coreset_held_out": 0.3, "coreset_held_out_hi": 0.4,
+           "trained_retained": 0.9}  # fmt: skip
     assert "- 19 of 20 points not measured yet: `make breadth` resumes" in markdown([row], 20)
+
+
+def test_report_only_reports_the_finished_points_and_trains_none(tmp_path, monkeypatch):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "breadth").mkdir()  # the store, claimed by this base
+    (tmp_path / "breadth" / "base.sha256").write_text(hashlib.sha256(b"weights").hexdigest())
+    finished = [p for _, p in plan(draws(0), tmp_path / "breadth")][:2]
+    for point in finished:
+        breadth.point_file(tmp_path / "breadth", point).parent.mkdir(parents=True)
+        breadth.point_file(tmp_path / "breadth", point).write_text("{}")
+    measured = []
+
+    def measure(self, point, refresh=True):
+        measured.append(point.name)
+        return {"correct": [1] * 24, "unique_experts_per_block": 10.0}
+
+    monkeypatch.setattr(breadth.Study, "measure", measure)
+    argv = ["breadth", "--report-only", "--base", str(base), "--out", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", argv)
+    breadth.main()
+    assert {p.name for p in finished} <= set(measured)
+    assert not {n for n in measured if " on " in n} - {p.name for p in finished}
+    report = (tmp_path / "breadth.md").read_text()
+    assert report.count("| router on ") == 2 and "18 of 20 points not measured yet" in report

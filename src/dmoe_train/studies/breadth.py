@@ -28,7 +28,7 @@ from dmoe_train.data.skills import BROAD  # noqa: E402
 from dmoe_train.evaluation.frontier import Point, bootstrap_intervals  # noqa: E402
 from dmoe_train.locations import PROJECT_ROOT  # noqa: E402
 from dmoe_train.reports import markdown_table, save_figure, write_report  # noqa: E402
-from dmoe_train.studies.pareto import Study  # noqa: E402
+from dmoe_train.studies.pareto import Study, point_file  # noqa: E402
 from dmoe_train.studies.pareto_points import (  # noqa: E402
     BLOCKS,
     StudyPoint,
@@ -104,9 +104,15 @@ def coreset_of_size(experts: float) -> StudyPoint:
 
 def held_out_rows(draw: Draw, points: list[tuple[str, dict]], token: dict) -> list[dict]:
     """Exact match on the draw's held-out prompts (test prompts interleave the suite's skills
-    in order: prompt i is skill i mod N) and its share of token routing's, paired intervals."""
+    in order: prompt i is skill i mod N) and its share of token routing's, paired intervals;
+    beside it, the share kept on the training skills' prompts (a point keeping little there
+    says nothing of breadth)."""
     n = len(token["correct"])
     held = np.array([BROAD[i % len(BROAD)] in draw.held_out for i in range(n)])
+
+    def on_trained(m: dict) -> int:
+        return int(np.asarray(m["correct"][:n])[~held].sum())
+
     as_points = [
         Point.measured(name, name, m, prompts=held) for name, m in [("token", token), *points]
     ]
@@ -126,8 +132,9 @@ def held_out_rows(draw: Draw, points: list[tuple[str, dict]], token: dict) -> li
             "retained_lo": ci["retained"][i, 0],
             "retained_hi": ci["retained"][i, 1],
             "token_held_out": as_points[0].accuracy,
+            "trained_retained": on_trained(m) / max(on_trained(token), 1),
         }  # fmt: skip
-        for i, p in enumerate(as_points[1:])
+        for i, (p, (_, m)) in enumerate(zip(as_points[1:], points, strict=True))
     ]
 
 
@@ -146,13 +153,15 @@ def measure_point(study: Study, draw: Draw, point: StudyPoint, token: dict) -> d
 CSV_COLUMNS = (
     "k", "draw", "train_skills", "point", "experts", "held_out", "held_out_lo", "held_out_hi",
     "retained", "retained_lo", "retained_hi", "token_held_out", "coreset_held_out",
+    "trained_retained",
 )  # fmt: skip
 
 
 def markdown(rows: list[dict], planned: int) -> str:
     """The held-out table and its verdict; `planned`: the points a whole run measures."""
     head = ["k", "draw", "point", "experts/block", "held-out exact match [95%]",
-            "of token routing [95%]", "coreset of that size", "above it"]  # fmt: skip
+            "of token routing [95%]", "coreset of that size", "above it",
+            "training skills: of token routing"]  # fmt: skip
     table = markdown_table(
         head,
         (
@@ -165,6 +174,7 @@ def markdown(rows: list[dict], planned: int) -> str:
                 f"{r['retained']:.1%} [{r['retained_lo']:.1%}, {r['retained_hi']:.1%}]",
                 f"{r['coreset_held_out']:.1%}",
                 "yes" if r["held_out_lo"] > r["coreset_held_out_hi"] else "no",
+                f"{r['trained_retained']:.1%}",
             )  # fmt: skip
             for r in rows
         ),
@@ -209,6 +219,9 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=BASE, help="a base trained on the broad suite")
     ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "results")
     ap.add_argument("--seed", type=int, default=0, help="draws the training skills")
+    ap.add_argument(
+        "--report-only", action="store_true", help="report the trained points finished, train none"
+    )
     args = ap.parse_args()
     if not (args.base / "model.safetensors").is_file():
         raise SystemExit(
@@ -218,6 +231,9 @@ def main() -> None:
     study = Study(args.base, args.out, name="breadth", data="broad_skills")
     study.claim()
     planned = plan(draws(args.seed), study.store)
+    whole = len(planned)
+    if args.report_only:  # the finished points (a coreset beside one is measured if missing)
+        planned = [(d, p) for d, p in planned if point_file(study.store, p).is_file()]
     progress = tqdm(total=len(planned) + 1, desc="breadth points (token routing first)")
     token = study.measure(free("token", "token", "router=token", BLOCKS))
     progress.update()
@@ -226,7 +242,7 @@ def main() -> None:
         rows.append(measure_point(study, draw, point, token))
         progress.update()
         title = "Held-out skills against training breadth"
-        write_report(args.out, "breadth", title, markdown(rows, len(planned)), CSV_COLUMNS, rows)
+        write_report(args.out, "breadth", title, markdown(rows, whole), CSV_COLUMNS, rows)
         plot(rows, args.out / "breadth.png")
     progress.close()
 
