@@ -7,7 +7,8 @@ generations of the training skills' prompts (`dmoe-generate`), without and with 
 token-routed base; beside token routing and the training-free coreset of the same size
 (DES-Vote at the trained point's unique experts per block). 95% paired-bootstrap intervals over
 the held-out prompts on every point; every point is stored as it finishes (`<out>/breadth/`) and
-a rerun resumes. Writes `<out>/breadth.{md,csv,png}`.
+a rerun resumes. Writes `<out>/breadth.{md,csv,png}` after every point (`--report-only`: from the
+finished points alone).
 """
 
 from __future__ import annotations
