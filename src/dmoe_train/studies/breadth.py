@@ -238,11 +238,10 @@ def main() -> None:
     progress = tqdm(total=len(planned) + 1, desc="breadth points (token routing first)")
     token = study.measure(free("token", "token", "router=token", BLOCKS))
     progress.update()
-    rows = []
+    title, rows = "Held-out skills against training breadth", []
     for draw, point in planned:
         rows.append(measure_point(study, draw, point, token))
         progress.update()
-        title = "Held-out skills against training breadth"
         write_report(args.out, "breadth", title, markdown(rows, whole), CSV_COLUMNS, rows)
         plot(rows, args.out / "breadth.png")
     progress.close()

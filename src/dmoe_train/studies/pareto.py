@@ -283,7 +283,7 @@ def goal(rows: list[dict]) -> list[str]:
     for method in (m for m in ("trained", "trained+experts") if m in methods):  # measured ones
         hit = [
             t["label"]
-            for t in methods.get(method, [])
+            for t in methods[method]
             if t["retained"] >= GOAL_RETAINED and t["experts"] <= GOAL_EXPERTS * token["experts"]
         ]
         lines.append(
