@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -115,14 +116,15 @@ def run_main(main, *args: str) -> int:
 
 
 class InterruptAtStep(L.Callback):
-    """Simulates a SIGTERM once `step` optimizer steps are done, as Lightning's own handler
-    does (a run resumed at `step` passes it: relaunch with the same overrides)."""
+    """Simulates a SIGTERM once `step` optimizer steps are done (one step or a list), as
+    Lightning's own handler does (a run resumed at a step passes it: relaunch with the same
+    overrides)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int | Sequence[int]) -> None:
+        self.steps = {step} if isinstance(step, int) else set(step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step in self.steps:
             raise SIGTERMException
 
 

@@ -65,14 +65,20 @@ def test_resume_equals_uninterrupted_run(tmp_path, objective, caplog):
     caplog.set_level("INFO", logger="dmoe_train")
     common = [*steps(12, checkpoint_every=3), "trainer.val_check_interval=6", *objective]
     full = train(compose_train(tmp_path / "full", *common))
-    interrupt = ["+callbacks.stop._target_=helpers.InterruptAtStep", "+callbacks.stop.step=5"]
-    stopped = compose_train(tmp_path / "resumed", *common, *interrupt)
-    assert train(stopped) == {"interrupted_at_step": 5}
-    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    # cut before the first periodic save, then between two, then run to the end
+    interrupt = ["+callbacks.stop._target_=helpers.InterruptAtStep", "+callbacks.stop.step=[2,8]"]
+    run = lambda: compose_train(tmp_path / "resumed", *common, *interrupt)  # noqa: E731
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    assert train(run()) == {"interrupted_at_step": 2}
+    ckpt = torch.load(checkpoints / "last.ckpt", weights_only=False)
     assert set(ckpt["state_dict"]) == GATES  # only the router: never the frozen base
-    assert ckpt["global_step"] == 5  # saved on the way out, between the periodic saves
-    resumed = train(compose_train(tmp_path / "resumed", *common, *interrupt))
-    assert "resumed from" in caplog.text and "at step 5" in caplog.text
+    assert ckpt["global_step"] == 2  # saved on the way out, before any periodic save
+    assert train(run()) == {"interrupted_at_step": 8}
+    # the resumed run's periodic saves went to the one last.ckpt a relaunch reads, not to a
+    # last-v1.ckpt beside it (a kill between them would have resumed from step 2)
+    assert [p.name for p in checkpoints.glob("*.ckpt")] == ["last.ckpt"]
+    resumed = train(run())
+    assert "at step 2" in caplog.text and "at step 8" in caplog.text
     assert resumed["steps"] == 12
     a, b = router_of(tmp_path / "full"), router_of(tmp_path / "resumed")
     assert a.keys() == b.keys()
