@@ -13,6 +13,8 @@ from dmoe_train.data.tokenizer import char_tokenizer
 from dmoe_train.models import load_model
 from dmoe_train.models.families.diffusion_gemma import (
     PolicyRouter,
+    canvas_batch,
+    canvas_forward,
     install_routing,
     text_only_config,
 )
@@ -150,6 +152,29 @@ def test_a_block_policy_touches_fewer_experts_per_block_than_token_routing():
             [unique_experts_per_block(r.ids, 16).float().mean() for r in decoder]
         ).mean()
     assert counts["topp"] < counts["token"]
+
+
+def test_the_training_forward_reads_no_prompt_padding_so_any_pad_width_computes_the_same():
+    """Training pads prompts to the sequence length, decoding to the batch's longest prompt:
+    with the encoder's pad entries masked out of the decoder's attention (as `generate` masks
+    them), the pad width only shifts every position alike, which rotary attention ignores."""
+    config = tiny_config(experts=16, k=4)
+    model = random_model(config)
+    install_routing(model, RoutingPolicy("topp", block_size=16, top_p=0.5, min_experts=4))
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "prompt_len": torch.tensor([7, 12])}
+    x_t = torch.randint(
+        3, 128, (2, config.canvas_length), generator=torch.Generator().manual_seed(5)
+    )
+    outs = []
+    for width in (None, 40, 100):
+        cb = canvas_batch(batch, config.canvas_length, 0, width)
+        with torch.no_grad():
+            outs.append(canvas_forward(model, cb, x_t, torch.zeros(2, dtype=torch.bool)))
+    for out in outs[1:]:
+        torch.testing.assert_close(out.logits, outs[0].logits, atol=1e-4, rtol=1e-4)
+        for got, want in zip(out.routing, outs[0].routing, strict=True):
+            assert torch.equal(got.ids, want.ids)
 
 
 def test_load_model_picks_the_family_and_routes_by_the_policy(tmp_path):

@@ -214,8 +214,9 @@ def canvas_batch(
 ) -> CanvasBatch:
     """`input_ids` `[B, L]` = prompt + response + eos padding, `prompt_len` `[B]` -> the prompts
     left-padded with `pad_id` to `width` (None: the longest prompt) and the canvas that follows
-    each prompt. The pad width shifts the decoder's positions, so training pads to a width that
-    does not depend on the batch: a sample computes the same on any rank."""
+    each prompt. The pad width shifts every position alike (rotary attention ignores it but for
+    rounding), so training pads to a width that does not depend on the batch: a sample computes
+    bit for bit the same on any rank."""
     ids, lens = batch["input_ids"], batch["prompt_len"].tolist()
     width = max(lens) if width is None else max(width, *lens)
     prompts = ids.new_full((len(lens), width), pad_id)
@@ -251,7 +252,15 @@ def canvas_forward(
     first without self-conditioning (no gradients), then conditioned on those logits, as the
     published recipe trains."""
     call = call or model
-    inputs = dict(input_ids=batch.prompts, attention_mask=batch.keep.long(), decoder_input_ids=x_t)
+    # the canvas attends to the prompt's real tokens only, as `generate` masks them: without
+    # this mask the decoder reads the encoder's pad entries
+    decoder_mask = nn.functional.pad(batch.keep, (0, x_t.shape[1]), value=True)
+    inputs = dict(
+        input_ids=batch.prompts,
+        attention_mask=batch.keep.long(),
+        decoder_input_ids=x_t,
+        decoder_attention_mask=decoder_mask,
+    )
     extra = {}
     if self_conditioned.any():
         with torch.no_grad():
