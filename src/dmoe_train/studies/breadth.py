@@ -199,11 +199,16 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in dict.fromkeys(r["point"].split(" on ")[0] for r in rows):
         rs = sorted((r for r in rows if r["point"].startswith(name + " on")), key=lambda r: r["k"])
+        by_k: dict[int, list[float]] = {}
+        for r in rs:
+            by_k.setdefault(r["k"], []).append(r["retained"])
+        # the line joins each k's mean over its draws; every draw is a point with its interval
+        (line,) = ax.plot(list(by_k), [np.mean(v) for v in by_k.values()], label=name)
         ax.errorbar(
             [r["k"] for r in rs], [r["retained"] for r in rs],
             yerr=[[r["retained"] - r["retained_lo"] for r in rs],
                   [r["retained_hi"] - r["retained"] for r in rs]],
-            marker="o", ms=4, capsize=2, label=name,
+            fmt="o", ms=4, capsize=2, c=line.get_color(),
         )  # fmt: skip
     coreset = sorted(rows, key=lambda r: r["k"])
     ax.plot([r["k"] for r in coreset],
