@@ -48,6 +48,17 @@ def test_bootstrap_is_paired_on_the_same_prompts():
         bootstrap_intervals([Point("t", "short", 1.0, np.ones(3))], token)
 
 
+def test_a_reference_that_resamples_to_nothing_right_gives_an_unbounded_ratio():
+    """One right answer in 40: about a third of the resamples have none (0/0 has no ratio and is
+    left out; x/0 is unbounded), so the ratio's upper bound is inf, never a 1/epsilon."""
+    token = Point("token", "token", 60.0, np.eye(40)[0])
+    other = Point("other", "x", 10.0, np.eye(40)[1] + np.eye(40)[2])
+    ci = bootstrap_intervals([token, other], token, samples=500)
+    assert np.array_equal(ci["retained"][0], [1.0, 1.0])
+    lo, hi = ci["retained"][1]
+    assert lo == 0.0 and hi == np.inf
+
+
 def test_strictly_above_needs_the_lower_bound_over_the_interpolated_upper_bound():
     others_experts, others_upper = np.array([10.0, 30.0]), np.array([0.3, 0.7])
     assert strictly_above((20.0, 0.51), others_experts, others_upper)  # upper at 20: 0.5

@@ -49,12 +49,22 @@ def bootstrap_intervals(
     idx = rng.integers(0, n, size=(samples, n))
     acc = np.stack([p.correct[idx].mean(1) for p in points])  # [points, samples]
     ref = reference.correct[idx].mean(1)
-    retained = acc / np.maximum(ref, 1e-9)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        retained = acc / ref
     tail = (1 - level) / 2 * 100
-    return {
-        "accuracy": np.percentile(acc, [tail, 100 - tail], axis=1).T,
-        "retained": np.percentile(retained, [tail, 100 - tail], axis=1).T,
-    }
+    if np.isfinite(retained).all():
+        retained = np.percentile(retained, [tail, 100 - tail], axis=1).T
+    else:
+        # resamples where the reference got nothing right: 0/0 has no ratio (left out), x/0 is
+        # unbounded (an interval reaching inf); order statistics, as interpolating to inf is not
+        retained = np.stack(
+            [
+                np.nanpercentile(retained, tail, axis=1, method="lower"),
+                np.nanpercentile(retained, 100 - tail, axis=1, method="higher"),
+            ],
+            axis=1,
+        )
+    return {"accuracy": np.percentile(acc, [tail, 100 - tail], axis=1).T, "retained": retained}
 
 
 def dominated(experts: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
