@@ -45,6 +45,7 @@ from dmoe_train.routing import RoutingPolicy  # noqa: E402
 from dmoe_train.studies.estimate_memory import parameter_counts  # noqa: E402
 from dmoe_train.studies.pareto_points import (  # noqa: E402
     EXPERTS_AT_BUDGET,
+    PRESET,
     TWO_SKILLS,
     StudyPoint,
     study,
@@ -80,7 +81,7 @@ class Study:
         name: str = "pareto",
         model: str = "tiny256",
         generation: str = "tiny256",
-        experiment: str = "tiny256_topp",
+        experiment: str = PRESET,
         data: str = "skills",
     ) -> None:
         self.base, self.store, self.data = base, out / name, data

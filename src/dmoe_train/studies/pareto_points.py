@@ -5,14 +5,27 @@ the report and names its stored result; nothing is read back from it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 from dmoe_train.models import TrainableSet
 from dmoe_train.objectives.distillation import DistillInputs
+from dmoe_train.resolvers import CONFIG_DIR
 
 CAPACITIES = (8, 12, 16, 24, 32, 48)
-PRESET_STEPS = 500  # experiment=tiny256_topp's trainer.max_steps
+PRESET = "tiny256_topp"  # the experiment preset every trained point starts from
 TWO_SKILLS = ("add", "sort")  # the held-out rows train on these; reverse and count never
+
+
+@cache
+def preset() -> DictConfig:
+    """The training config of `experiment=tiny256_topp` as composed: a point's unset settings
+    (steps, LoRA rank) are read from it, so the report says what the runs did."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", [f"experiment={PRESET}"])
 
 
 @dataclass(frozen=True)
@@ -23,13 +36,13 @@ class Training:
     name: str
     top_p: float
     trainable: TrainableSet = "router"
-    lora_rank: int | None = None  # None: the config's rank (8)
+    lora_rank: int | None = None  # None: the preset's module.lora.rank
     regularizer: str = "union"  # union, none, entropy (the preset's weight, 0.1)
     regularizer_weight: float | None = None
     distill: DistillInputs | None = None  # KL to the base (weight 1.0) on these inputs
     curriculum_start: float | None = None
     train_expert_bias: bool = False
-    steps: int | None = None  # None: the preset's PRESET_STEPS
+    steps: int | None = None  # None: the preset's trainer.max_steps
     lr: float | None = None
     skills: tuple[str, ...] | None = None  # the train split's skills (None: all four)
     generated: Path | None = None  # trains on these rows of the base's own generations
@@ -42,11 +55,11 @@ class Training:
 
     @property
     def steps_or_default(self) -> int:
-        return self.steps or PRESET_STEPS
+        return self.steps or preset().trainer.max_steps
 
     @property
     def lora_rank_or_default(self) -> int:
-        return self.lora_rank or 8
+        return self.lora_rank or preset().module.lora.rank
 
     def overrides(self) -> list[str]:
         """The `dmoe-train` overrides on top of the experiment preset."""
