@@ -7,6 +7,7 @@ from dmoe_train.evaluation.frontier import (
     bootstrap_intervals,
     dominated,
     fewest_experts,
+    share_kept,
     strictly_above,
 )
 
@@ -57,6 +58,12 @@ def test_a_reference_that_resamples_to_nothing_right_gives_an_unbounded_ratio():
     assert np.array_equal(ci["retained"][0], [1.0, 1.0])
     lo, hi = ci["retained"][1]
     assert lo == 0.0 and hi == np.inf
+
+
+def test_share_kept_counts_a_reference_of_nothing_as_the_intervals_do():
+    assert share_kept(0.3, 0.6) == 0.5 and share_kept(0.0, 0.6) == 0.0
+    assert share_kept(0.2, 0.0) == np.inf  # x/0: unbounded, never a 1/epsilon
+    assert np.isnan(share_kept(0.0, 0.0))  # 0/0: no ratio
 
 
 def test_strictly_above_needs_the_lower_bound_over_the_interpolated_upper_bound():

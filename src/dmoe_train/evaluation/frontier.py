@@ -32,6 +32,14 @@ class Point:
         return float(self.correct.mean())
 
 
+def share_kept(accuracy: float, reference: float) -> float:
+    """`accuracy` as a share of `reference`'s, counted as the intervals count it: x/0 is
+    unbounded (inf), 0/0 has no ratio (nan)."""
+    if reference == 0:
+        return float("nan") if accuracy == 0 else float("inf")
+    return accuracy / reference
+
+
 def bootstrap_intervals(
     points: list[Point], reference: Point, samples: int = 2000, level: float = 0.95, seed: int = 0
 ) -> dict[str, np.ndarray]:

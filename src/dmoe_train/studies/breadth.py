@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dmoe_train.data.skills import BROAD  # noqa: E402
-from dmoe_train.evaluation.frontier import Point, bootstrap_intervals  # noqa: E402
+from dmoe_train.evaluation.frontier import Point, bootstrap_intervals, share_kept  # noqa: E402
 from dmoe_train.locations import PROJECT_ROOT  # noqa: E402
 from dmoe_train.reports import markdown_table, save_figure, write_report  # noqa: E402
 from dmoe_train.studies.pareto import Study, point_file  # noqa: E402
@@ -118,7 +118,6 @@ def held_out_rows(draw: Draw, points: list[tuple[str, dict]], token: dict) -> li
         Point.measured(name, name, m, prompts=held) for name, m in [("token", token), *points]
     ]
     ci = bootstrap_intervals(as_points[1:], as_points[0])
-    reference = max(as_points[0].accuracy, 1e-9)
     return [
         {
             "k": draw.k,
@@ -129,7 +128,7 @@ def held_out_rows(draw: Draw, points: list[tuple[str, dict]], token: dict) -> li
             "held_out": p.accuracy,
             "held_out_lo": ci["accuracy"][i, 0],
             "held_out_hi": ci["accuracy"][i, 1],
-            "retained": p.accuracy / reference,
+            "retained": share_kept(p.accuracy, as_points[0].accuracy),
             "retained_lo": ci["retained"][i, 0],
             "retained_hi": ci["retained"][i, 1],
             "token_held_out": as_points[0].accuracy,
@@ -212,7 +211,7 @@ def plot(rows: list[dict], path: Path) -> None:
         )  # fmt: skip
     coreset = sorted(rows, key=lambda r: r["k"])
     ax.plot([r["k"] for r in coreset],
-            [r["coreset_held_out"] / max(r["token_held_out"], 1e-9) for r in coreset],
+            [share_kept(r["coreset_held_out"], r["token_held_out"]) for r in coreset],
             "x", c="grey", label="coreset of the same size")  # fmt: skip
     ax.axhline(GOAL_HELD_OUT, ls="--", c="grey", lw=0.8, label=f"{GOAL_HELD_OUT:.0%} of token")
     ax.set_xlabel(f"skills in the training data (of {len(BROAD)})")

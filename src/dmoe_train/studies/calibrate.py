@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dmoe_train.evaluation.frontier import Point, bootstrap_intervals
+from dmoe_train.evaluation.frontier import Point, bootstrap_intervals, share_kept
 from dmoe_train.files import write_json
 from dmoe_train.locations import PROJECT_ROOT
 from dmoe_train.reports import markdown_table, write_report
@@ -142,7 +142,7 @@ def stored_rows(store: Path) -> list[dict]:
         ]
         ci = bootstrap_intervals(as_points[1:], as_points[0])
         for i, (published, p) in enumerate(zip(PUBLISHED, as_points[1:], strict=True)):
-            retained = p.accuracy / max(as_points[0].accuracy, 1e-9)
+            retained = share_kept(p.accuracy, as_points[0].accuracy)
             rows.append({
                 "base": store.name, "measure": key, "rule": published.rule,
                 "published_share": published.share, "published_retained": published.retained,

@@ -31,6 +31,7 @@ from dmoe_train.evaluation.frontier import (  # noqa: E402
     bootstrap_intervals,
     dominated,
     fewest_experts,
+    share_kept,
     strictly_above,
 )
 from dmoe_train.locations import PROJECT_ROOT  # noqa: E402
@@ -185,7 +186,7 @@ def analyse(points: list[StudyPoint], metrics: list[dict]) -> list[dict]:
             "accuracy": p.accuracy,
             "accuracy_lo": ci["accuracy"][i, 0],
             "accuracy_hi": ci["accuracy"][i, 1],
-            "retained": p.accuracy / max(token.accuracy, 1e-9),
+            "retained": share_kept(p.accuracy, token.accuracy),
             "retained_lo": ci["retained"][i, 0],
             "retained_hi": ci["retained"][i, 1],
             "dominated": bool(beaten[i]),

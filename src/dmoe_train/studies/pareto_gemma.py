@@ -18,7 +18,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dmoe_train.evaluation.frontier import Point, bootstrap_intervals, dominated  # noqa: E402
+from dmoe_train.evaluation.frontier import (  # noqa: E402
+    Point,
+    bootstrap_intervals,
+    dominated,
+    share_kept,
+)
 from dmoe_train.locations import ASSETS, PROJECT_ROOT  # noqa: E402
 from dmoe_train.reports import accuracy_line, markdown_table, save_figure, write_report  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
@@ -92,7 +97,7 @@ def analyse(pts: list[StudyPoint], metrics: list[dict]) -> list[dict]:
             "accuracy": p.accuracy,
             "accuracy_lo": ci["accuracy"][i, 0],
             "accuracy_hi": ci["accuracy"][i, 1],
-            "retained": p.accuracy / max(token.accuracy, 1e-9),
+            "retained": share_kept(p.accuracy, token.accuracy),
             "retained_lo": ci["retained"][i, 0],
             "retained_hi": ci["retained"][i, 1],
             "dominated": bool(beaten[i]),
