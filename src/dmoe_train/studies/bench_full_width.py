@@ -22,14 +22,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from dmoe_train.evaluation.sampler import decode_blocks
 from dmoe_train.memory import resident_bytes
 from dmoe_train.models import load_model
-from dmoe_train.resolvers import CONFIG_DIR
+from dmoe_train.resolvers import composed
 from dmoe_train.routing import RULES, RoutingPolicy
 from dmoe_train.studies.estimate_memory import Layout, estimate, read_config
 from dmoe_train.training.callbacks import StepResources
@@ -172,8 +171,7 @@ def train_case(path: Path, trainer_name: str, trainable: str, out: Path) -> None
         "router.block_size=32",
         f"module.trainable={trainable}",
     ]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = composed("train", overrides)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[StepResources(str(out))], logger=False)
     model = load_routed_model(cfg, instantiate(cfg.router), trainer)
     module = build_module(cfg, model)

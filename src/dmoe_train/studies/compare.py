@@ -14,7 +14,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 from dmoe_train.evaluation.run import (  # noqa: E402
     CANVAS_COLUMNS,
@@ -26,7 +25,7 @@ from dmoe_train.evaluation.run import (  # noqa: E402
 )
 from dmoe_train.evaluation.split_decoding import first_prompts, interleaved_latency  # noqa: E402
 from dmoe_train.reports import save_figure  # noqa: E402
-from dmoe_train.resolvers import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
+from dmoe_train.resolvers import PROJECT_ROOT, composed  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
 
 # every training-free row: the base's router under each rule
@@ -115,14 +114,13 @@ def run_rows(rows: dict[str, list[str]], out: Path, overrides: list[str]) -> dic
     every row's decode latency on the same prompts, in interleaved rounds, against token's (not
     for DiffusionGemma's canvases: transformers' `generate` is timed as a whole there)."""
     results, runs = {}, {}
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        for i, (name, extra) in enumerate(rows.items()):
-            row_dir = f"paths.output_dir={out / 'compare' / str(i)}"
-            cfg = compose("eval", [row_dir, "reference_token=false", *extra, *overrides])
-            results[name] = run_eval(cfg)
-            if not has_canvas_metrics(results[name]):
-                model, data, settings = prepare_eval(cfg)
-                runs[name] = (model, settings)
+    for i, (name, extra) in enumerate(rows.items()):
+        row_dir = f"paths.output_dir={out / 'compare' / str(i)}"
+        cfg = composed("eval", [row_dir, "reference_token=false", *extra, *overrides])
+        results[name] = run_eval(cfg)
+        if not has_canvas_metrics(results[name]):
+            model, data, settings = prepare_eval(cfg)
+            runs[name] = (model, settings)
     token = results["token"]
     for m in results.values():
         m["accuracy_retained"] = retained(m["accuracy"], token["accuracy"])

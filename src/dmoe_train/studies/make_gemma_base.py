@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -31,7 +30,7 @@ from dmoe_train.locations import ASSETS
 from dmoe_train.models import load_model
 from dmoe_train.models.adapted_weights import load_adapted
 from dmoe_train.models.families.diffusion_gemma import text_only_config
-from dmoe_train.resolvers import CONFIG_DIR
+from dmoe_train.resolvers import composed
 from dmoe_train.routing import RoutingPolicy
 from dmoe_train.settings import preset
 
@@ -76,9 +75,8 @@ def train(init: Path, run: Path, args: argparse.Namespace) -> Path:
 
 def quality(base: Path, test_size: int) -> dict:
     """Exact match on the test split under DiffusionGemma's decoding and token routing."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("eval", ["model=tiny_gemma", f"model.path={base}", "data=skills",
-                               "data.train_size=64", f"data.test_size={test_size}"])  # fmt: skip
+    cfg = composed("eval", ["model=tiny_gemma", f"model.path={base}", "data=skills",
+                            "data.train_size=64", f"data.test_size={test_size}"])  # fmt: skip
     data = instantiate(cfg.data, tokenizer_path=str(base))
     data.setup()
     model = load_model(base, dtype=torch.float32, routing=RoutingPolicy("token", block_size=32))

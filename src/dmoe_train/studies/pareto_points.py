@@ -8,12 +8,11 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from dmoe_train.models import TrainableSet
 from dmoe_train.objectives.distillation import DistillInputs
-from dmoe_train.resolvers import CONFIG_DIR
+from dmoe_train.resolvers import composed
 
 CAPACITIES = (8, 12, 16, 24, 32, 48)
 PRESET = "tiny256_topp"  # the experiment preset every trained point starts from
@@ -21,11 +20,10 @@ TWO_SKILLS = ("add", "sort")  # the held-out rows train on these; reverse and co
 
 
 @cache
-def preset() -> DictConfig:
+def preset_config() -> DictConfig:
     """The training config of `experiment=tiny256_topp` as composed: a point's unset settings
     (steps, LoRA rank) are read from it, so the report says what the runs did."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", [f"experiment={PRESET}"])
+    return composed("train", [f"experiment={PRESET}"])
 
 
 @dataclass(frozen=True)
@@ -55,11 +53,11 @@ class Training:
 
     @property
     def steps_or_default(self) -> int:
-        return self.steps or preset().trainer.max_steps
+        return self.steps or preset_config().trainer.max_steps
 
     @property
     def lora_rank_or_default(self) -> int:
-        return self.lora_rank or preset().module.lora.rank
+        return self.lora_rank or preset_config().module.lora.rank
 
     def overrides(self) -> list[str]:
         """The `dmoe-train` overrides on top of the experiment preset."""

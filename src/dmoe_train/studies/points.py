@@ -11,11 +11,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from dmoe_train.evaluation.run import run_eval
 from dmoe_train.files import write_json
-from dmoe_train.resolvers import CONFIG_DIR
+from dmoe_train.resolvers import composed
 
 
 def kept(
@@ -47,5 +45,4 @@ def train_run(run_dir: Path, overrides: list[str]) -> Path:
 
 def evaluate(out: Path, overrides: list[str]) -> dict:
     """`dmoe-eval`'s metrics with `overrides`, its files written under `out`."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return run_eval(compose("eval", [*overrides, f"paths.output_dir={out}"]))
+    return run_eval(composed("eval", [*overrides, f"paths.output_dir={out}"]))
