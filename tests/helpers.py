@@ -341,3 +341,15 @@ def tiny_gemma_dir(path: Path, experts: int = 16, k: int = 4, seed: int = 0) -> 
     DiffusionGemmaForBlockDiffusion(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def fake_metrics(experts: float, hits: int, n: int = 100) -> dict:
+    """What a study's evaluation returns, for `hits` of `n` prompts right."""
+    correct = [1] * hits + [0] * (n - hits)
+    return {
+        "unique_experts_per_block": experts,
+        "correct": correct,
+        "policy": {"name": "topp", "block_size": 32},
+        "forwards_per_block": 2.0,
+        "expert_bytes_per_generated_token": 100.0 * experts,
+    }

@@ -64,8 +64,8 @@ def test_the_verdict_names_the_smallest_breadth_that_keeps_the_held_out_skills(
             correct = [int(k >= 8)] * 48
         return {"correct": correct, "unique_experts_per_block": 10.0}
 
-    monkeypatch.setattr(breadth.Study, "measure", measure)
-    study = breadth.Study(tmp_path, tmp_path, name="breadth", data="broad_skills")
+    monkeypatch.setattr(breadth.PointStore, "measure", measure)
+    study = breadth.PointStore(tmp_path, tmp_path, name="breadth", data="broad_skills")
     token = measure(None, breadth.free("token", "token"))
     planned = plan(draws(0), tmp_path)
     rows = [breadth.measure_point(study, d, p, token) for d, p in planned]
@@ -105,7 +105,7 @@ def test_report_only_reports_the_finished_points_and_trains_none(tmp_path, monke
         measured.append(point.name)
         return {"correct": [1] * 24, "unique_experts_per_block": 10.0}
 
-    monkeypatch.setattr(breadth.Study, "measure", measure)
+    monkeypatch.setattr(breadth.PointStore, "measure", measure)
     argv = ["breadth", "--report-only", "--base", str(base), "--out", str(tmp_path)]
     monkeypatch.setattr("sys.argv", argv)
     breadth.main()

@@ -1,13 +1,11 @@
 """`make pareto`'s bookkeeping on fake evaluations: points are kept and never recomputed, and the
 report marks dominated points, the fewest experts per retained share and the goal verdicts."""
 
-import json
-
 import numpy as np
 import pytest
+from helpers import fake_metrics
 
-from dmoe_train.studies import pareto, pareto_points
-from dmoe_train.studies import points as study_points
+from dmoe_train.studies import pareto
 from dmoe_train.studies.pareto_points import StudyPoint, Training, free, trained
 
 TOKEN = free("token", "token")
@@ -15,96 +13,6 @@ TOKEN = free("token", "token")
 
 def router(name: str, top_p: float = 0.5, **how) -> Training:
     return Training(name, top_p, **how)
-
-
-def fake_metrics(experts: float, hits: int, n: int = 100) -> dict:
-    correct = [1] * hits + [0] * (n - hits)
-    return {
-        "unique_experts_per_block": experts,
-        "correct": correct,
-        "policy": {"name": "topp", "block_size": 32},
-        "forwards_per_block": 2.0,
-        "expert_bytes_per_generated_token": 100.0 * experts,
-    }
-
-
-def test_a_finished_point_is_not_recomputed(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_eval(cfg):
-        calls.append(cfg.paths.output_dir)
-        return fake_metrics(10.0, 50)
-
-    monkeypatch.setattr(study_points, "run_eval", fake_eval)
-    study = pareto.Study(tmp_path / "base", tmp_path)
-    point = free("topp", "p=0.5", "router=topp", "router.block_size=32")
-    first = study.measure(point)
-    again = study.measure(point)
-    assert first == again and len(calls) == 1
-    stored = tmp_path / "pareto" / "points" / "topp__p0.5" / "point.json"
-    assert json.loads(stored.read_text()) == first
-
-
-def test_a_point_measured_before_the_paid_metrics_is_measured_again_where_no_training_needs(
-    tmp_path, monkeypatch
-):
-    calls = []
-
-    def fake_eval(cfg):
-        calls.append(cfg.paths.output_dir)
-        return fake_metrics(10.0, 50)
-
-    monkeypatch.setattr(study_points, "run_eval", fake_eval)
-    study = pareto.Study(tmp_path / "base", tmp_path)
-    rule = free("topp", "p=0.5", "router=topp")
-    router_point = trained("trained", router("union 0.1"))
-    old = {k: v for k, v in fake_metrics(9.0, 40).items() if k not in pareto.PAID}
-    points = tmp_path / "pareto" / "points"
-    for point in (rule, router_point):
-        (points / point.slug).mkdir(parents=True)
-        (points / point.slug / "point.json").write_text(json.dumps(old))
-    assert study.measure(rule, refresh=False) == old  # --report-only
-    again = study.measure(rule)
-    assert again["forwards_per_block"] == 2.0 and len(calls) == 1
-    assert json.loads((points / rule.slug / "point.json").read_text()) == again
-    # its run is gone: measuring again would train it again, so it is left as it was
-    assert study.measure(router_point) == old and len(calls) == 1
-
-
-def test_the_broad_study_trains_its_sets_on_the_broad_suite(tmp_path, monkeypatch):
-    trained_with = []
-    monkeypatch.setattr(pareto, "train_run", lambda run, overrides: trained_with.append(overrides))
-    study = pareto.Study(tmp_path / "base", tmp_path, data="broad_skills")
-    points = pareto_points.study(study.generated, broad=True)
-    names = [(p.method, p.label) for p in points if p.training]
-    assert names == [
-        ("sets", "p=0.6 router+lora+shared 3000 steps"),
-        *(("sets", f"p=0.6 {s.name}") for s in pareto_points.SETS),
-        ("trained+experts", "p=0.6 union 0.1"),
-    ]
-    assert points[0].method == "token" and len(points) == len(pareto_points.training_free()) + 7
-    study.train_point(points[1])
-    assert "data=broad_skills" in trained_with[0]
-    assert "trainer.max_steps=3000" in trained_with[0]
-
-
-def test_points_of_another_base_are_refused_and_kept(tmp_path):
-    base, store = tmp_path / "base", tmp_path / "pareto"
-    base.mkdir()
-    (base / "model.safetensors").write_bytes(b"weights of the first base")
-    study = pareto.Study(base, tmp_path)
-    study.claim()
-    point = store / "points" / "topp__p0.5" / "point.json"
-    point.parent.mkdir(parents=True)
-    point.write_text("{}")
-    study.claim()  # the same base: its points are reused
-    (base / "model.safetensors").write_bytes(b"weights of a retrained base")
-    with pytest.raises(SystemExit, match="measured on another base"):
-        study.claim()
-    assert point.read_text() == "{}"
-    (store / "base.sha256").unlink()  # points with no record of their base: refused too
-    with pytest.raises(SystemExit, match=r"sha256 unknown"):
-        study.claim()
 
 
 def test_report_marks_domination_thresholds_and_the_goal():

@@ -29,7 +29,6 @@ from dmoe_train.data.skills import BROAD  # noqa: E402
 from dmoe_train.evaluation.frontier import Point, bootstrap_intervals, share_kept  # noqa: E402
 from dmoe_train.locations import PROJECT_ROOT  # noqa: E402
 from dmoe_train.reports import markdown_table, save_figure, write_report  # noqa: E402
-from dmoe_train.studies.pareto import Study, point_file  # noqa: E402
 from dmoe_train.studies.pareto_points import (  # noqa: E402
     BLOCKS,
     StudyPoint,
@@ -37,6 +36,7 @@ from dmoe_train.studies.pareto_points import (  # noqa: E402
     free,
     trained,
 )
+from dmoe_train.studies.point_store import PointStore, point_file  # noqa: E402
 
 BASE = PROJECT_ROOT / "assets" / "tiny256-broad-llada2"
 KS = (2, 4, 8, len(BROAD) - 2)
@@ -138,7 +138,7 @@ def held_out_rows(draw: Draw, points: list[tuple[str, dict]], token: dict) -> li
     ]
 
 
-def measure_point(study: Study, draw: Draw, point: StudyPoint, token: dict) -> dict:
+def measure_point(study: PointStore, draw: Draw, point: StudyPoint, token: dict) -> dict:
     """The trained point's held-out row, with the coreset of its size beside it."""
     m = study.measure(point)
     coreset = coreset_of_size(m["unique_experts_per_block"])
@@ -233,7 +233,7 @@ def main() -> None:
             f"--base {args.base}: no model.safetensors (the broad-suite base: "
             "python -m dmoe_train.studies.make_base --base tiny256-broad)"
         )
-    study = Study(args.base, args.out, name="breadth", data="broad_skills")
+    study = PointStore(args.base, args.out, name="breadth", data="broad_skills")
     study.claim()
     planned = plan(draws(args.seed), study.store)
     whole = len(planned)

@@ -30,9 +30,8 @@ from dmoe_train.evaluation.frontier import Point, bootstrap_intervals, share_kep
 from dmoe_train.files import write_json
 from dmoe_train.locations import PROJECT_ROOT
 from dmoe_train.reports import markdown_table, write_report
-from dmoe_train.studies.pareto import BASE, point_file
-from dmoe_train.studies.pareto import Study as PointStore
-from dmoe_train.studies.pareto_points import BLOCKS, StudyPoint, free
+from dmoe_train.studies.pareto_points import BASE, BLOCKS, StudyPoint, free
+from dmoe_train.studies.point_store import PointStore, point_file
 
 RECIPE = ("suite", "bias_rate", "router_noise", "hidden_size")  # make_base's knobs, as recorded
 CLOSE = 0.03  # the goal: within 3 points of the published DES-Vote figures

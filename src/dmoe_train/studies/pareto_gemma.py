@@ -27,8 +27,8 @@ from dmoe_train.evaluation.frontier import (  # noqa: E402
 from dmoe_train.locations import ASSETS, PROJECT_ROOT  # noqa: E402
 from dmoe_train.reports import accuracy_line, markdown_table, save_figure, write_report  # noqa: E402
 from dmoe_train.routing import RoutingPolicy  # noqa: E402
-from dmoe_train.studies.pareto import Study, point_file  # noqa: E402
 from dmoe_train.studies.pareto_points import StudyPoint, Training, free, trained  # noqa: E402
+from dmoe_train.studies.point_store import PointStore, point_file  # noqa: E402
 
 BASE = ASSETS / "tiny-diffusion-gemma"
 BLOCKS = "router.block_size=32"
@@ -68,10 +68,10 @@ def points() -> list[StudyPoint]:
     return [rules[0], *routers, *rules[1:]]
 
 
-def gemma_study(base: Path, out: Path, samples: int) -> Study:
+def gemma_study(base: Path, out: Path, samples: int) -> PointStore:
     """`make pareto`'s store and runner, on the DiffusionGemma base and its presets, measured on
     the first `samples` test prompts."""
-    study = Study(base, out, name="pareto_gemma", model="tiny_gemma", generation="tiny_gemma",
+    study = PointStore(base, out, name="pareto_gemma", model="tiny_gemma", generation="tiny_gemma",
                   experiment="tiny_gemma_topp")  # fmt: skip
     study.eval.append(f"generation.max_samples={samples}")
     return study

@@ -10,10 +10,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from dmoe_train.locations import ASSETS
 from dmoe_train.models import TrainableSet
 from dmoe_train.objectives.distillation import DistillInputs
 from dmoe_train.resolvers import composed
 
+BASE = ASSETS / "tiny256-llada2"  # the four-skill base the points are measured on
 CAPACITIES = (8, 12, 16, 24, 32, 48)
 PRESET = "tiny256_topp"  # the experiment preset every trained point starts from
 TWO_SKILLS = ("add", "sort")  # the held-out rows train on these; reverse and count never
