@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dmoe_train.evaluation.frontier import (  # noqa: E402
@@ -387,9 +388,12 @@ def plot_sets(rows: list[dict], path: Path) -> None:
             label="every skill" if marker == "o" else "add + sort only (held out)",
         )
         for r in group:
-            ax.annotate(r["point"].name, (r["trainable_params"], r["retained"]),
+            t = r["point"].training  # every skill: named by its set (and steps where not 500)
+            name = t.set_label + (f" {t.steps} steps" if t.steps else "") if marker == "o" else ""
+            ax.annotate(name or r["point"].name, (r["trainable_params"], r["retained"]),
                         fontsize=6, xytext=(3, 3), textcoords="offset points")  # fmt: skip
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # the decades alone: minor labels collide
     ax.axhline(GOAL_RETAINED, ls="--", c="grey", lw=0.8, label="99% of token routing")
     ax.set_xlabel("trainable parameters (this base; log scale)")
     ax.set_ylabel("exact match retained (95% CI)")
