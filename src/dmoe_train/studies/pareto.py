@@ -388,9 +388,11 @@ def plot_sets(rows: list[dict], path: Path) -> None:
             label="every skill" if marker == "o" else "add + sort only (held out)",
         )
         for r in group:
-            t = r["point"].training  # every skill: named by its set (and steps where not 500)
-            name = t.set_label + (f" {t.steps} steps" if t.steps else "") if marker == "o" else ""
-            ax.annotate(name or r["point"].name, (r["trainable_params"], r["retained"]),
+            # every skill: the set (and its steps where not the preset's); held out: the row
+            t, name = r["point"].training, r["point"].name
+            if marker == "o":
+                name = t.set_label + (f" {t.steps} steps" if t.steps else "")
+            ax.annotate(name, (r["trainable_params"], r["retained"]),
                         fontsize=6, xytext=(3, 3), textcoords="offset points")  # fmt: skip
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # the decades alone: minor labels collide
