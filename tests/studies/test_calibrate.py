@@ -74,3 +74,42 @@ def test_rows_give_both_measures_and_the_gap_to_the_published_figure(tmp_path, m
         calibrate.stored_rows(store)
     with pytest.raises(SystemExit, match="--base proxy: expected LABEL=PATH"):
         ProxyBase.parse("proxy")
+
+
+def write_store(root, label, suite, final):
+    """A calibration store of `label` on `suite`: token routing at 80 experts and the published
+    rules' points, `final[name]` each one's per-prompt final answer (`token`, `c=36`, ...)."""
+    store = root / "calibration" / label
+    recipe = {"bias_rate": 1e-3, "router_noise": 0.0, "hidden_size": 128, "suite": suite}
+    store.mkdir(parents=True)
+    write_json(store / "quality.json", {"train_steps": 2000, "recipe": recipe})
+    points = [calibrate.TOKEN, *calibrate.rule_points({"unique_experts_per_block": 80.0})]
+    for point in points:
+        experts = 80.0 if point.label == "token" else 30.0
+        metrics = {"unique_experts_per_block": experts, "correct": final[point.label],
+                   "final_answer_correct": final[point.label]}  # fmt: skip
+        calibrate.point_file(store, point).parent.mkdir(parents=True)
+        write_json(calibrate.point_file(store, point), metrics)
+    return store
+
+
+def test_bases_of_a_suite_are_compared_on_the_problems_every_one_solves(tmp_path):
+    # strong: token routing right on prompts 0-7, every rule too; weak: right on 2-9, the rules
+    # on 2-4 of them; so both are measured on prompts 2-7, where weak's rules keep 3 of 6
+    right = lambda lo, hi: [int(lo <= i <= hi) for i in range(10)]  # noqa: E731
+    strong = write_store(tmp_path, "strong", "broad", dict.fromkeys(
+        ("token", "c=36", "c=24", "k=4"), right(0, 7)))  # fmt: skip
+    weak = write_store(tmp_path, "weak", "broad", {"token": right(2, 9)} | dict.fromkeys(
+        ("c=36", "c=24", "k=4"), right(2, 4)))  # fmt: skip
+    alone = write_store(tmp_path, "alone", "four", dict.fromkeys(
+        ("token", "c=36", "c=24", "k=4"), right(0, 0)))  # fmt: skip
+    rows = calibrate.same_problem_rows([strong, weak, alone])
+    assert {r["base"] for r in rows} == {"strong", "weak"}  # a suite of one base has no pair
+    assert {r["measure"] for r in rows} == {"same_problems"} and {r["prompts"] for r in rows} == {6}
+    kept = {(r["base"], r["point"]): r["retained"] for r in rows}
+    assert kept[("strong", "c=36")] == 1.0 and kept[("weak", "c=36")] == pytest.approx(0.5)
+    # on all prompts weak keeps 3 of its 8: the same problems give it 50%, not 37.5%
+    on_all = calibrate.stored_rows(weak, ("final_answer_correct",))[0]["retained"]
+    assert on_all == pytest.approx(3 / 8)
+    section = "\n".join(calibrate.same_problems_section(rows))
+    assert "| weak | 6 | 50.0% [" in section and "| 49.5 points |" in section

@@ -10,7 +10,8 @@ the same prompts: exact match over the whole 47-53 character answer, and the fin
 points are kept under `<out>/calibration/<base label>/` (resumable) with the base's
 `quality.json` (its recipe), and each store is tied to its base's weights. Writes
 `<out>/calibration.{md,csv}` over every store there, so the recipes tried stay in the report
-without their bases at hand.
+without their bases at hand. The bases of one suite are also compared on the same problems: those
+whose final answer token routing gets right on every one of them.
 
 Counting: unique experts per block per denoising forward and MoE layer (dMoE's). The published
 top-4 shares (43.5 of 69.5) are counted so; DES-Vote's (38 and 25 of 84) another way, so only
@@ -24,6 +25,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from dmoe_train.evaluation.frontier import Point, bootstrap_intervals, share_kept
@@ -117,9 +119,9 @@ def rule_points(token: dict) -> list[StudyPoint]:
     return [rule_point(p, token["unique_experts_per_block"]) for p in PUBLISHED]
 
 
-def stored_rows(store: Path) -> list[dict]:
-    """One row per published figure and measure, from a store's points and recipe (the base
-    itself is not needed): the proxy's share of experts, retained accuracy with intervals."""
+def stored_points(store: Path) -> tuple[dict, list[tuple[StudyPoint, dict]]]:
+    """A store's token routing metrics and, per published figure, its point and metrics (the
+    base itself is not needed)."""
 
     def metrics(point: StudyPoint) -> dict:
         path = point_file(store, point)
@@ -129,15 +131,24 @@ def stored_rows(store: Path) -> list[dict]:
             )
         return json.loads(path.read_text())
 
-    recipe = recipe_of(json.loads((store / "quality.json").read_text()))
     token = metrics(TOKEN)
-    points = rule_points(token)
-    measured = [metrics(p) for p in points]
+    return token, [(p, metrics(p)) for p in rule_points(token)]
+
+
+def stored_rows(
+    store: Path,
+    keys: tuple[str, ...] = ("correct", "final_answer_correct"),
+    prompts: np.ndarray | None = None,
+) -> list[dict]:
+    """One row per published figure and measure (`keys`), from a store's points and recipe: the
+    proxy's share of experts, retained accuracy with intervals; on `prompts` (a mask) when given."""
+    recipe = recipe_of(json.loads((store / "quality.json").read_text()))
+    token, measured = stored_points(store)
     rows = []
-    for key in ("correct", "final_answer_correct"):
+    for key in keys:
         as_points = [
-            Point.measured(p.method, p.label, m, key)
-            for p, m in zip([TOKEN, *points], [token, *measured], strict=True)
+            Point.measured(p.method, p.label, m, key, prompts)
+            for p, m in [(TOKEN, token), *measured]
         ]
         ci = bootstrap_intervals(as_points[1:], as_points[0])
         for i, (published, p) in enumerate(zip(PUBLISHED, as_points[1:], strict=True)):
@@ -147,11 +158,31 @@ def stored_rows(store: Path) -> list[dict]:
                 "published_share": published.share, "published_retained": published.retained,
                 "point": p.label, "share": p.experts / as_points[0].experts, "experts": p.experts,
                 "token_experts": as_points[0].experts, "token_accuracy": as_points[0].accuracy,
-                "prompts": len(token["correct"]),
+                "prompts": len(as_points[0].correct),
                 "retained": retained, "retained_lo": ci["retained"][i, 0],
                 "retained_hi": ci["retained"][i, 1], "gap": retained - published.retained,
                 "source": published.source,
             } | recipe)  # fmt: skip
+    return rows
+
+
+def same_problem_rows(stores: list[Path]) -> list[dict]:
+    """Per suite of two or more bases: each base's rows (measure `same_problems`) on the problems
+    whose final answer token routing gets right on every one of them, so that a weaker base is
+    not flattered by the easier problems it still solves."""
+    suites: dict[tuple, list[Path]] = {}
+    for store in stores:
+        token, _ = stored_points(store)
+        suite = recipe_of(json.loads((store / "quality.json").read_text()))["suite"]
+        suites.setdefault((suite, len(token["correct"])), []).append(store)
+    rows = []
+    for group in (g for g in suites.values() if len(g) > 1):
+        solved = np.logical_and.reduce(
+            [np.array(stored_points(s)[0]["final_answer_correct"], bool) for s in group]
+        )
+        for store in group:
+            found = stored_rows(store, ("final_answer_correct",), solved)
+            rows += [r | {"measure": "same_problems"} for r in found]
     return rows
 
 
@@ -160,7 +191,6 @@ CSV_COLUMNS = (
     "token_accuracy", "prompts", "published_retained", "retained", "retained_lo", "retained_hi",
     "gap", "steps", *RECIPE,
 )  # fmt: skip
-MEASURES = {"correct": "exact match", "final_answer_correct": "final answer"}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -182,10 +212,7 @@ def markdown(rows: list[dict]) -> str:
         )  # fmt: skip
         for e, f in zip(exact, final, strict=True)
     ]
-    largest = {  # per base: its DES-Vote figure farthest from the published one
-        label: max(abs(r["gap"]) for r in final if r["base"] == label and r["rule"] == "des_vote")
-        for label in dict.fromkeys(r["base"] for r in final)
-    }
+    largest = largest_gaps(final)
     verdicts = [
         f"- {label}: DES-Vote within {CLOSE:.0%} of the published figures on the final answer: "
         f"{'yes' if gap <= CLOSE else 'no'} (largest gap {100 * gap:.1f} points)"
@@ -209,8 +236,38 @@ def markdown(rows: list[dict]) -> str:
     )  # fmt: skip
     return "\n".join([
         markdown_table(head, lines), "", bases, "", *verdicts, "",
+        *same_problems_section([r for r in rows if r["measure"] == "same_problems"]),
         "## The recipes tried", "", tries,
     ])  # fmt: skip
+
+
+def largest_gaps(rows: list[dict]) -> dict[str, float]:
+    """Per base: the gap of its DES-Vote figure farthest from the published one."""
+    return {
+        label: max(abs(r["gap"]) for r in rows if r["base"] == label and r["rule"] == "des_vote")
+        for label in dict.fromkeys(r["base"] for r in rows)
+    }
+
+
+def same_problems_section(rows: list[dict]) -> list[str]:
+    """The final answer kept on the problems every base of a suite solves (`same_problem_rows`)."""
+    if not rows:
+        return []
+    gaps = largest_gaps(rows)
+    table = markdown_table(
+        ["base", "problems", *(f"{p.source.split(',')[0]} {p.share:.0%}: final answer kept [95%]"
+                               for p in PUBLISHED), "largest DES-Vote gap"],
+        [(label, rs[0]["prompts"],
+          *(f"{r['retained']:.1%} [{r['retained_lo']:.1%}, {r['retained_hi']:.1%}]" for r in rs),
+          f"{100 * gaps[label]:.1f} points")
+         for label, rs in ((b, [r for r in rows if r["base"] == b]) for b in gaps)],
+    )  # fmt: skip
+    return [
+        "## On the same problems", "",
+        "The final answer kept on the test problems whose final answer token routing gets right "
+        "on every base of the same suite: each base is measured on the same problems, so a weaker "
+        "base is not flattered by the easier problems it still solves.", "", table, "",
+    ]  # fmt: skip
 
 
 def main() -> None:
@@ -225,7 +282,7 @@ def main() -> None:
     for base in args.base or [ProxyBase("tiny256", BASE)]:
         calibrate(base, args.out)
     stores = sorted(p.parent for p in (args.out / "calibration").glob("*/quality.json"))
-    rows = [row for store in stores for row in stored_rows(store)]
+    rows = [row for store in stores for row in stored_rows(store)] + same_problem_rows(stores)
     title = "Proxy bases against LLaDA2.0-mini's published training-free figures"
     write_report(args.out, "calibration", title, markdown(rows), CSV_COLUMNS, rows)
 
