@@ -170,16 +170,14 @@ def same_problem_rows(stores: list[Path]) -> list[dict]:
     """Per suite of two or more bases: each base's rows (measure `same_problems`) on the problems
     whose final answer token routing gets right on every one of them, so that a weaker base is
     not flattered by the easier problems it still solves."""
-    suites: dict[tuple, list[Path]] = {}
+    suites: dict[tuple, dict[Path, np.ndarray]] = {}  # per suite: token routing's final answers
     for store in stores:
-        token, _ = stored_points(store)
+        final = np.array(stored_points(store)[0]["final_answer_correct"], bool)
         suite = recipe_of(json.loads((store / "quality.json").read_text()))["suite"]
-        suites.setdefault((suite, len(token["correct"])), []).append(store)
+        suites.setdefault((suite, len(final)), {})[store] = final
     rows = []
     for group in (g for g in suites.values() if len(g) > 1):
-        solved = np.logical_and.reduce(
-            [np.array(stored_points(s)[0]["final_answer_correct"], bool) for s in group]
-        )
+        solved = np.logical_and.reduce(list(group.values()))
         for store in group:
             found = stored_rows(store, ("final_answer_correct",), solved)
             rows += [r | {"measure": "same_problems"} for r in found]
@@ -254,13 +252,14 @@ def same_problems_section(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     gaps = largest_gaps(rows)
+    by_base = {label: [r for r in rows if r["base"] == label] for label in gaps}
     table = markdown_table(
         ["base", "problems", *(f"{p.source.split(',')[0]} {p.share:.0%}: final answer kept [95%]"
                                for p in PUBLISHED), "largest DES-Vote gap"],
         [(label, rs[0]["prompts"],
           *(f"{r['retained']:.1%} [{r['retained_lo']:.1%}, {r['retained_hi']:.1%}]" for r in rs),
           f"{100 * gaps[label]:.1f} points")
-         for label, rs in ((b, [r for r in rows if r["base"] == b]) for b in gaps)],
+         for label, rs in by_base.items()],
     )  # fmt: skip
     return [
         "## On the same problems", "",
