@@ -87,6 +87,12 @@ def test_one_family_runs_at_every_draw_before_the_next_and_a_cut_run_says_so(tmp
            "retained_hi": 0.7, "coreset_held_out": 0.3, "coreset_held_out_hi": 0.4,
            "trained_retained": 0.9}  # fmt: skip
     assert "- 19 of 20 points not measured yet: `make breadth` resumes" in markdown([row], 20)
+    # one set alone (`--sets`): its two families, the set's points as in the whole plan
+    alone = plan(draws(0), tmp_path, ("router+lora+shared",))
+    assert [p.name.split(" on ")[0] for _, p in alone] == [
+        f for f in ("router+lora+shared", "router+lora+shared KL") for _ in range(5)
+    ]
+    assert {p for _, p in alone} < {p for _, p in planned}
 
 
 def test_report_only_reports_the_finished_points_and_trains_none(tmp_path, monkeypatch):

@@ -45,7 +45,7 @@ def test_rows_give_both_measures_and_the_gap_to_the_published_figure(tmp_path, m
     calibrate.calibrate(base, tmp_path)
     # the report is drawn from the store alone: its points and the base's record beside them
     store = tmp_path / "calibration" / "proxy"
-    rows = calibrate.stored_rows(store)
+    rows = calibrate.stored_rows(calibrate.StoredBase.read(store))
     des45 = next(r for r in rows if r["measure"] == "correct" and r["point"] == "c=36")
     assert des45["share"] == pytest.approx(35 / 80) and des45["retained"] == pytest.approx(6 / 8)
     assert des45["gap"] == pytest.approx(6 / 8 - 0.995)
@@ -71,7 +71,7 @@ def test_rows_give_both_measures_and_the_gap_to_the_published_figure(tmp_path, m
     with pytest.raises(
         SystemExit, match=f"{store}: no point topk_cap__k4; measure it with --base proxy="
     ):
-        calibrate.stored_rows(store)
+        calibrate.StoredBase.read(store)
     with pytest.raises(SystemExit, match="--base proxy: expected LABEL=PATH"):
         ProxyBase.parse("proxy")
 
@@ -103,13 +103,14 @@ def test_bases_of_a_suite_are_compared_on_the_problems_every_one_solves(tmp_path
         ("c=36", "c=24", "k=4"), right(2, 4)))  # fmt: skip
     alone = write_store(tmp_path, "alone", "four", dict.fromkeys(
         ("token", "c=36", "c=24", "k=4"), right(0, 0)))  # fmt: skip
-    rows = calibrate.same_problem_rows([strong, weak, alone])
+    bases = {s.name: calibrate.StoredBase.read(s) for s in (strong, weak, alone)}
+    rows = calibrate.same_problem_rows(list(bases.values()))
     assert {r["base"] for r in rows} == {"strong", "weak"}  # a suite of one base has no pair
     assert {r["measure"] for r in rows} == {"same_problems"} and {r["prompts"] for r in rows} == {6}
     kept = {(r["base"], r["point"]): r["retained"] for r in rows}
     assert kept[("strong", "c=36")] == 1.0 and kept[("weak", "c=36")] == pytest.approx(0.5)
     # on all prompts weak keeps 3 of its 8: the same problems give it 50%, not 37.5%
-    on_all = calibrate.stored_rows(weak, ("final_answer_correct",))[0]["retained"]
+    on_all = calibrate.stored_rows(bases["weak"], ("final_answer_correct",))[0]["retained"]
     assert on_all == pytest.approx(3 / 8)
     section = "\n".join(calibrate.same_problems_section(rows))
     assert "| weak | 6 | 50.0% [" in section and "| 49.5 points |" in section

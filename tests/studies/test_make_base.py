@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,16 @@ def test_an_interrupted_base_resumes_as_the_uninterrupted_run(tmp_path, tokenize
     with pytest.raises(SystemExit, match=r"cut.pt: a run of other settings \(lr\)"):
         train(tmp_path / "cut.pt")
     assert (tmp_path / "cut.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("base", ["tiny256", "tiny256-broad", "tiny256-calibrated"])
+def test_each_shipped_256_expert_base_is_what_its_preset_trains(base, monkeypatch):
+    from dmoe_train.locations import ASSETS
+    from dmoe_train.studies import make_base
+
+    monkeypatch.setattr(sys, "argv", ["make_base", "--base", base])
+    args = make_base.parse_args()
+    quality = json.loads((ASSETS / Path(args.out).name / "quality.json").read_text())
+    assert quality["base"] == base and quality["train_steps"] == args.steps
+    recipe = {k: getattr(args, k) for k in ("lr", "bias_rate", "router_noise", "suite")}
+    assert {k: quality["recipe"][k] for k in recipe} == recipe

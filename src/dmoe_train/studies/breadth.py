@@ -71,7 +71,7 @@ def draws(seed: int = 0) -> list[Draw]:
     return out
 
 
-def trainings(draw: Draw, store: Path) -> list[StudyPoint]:
+def trainings(draw: Draw, store: Path, sets: tuple[str, ...] = SETS) -> list[StudyPoint]:
     """The draw's trained points: each set on the base's generations, without, then with KL."""
     return [
         trained(
@@ -86,14 +86,16 @@ def trainings(draw: Draw, store: Path) -> list[StudyPoint]:
             ),
         )  # fmt: skip
         for kl in (False, True)
-        for trainable in SETS
+        for trainable in sets
     ]
 
 
-def plan(drawn: list[Draw], store: Path) -> list[tuple[Draw, StudyPoint]]:
+def plan(
+    drawn: list[Draw], store: Path, sets: tuple[str, ...] = SETS
+) -> list[tuple[Draw, StudyPoint]]:
     """Every trained point in the order computed: one family (a set, without or with KL) at
     every draw before the next family, so a run cut short has whole curves."""
-    families = zip(*(trainings(d, store) for d in drawn), strict=True)
+    families = zip(*(trainings(d, store, sets) for d in drawn), strict=True)
     return [pair for family in families for pair in zip(drawn, family, strict=True)]
 
 
@@ -224,6 +226,7 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=BASE, help="a base trained on the broad suite")
     ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "results")
     ap.add_argument("--seed", type=int, default=0, help="draws the training skills")
+    ap.add_argument("--sets", nargs="+", choices=SETS, default=SETS, help="the sets trained")
     ap.add_argument(
         "--report-only", action="store_true", help="report the trained points finished, train none"
     )
@@ -235,7 +238,7 @@ def main() -> None:
         )
     study = PointStore(args.base, args.out, name="breadth", data="broad_skills")
     study.claim()
-    planned = plan(draws(args.seed), study.store)
+    planned = plan(draws(args.seed), study.store, tuple(args.sets))
     whole = len(planned)
     if args.report_only:  # the finished points (a coreset beside one is measured if missing)
         planned = [(d, p) for d, p in planned if point_file(study.store, p).is_file()]

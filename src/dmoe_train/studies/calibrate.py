@@ -119,42 +119,49 @@ def rule_points(token: dict) -> list[StudyPoint]:
     return [rule_point(p, token["unique_experts_per_block"]) for p in PUBLISHED]
 
 
-def stored_points(store: Path) -> tuple[dict, list[tuple[StudyPoint, dict]]]:
-    """A store's token routing metrics and, per published figure, its point and metrics (the
-    base itself is not needed)."""
+@dataclass(frozen=True)
+class StoredBase:
+    """A calibration store as read once (the base itself is not needed): its label, recipe,
+    token routing's metrics and, per published figure, the proxy's point and metrics."""
 
-    def metrics(point: StudyPoint) -> dict:
-        path = point_file(store, point)
-        if not path.is_file():
-            raise SystemExit(
-                f"{store}: no point {point.slug}; measure it with --base {store.name}=PATH"
-            )
-        return json.loads(path.read_text())
+    label: str
+    recipe: dict
+    token: dict
+    measured: list[tuple[StudyPoint, dict]]
 
-    token = metrics(TOKEN)
-    return token, [(p, metrics(p)) for p in rule_points(token)]
+    @classmethod
+    def read(cls, store: Path) -> StoredBase:
+        def metrics(point: StudyPoint) -> dict:
+            path = point_file(store, point)
+            if not path.is_file():
+                raise SystemExit(
+                    f"{store}: no point {point.slug}; measure it with --base {store.name}=PATH"
+                )
+            return json.loads(path.read_text())
+
+        recipe = recipe_of(json.loads((store / "quality.json").read_text()))
+        token = metrics(TOKEN)
+        return cls(store.name, recipe, token, [(p, metrics(p)) for p in rule_points(token)])
 
 
 def stored_rows(
-    store: Path,
+    base: StoredBase,
     keys: tuple[str, ...] = ("correct", "final_answer_correct"),
     prompts: np.ndarray | None = None,
 ) -> list[dict]:
     """One row per published figure and measure (`keys`), from a store's points and recipe: the
     proxy's share of experts, retained accuracy with intervals; on `prompts` (a mask) when given."""
-    recipe = recipe_of(json.loads((store / "quality.json").read_text()))
-    token, measured = stored_points(store)
     rows = []
     for key in keys:
         as_points = [
             Point.measured(p.method, p.label, m, key, prompts)
-            for p, m in [(TOKEN, token), *measured]
+            for p, m in [(TOKEN, base.token), *base.measured]
         ]
         ci = bootstrap_intervals(as_points[1:], as_points[0])
         for i, (published, p) in enumerate(zip(PUBLISHED, as_points[1:], strict=True)):
             retained = share_kept(p.accuracy, as_points[0].accuracy)
             rows.append({
-                "base": store.name, "measure": key, "rule": published.rule,
+                "base": base.label, "measure": key, "rule": published.rule,
                 "published_share": published.share, "published_retained": published.retained,
                 "point": p.label, "share": p.experts / as_points[0].experts, "experts": p.experts,
                 "token_experts": as_points[0].experts, "token_accuracy": as_points[0].accuracy,
@@ -162,24 +169,23 @@ def stored_rows(
                 "retained": retained, "retained_lo": ci["retained"][i, 0],
                 "retained_hi": ci["retained"][i, 1], "gap": retained - published.retained,
                 "source": published.source,
-            } | recipe)  # fmt: skip
+            } | base.recipe)  # fmt: skip
     return rows
 
 
-def same_problem_rows(stores: list[Path]) -> list[dict]:
+def same_problem_rows(bases: list[StoredBase]) -> list[dict]:
     """Per suite of two or more bases: each base's rows (measure `same_problems`) on the problems
     whose final answer token routing gets right on every one of them, so that a weaker base is
     not flattered by the easier problems it still solves."""
-    suites: dict[tuple, dict[Path, np.ndarray]] = {}  # per suite: token routing's final answers
-    for store in stores:
-        final = np.array(stored_points(store)[0]["final_answer_correct"], bool)
-        suite = recipe_of(json.loads((store / "quality.json").read_text()))["suite"]
-        suites.setdefault((suite, len(final)), {})[store] = final
+    suites: dict[tuple, dict[str, tuple]] = {}  # per suite: each base, token routing's answers
+    for base in bases:
+        final = np.array(base.token["final_answer_correct"], bool)
+        suites.setdefault((base.recipe["suite"], len(final)), {})[base.label] = (base, final)
     rows = []
     for group in (g for g in suites.values() if len(g) > 1):
-        solved = np.logical_and.reduce(list(group.values()))
-        for store in group:
-            found = stored_rows(store, ("final_answer_correct",), solved)
+        solved = np.logical_and.reduce([final for _, final in group.values()])
+        for base, _ in group.values():
+            found = stored_rows(base, ("final_answer_correct",), solved)
             rows += [r | {"measure": "same_problems"} for r in found]
     return rows
 
@@ -281,7 +287,8 @@ def main() -> None:
     for base in args.base or [ProxyBase("tiny256", BASE)]:
         calibrate(base, args.out)
     stores = sorted(p.parent for p in (args.out / "calibration").glob("*/quality.json"))
-    rows = [row for store in stores for row in stored_rows(store)] + same_problem_rows(stores)
+    bases = [StoredBase.read(store) for store in stores]
+    rows = [row for base in bases for row in stored_rows(base)] + same_problem_rows(bases)
     title = "Proxy bases against LLaDA2.0-mini's published training-free figures"
     write_report(args.out, "calibration", title, markdown(rows), CSV_COLUMNS, rows)
 
