@@ -209,8 +209,8 @@ def nearest_training_free(rows: list[dict], experts: float) -> dict:
 
 
 def at_budget(rows: list[dict]) -> list[dict]:
-    """The trainable sets trained on every skill of the suite at top_p 0.6 (500 steps, and
-    LONG_CHEAP's 3000 where the study has it)."""
+    """The trainable sets trained on every skill of the suite: at top_p 0.6 for 500 steps, and
+    LONG_CHEAP's 3000-step runs where the study has them."""
     return [
         r
         for r in rows
@@ -270,7 +270,7 @@ def held_out_report(rows: list[dict]) -> list[str]:
 
 
 def trainable_sets_report(rows: list[dict]) -> list[str]:
-    """The trainable-set frontier at top_p 0.6 as a table, and the small-checkpoint goal."""
+    """The trainable-set frontier (`at_budget`) as a table, and the small-checkpoint goal."""
     sets = sorted(at_budget(rows), key=lambda r: r["trainable_params"] or float("inf"))
     if not sets:
         return []
@@ -279,6 +279,7 @@ def trainable_sets_report(rows: list[dict]) -> list[str]:
     table = markdown_table(
         (
             "set",
+            "top_p",
             "steps",
             "trainable (this base)",
             "LLaDA2.0-mini checkpoint (fp32) of its routed experts' bf16 bytes",
@@ -289,6 +290,7 @@ def trainable_sets_report(rows: list[dict]) -> list[str]:
         (
             (
                 r["point"].training.set_label,
+                str(r["point"].training.top_p),
                 str(r["point"].training.steps_or_default),
                 f"{r['trainable_params'] / 1e6:.2f}M" if r["trainable_params"] else "-",
                 f"{share:.2%}",
@@ -307,7 +309,7 @@ def trainable_sets_report(rows: list[dict]) -> list[str]:
         and r["experts"] <= SMALL_EXPERTS * token["experts"]
     ]
     return [
-        "Trainable sets at top_p 0.6 (trained on every skill of the suite):",
+        "Trainable sets (trained on every skill of the suite):",
         "",
         table,
         "",
@@ -367,7 +369,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot_sets(rows: list[dict], path: Path) -> None:
-    """Retained exact match against trainable parameters (log scale) at top_p 0.6."""
+    """Retained exact match against trainable parameters (log scale), top_p 0.6 unless named."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for group, marker in (
         (at_budget(rows), "o"),
@@ -388,10 +390,11 @@ def plot_sets(rows: list[dict], path: Path) -> None:
             label="every skill" if marker == "o" else "add + sort only (held out)",
         )
         for r in group:
-            # every skill: the set (and its steps where not the preset's); held out: the row
+            # every skill: the set (its steps and top_p where not the preset's); held out: the row
             t, name = r["point"].training, r["point"].name
             if marker == "o":
                 name = t.set_label + (f" {t.steps} steps" if t.steps else "")
+                name += f" p={t.top_p}" if t.top_p != 0.6 else ""
             ax.annotate(name, (r["trainable_params"], r["retained"]),
                         fontsize=6, xytext=(3, 3), textcoords="offset points")  # fmt: skip
     ax.set_xscale("log")
@@ -399,7 +402,7 @@ def plot_sets(rows: list[dict], path: Path) -> None:
     ax.axhline(GOAL_RETAINED, ls="--", c="grey", lw=0.8, label="99% of token routing")
     ax.set_xlabel("trainable parameters (this base; log scale)")
     ax.set_ylabel("exact match retained (95% CI)")
-    ax.set_title("256 experts, top_p 0.6: what must train")
+    ax.set_title("256 experts, top_p 0.6 unless named: what must train")
     save_figure(fig, ax, path)
 
 
