@@ -118,6 +118,12 @@ def test_trainable_sets_and_held_out_skills_are_tabled_and_judged(tmp_path):
     # rank 2 on LLaDA2.0-mini: the router's 0.13% and a quarter of rank 8's adapters (3.91%)
     assert "| router+lora r=2 | 0.6 | 500 | 0.88M | 1.11% | 8.00 | 1.000" in sets
     assert "keeps >= 99% at <= 15% of token routing's 60.0 experts: p=0.6 router+lora r=2" in sets
+    # 15% of 60 experts is 9, above the preset's floor of 8 experts per block; 15% of 50 is not
+    assert pareto.below_guard(9.0) == "" and "min_experts 8" not in sets
+    assert (
+        pareto.below_guard(7.5)
+        == " (7.5 experts: below the trained coresets' floor, min_experts 8)"
+    )
     assert "Goal:" not in report  # no `trained` router here: no goal heading without verdicts
     held = report[report.index("Skills held out") :]
     assert (

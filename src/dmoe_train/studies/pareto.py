@@ -45,6 +45,7 @@ from dmoe_train.studies.pareto_points import (  # noqa: E402
     EXPERTS_AT_BUDGET,
     TWO_SKILLS,
     StudyPoint,
+    preset_config,
     study,
 )
 from dmoe_train.studies.point_store import PointStore, point_file  # noqa: E402
@@ -315,8 +316,19 @@ def trainable_sets_report(rows: list[dict]) -> list[str]:
         "",
         f"- a set whose LLaDA2.0-mini checkpoint is <= {SMALL_CHECKPOINT:.0%} of the routed "
         f"experts' bytes keeps >= {GOAL_RETAINED:.0%} at <= {SMALL_EXPERTS:.0%} of token routing's "
-        f"{token['experts']:.1f} experts: " + (", ".join(hits) or "not reached"),
+        f"{token['experts']:.1f} experts: "
+        + (", ".join(hits) or "not reached")
+        + below_guard(SMALL_EXPERTS * token["experts"]),
     ]
+
+
+def below_guard(budget: float) -> str:
+    """Why a budget of experts per block is out of the trained points' reach: below the top-p
+    coreset's floor (the preset's `router.min_experts`)."""
+    floor = preset_config().router.min_experts
+    if budget >= floor:
+        return ""
+    return f" ({budget:.1f} experts: below the trained coresets' floor, min_experts {floor})"
 
 
 def ablation_report(rows: list[dict]) -> list[str]:
