@@ -122,7 +122,8 @@ def test_trainable_sets_and_held_out_skills_are_tabled_and_judged(tmp_path):
     assert pareto.below_guard(9.0) == "" and "min_experts 8" not in sets
     assert (
         pareto.below_guard(7.5)
-        == " (7.5 experts: below the trained coresets' floor, min_experts 8)"
+        == " (7.5 experts: below the trained coresets' floor, min_experts 8, never below the k"
+        " experts each token uses)"
     )
     assert "Goal:" not in report  # no `trained` router here: no goal heading without verdicts
     held = report[report.index("Skills held out") :]

@@ -324,11 +324,15 @@ def trainable_sets_report(rows: list[dict]) -> list[str]:
 
 def below_guard(budget: float) -> str:
     """Why a budget of experts per block is out of the trained points' reach: below the top-p
-    coreset's floor (the preset's `router.min_experts`)."""
+    coreset's floor (the preset's `router.min_experts`, which `RoutingPolicy` keeps >= the
+    model's top-k: a block whose tokens each use k experts uses at least k)."""
     floor = preset_config().router.min_experts
     if budget >= floor:
         return ""
-    return f" ({budget:.1f} experts: below the trained coresets' floor, min_experts {floor})"
+    return (
+        f" ({budget:.1f} experts: below the trained coresets' floor, min_experts {floor}, "
+        "never below the k experts each token uses)"
+    )
 
 
 def ablation_report(rows: list[dict]) -> list[str]:
