@@ -1,11 +1,14 @@
 """`dmoe-generate`: writes only into its own output under the same settings. (docs/reliability.md
 lists the guarantees.)"""
 
+import sys
+
 import pytest
 from helpers import (
     compose_generate,
     compose_train,
     hashes,
+    run_cli,
     steps,
 )
 from spec_helpers import refuse_loading
@@ -37,3 +40,13 @@ def test_generate_resumes_only_under_the_same_settings(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=rf"out_dir={out} holds dmoe-generate output .* {changed}"):
         run_generate(compose_generate(out, "seed=1", "max_rows=16"))
     assert hashes(out) == before
+
+
+def test_generate_runs_in_its_hydra_directory_named_relative(tmp_path):
+    """`hydra.run.dir` = `out_dir`, both relative (as `make breadth --out results/...` gives
+    them): hydra's own files there are the job's, not another's output."""
+    small = ("data.train_size=64", "data.val_size=16", "data.test_size=16", "shard_size=16")
+    cmd = (sys.executable, "-m", "dmoe_train.cli.generate")
+    done = run_cli("hydra.run.dir=gen", "out_dir=gen", "max_rows=16", *small, cmd=cmd, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "gen" / "summary.json").is_file() and (tmp_path / "gen" / ".hydra").is_dir()

@@ -60,8 +60,11 @@ def run_generate(cfg: DictConfig) -> dict | None:
     with settings_of("generation"):
         settings = GenerationSettings(**cfg.generation)
     out_dir = Path(cfg.out_dir)
-    # hydra's own files of this job, when it runs in out_dir itself
-    ours = HydraConfig.initialized() and Path(HydraConfig.get().runtime.output_dir) == out_dir
+    # hydra's own files of this job, when it runs in out_dir itself (hydra's path is absolute)
+    ours = (
+        HydraConfig.initialized()
+        and Path(HydraConfig.get().runtime.output_dir).resolve() == out_dir.resolve()
+    )
     record = recorded_settings(cfg, settings)
     check_out_dir(out_dir, record, (".hydra", "generate.log") * ours)
     with settings_of("data"):
