@@ -85,8 +85,13 @@ def test_one_family_runs_at_every_draw_before_the_next_and_a_cut_run_says_so(tmp
     row = {"k": 2, "draw": 0, "point": "router on add+sub", "experts": 9.0, "held_out": 0.5,
            "held_out_lo": 0.4, "held_out_hi": 0.6, "retained": 0.6, "retained_lo": 0.5,
            "retained_hi": 0.7, "coreset_held_out": 0.3, "coreset_held_out_hi": 0.4,
-           "trained_retained": 0.9}  # fmt: skip
+           "trained_retained": 0.9, "token_held_out": 0.5}  # fmt: skip
     assert "- 19 of 20 points not measured yet: `make breadth` resumes" in markdown([row], 20)
+    assert "| 60.0% [50.0%, 70.0%] |" in markdown([row], 20)
+    # held-out skills token routing never solves: no share of 0 to give
+    nothing = row | {"token_held_out": 0.0, "held_out": 0.0, "retained": float("nan")}
+    none = markdown([nothing], 20)
+    assert "| - (token routing: 0%) |" in none and "nan" not in none
     # one set alone (`--sets`): its two families, the set's points as in the whole plan
     alone = plan(draws(0), tmp_path, ("router+lora+shared",))
     assert [p.name.split(" on ")[0] for _, p in alone] == [

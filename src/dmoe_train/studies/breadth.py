@@ -159,6 +159,13 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
+def retained_cell(row: dict) -> str:
+    """The share of token routing's held-out exact match, or why there is none."""
+    if row["token_held_out"] == 0:  # 0/0: the draw held out only skills the base never solves
+        return "- (token routing: 0%)"
+    return f"{row['retained']:.1%} [{row['retained_lo']:.1%}, {row['retained_hi']:.1%}]"
+
+
 def markdown(rows: list[dict], planned: int) -> str:
     """The held-out table and its verdict; `planned`: the points a whole run measures."""
     head = ["k", "draw", "point", "experts/block", "held-out exact match [95%]",
@@ -173,7 +180,7 @@ def markdown(rows: list[dict], planned: int) -> str:
                 r["point"],
                 f"{r['experts']:.2f}",
                 f"{r['held_out']:.1%} [{r['held_out_lo']:.1%}, {r['held_out_hi']:.1%}]",
-                f"{r['retained']:.1%} [{r['retained_lo']:.1%}, {r['retained_hi']:.1%}]",
+                retained_cell(r),
                 f"{r['coreset_held_out']:.1%}",
                 "yes" if r["held_out_lo"] > r["coreset_held_out_hi"] else "no",
                 f"{r['trained_retained']:.1%}",
