@@ -70,10 +70,31 @@ def test_the_verdict_names_the_smallest_breadth_that_keeps_the_held_out_skills(
     planned = plan(draws(0), tmp_path)
     rows = [breadth.measure_point(study, d, p, token) for d, p in planned]
     assert len(rows) == 20 and {r["coreset_held_out"] for r in rows} == {0.5}
-    assert "never fall below the coreset of the same size (every point): 8" in markdown(rows, 20)
+    report = markdown(rows, 20)
+    for name in ("router", "router+lora+shared", "router KL", "router+lora+shared KL"):
+        assert f"\n  - {name}: 8\n" in report + "\n"
     assert "not measured yet" not in markdown(rows, 20)
     breadth.plot(rows, tmp_path / "breadth.png")
     assert (tmp_path / "breadth.png").stat().st_size > 0
+
+
+def test_each_family_has_its_own_verdict():
+    # the router keeps the held-out skills at k=2; the set with adapters falls below the
+    # coreset there, which must not take the router's k=2 away (nor give it to the set)
+    def row(point, k, retained, held_out):
+        return {"k": k, "draw": 0, "point": f"{point} on x", "experts": 9.0,
+                "held_out": held_out, "held_out_lo": held_out, "held_out_hi": held_out,
+                "retained": retained, "retained_lo": retained, "retained_hi": retained,
+                "coreset_held_out": 0.3, "coreset_held_out_hi": 0.3, "trained_retained": 1.0,
+                "token_held_out": 0.31}  # fmt: skip
+
+    rows = [row("router", 2, 0.97, 0.30), row("router+lora+shared", 2, 0.96, 0.29),
+            row("router", 4, 0.90, 0.28), row("router+lora+shared", 4, 0.97, 0.30)]  # fmt: skip
+    report = markdown(rows, 4)
+    assert "\n  - router: 2\n  - router+lora+shared: 4" in report
+    assert markdown(rows[2:3], 4).endswith(
+        "- router: none of [4]\n- 3 of 4 points not measured yet: `make breadth` resumes"
+    )
 
 
 def test_one_family_runs_at_every_draw_before_the_next_and_a_cut_run_says_so(tmp_path):

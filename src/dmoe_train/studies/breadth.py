@@ -159,6 +159,11 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
+def family(row: dict) -> str:
+    """The trained set of a row's point, with " KL" where it distils: one curve each."""
+    return row["point"].split(" on ")[0]
+
+
 def retained_cell(row: dict) -> str:
     """The share of token routing's held-out exact match, or why there is none."""
     if row["token_held_out"] == 0:  # 0/0: the draw held out only skills the base never solves
@@ -188,15 +193,19 @@ def markdown(rows: list[dict], planned: int) -> str:
             for r in rows
         ),
     )
-    kept = sorted(
-        {r["k"] for r in rows if r["retained"] >= GOAL_HELD_OUT}
-        - {r["k"] for r in rows if r["held_out"] < r["coreset_held_out"]}
-    )
     verdict = (
         f"- the smallest k whose held-out skills keep >= {GOAL_HELD_OUT:.0%} of token routing's "
-        "exact match (some point) and never fall below the coreset of the same size (every "
-        f"point): {kept[0] if kept else 'none of ' + str(sorted({r['k'] for r in rows}))}"
+        "exact match (some draw) and never fall below the coreset of the same size (every "
+        "draw), per family:"
     )
+    for name in dict.fromkeys(family(r) for r in rows):  # each set, without and with KL
+        ours = [r for r in rows if family(r) == name]
+        kept = sorted(
+            {r["k"] for r in ours if r["retained"] >= GOAL_HELD_OUT}
+            - {r["k"] for r in ours if r["held_out"] < r["coreset_held_out"]}
+        )
+        ks = sorted({r["k"] for r in ours})
+        verdict += f"\n  - {name}: {kept[0] if kept else f'none of {ks}'}"
     missing = planned - len(rows)
     if missing:  # written after every point: a run cut short reports what it measured
         verdict += f"\n- {missing} of {planned} points not measured yet: `make breadth` resumes"
@@ -205,8 +214,8 @@ def markdown(rows: list[dict], planned: int) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name in dict.fromkeys(r["point"].split(" on ")[0] for r in rows):
-        rs = sorted((r for r in rows if r["point"].startswith(name + " on")), key=lambda r: r["k"])
+    for name in dict.fromkeys(family(r) for r in rows):
+        rs = sorted((r for r in rows if family(r) == name), key=lambda r: r["k"])
         by_k: dict[int, list[float]] = {}
         for r in rs:
             by_k.setdefault(r["k"], []).append(r["retained"])
