@@ -61,7 +61,7 @@ def test_rows_give_both_measures_and_the_gap_to_the_published_figure(tmp_path, m
     closest = "- closest to the published DES-Vote figures: proxy (largest gap 3.6 points)"
     assert closest in markdown(rows + farther)
     # the recipe tries: one row per base, its knobs and what each rule keeps of the final answer
-    tries = "| proxy | broad | 2000 | 0.001 | 0.5 | 64 | 80.0 experts, 80.0% exact match | 100.0% |"
+    tries = "| proxy | broad | 2000 | 0.001 | 0.5 | 0.0 | 64 | 80.0 experts, 80.0% exact match |"
     assert tries in report
     assert (
         "proxy: token routing 80.0 experts per block, exact match 80.0% on 10 test prompts"
@@ -114,3 +114,9 @@ def test_bases_of_a_suite_are_compared_on_the_problems_every_one_solves(tmp_path
     assert on_all == pytest.approx(3 / 8)
     section = "\n".join(calibrate.same_problems_section(rows))
     assert "| weak | 6 | 50.0% [" in section and "| 49.5 points |" in section
+
+
+def test_a_recipe_names_what_shares_its_expert_dropout():
+    recipe = calibrate.RECIPE_DEFAULTS | {"expert_dropout": 0.75, "expert_dropout_per": "token"}
+    assert calibrate.dropout_cell(recipe) == "0.75 per token"
+    assert calibrate.dropout_cell(calibrate.RECIPE_DEFAULTS) == "0.0"

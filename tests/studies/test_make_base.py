@@ -74,10 +74,10 @@ def test_an_expert_choice_base_trains_balanced_and_records_its_curve(tmp_path):
 
 def test_router_noise_moves_training_scores_only():
     from dmoe_train.models import build_model
-    from dmoe_train.studies.make_base import add_router_noise
+    from dmoe_train.studies.make_base import perturb_routing
 
     plain, noisy = build_model("tiny", seed=0), build_model("tiny", seed=0)
-    add_router_noise(noisy, 1.0, seed=0)
+    perturb_routing(noisy, 1.0, 0.0, span=8, seed=0)
     ids = torch.randint(3, 60, (2, 8))
     with torch.no_grad():
         for model in (plain, noisy):
@@ -89,6 +89,49 @@ def test_router_noise_moves_training_scores_only():
     assert torch.equal(eval_scores[0], eval_scores[1])
     assert not torch.allclose(train_scores[0], train_scores[1])
     assert torch.equal(train_scores[0], eval_scores[0])
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [("--expert-dropout", "1", "a share in"), ("--router-noise", "-0.5", "a std")],
+)
+def test_a_perturbation_out_of_range_is_refused_by_name(flag, value, says, monkeypatch, capsys):
+    from dmoe_train.studies import make_base
+
+    monkeypatch.setattr(sys, "argv", ["make_base", flag, value])
+    with pytest.raises(SystemExit) as exit_:
+        make_base.parse_args()
+    assert exit_.value.code == 2
+    assert f"{flag} {float(value)}: {says}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("span", [32, 1])  # each block shares one draw, or each token its own
+def test_expert_dropout_leaves_each_training_span_without_its_dropped_experts(span):
+    from dmoe_train.models import build_model
+    from dmoe_train.studies.make_base import perturb_routing
+
+    plain, dropped = build_model("tiny256", seed=0), build_model("tiny256", seed=0)
+    perturb_routing(dropped, 0.0, 0.75, span=span, seed=0)
+    ids = torch.randint(3, 60, (2, 80))  # with blocks: 32, 32 and 16 tokens
+    with torch.no_grad():
+        for model in (plain, dropped):
+            model.train()
+        train = [m(ids).routing for m in (plain, dropped)]
+        dropped.eval()
+        evaluated = dropped(ids).routing
+    # the dropped experts, drawn as the hook draws them: per MoE layer, sequence and span
+    gen = torch.Generator().manual_seed(0)
+    spans = -(-80 // span)
+    drops = [torch.rand(2, spans, 256, generator=gen) < 0.75 for _ in train[1]]
+    for b in range(2):
+        for t in range(80):
+            for routing, drop in zip(train[1], drops, strict=True):
+                assert not drop[b, t // span, routing.ids[b, t]].any()
+    # the first MoE layer sees the same input: its free tokens would use dropped experts
+    free = train[0][0].ids
+    assert any(drops[0][b, t // span, free[b, t]].any() for b in range(2) for t in range(80))
+    assert torch.equal(train[0][0].scores, train[1][0].scores)  # dropout steers selection only
+    assert all(torch.equal(p.ids, e.ids) for p, e in zip(train[0], evaluated, strict=True))
 
 
 def test_an_interrupted_base_resumes_as_the_uninterrupted_run(tmp_path, tokenizer_dir, monkeypatch):
@@ -104,7 +147,7 @@ def test_an_interrupted_base_resumes_as_the_uninterrupted_run(tmp_path, tokenize
 
     def train(state, stop_after=None):
         model = build_model("tiny", seed=0)
-        noise = make_base.add_router_noise(model, args.router_noise, args.seed)
+        routing = make_base.perturb_routing(model, args.router_noise, 0.5, 8, args.seed)
         data = data_module(
             str(tokenizer_dir),
             max_seq_len=16,
@@ -117,7 +160,7 @@ def test_an_interrupted_base_resumes_as_the_uninterrupted_run(tmp_path, tokenize
         if stop_after:  # the process dies after `stop_after` steps
             stream = data.stream_loader
             data.stream_loader = lambda steps, start: islice(stream(steps, start), stop_after)
-        return model, make_base.train_base(model, data, args, state, noise)
+        return model, make_base.train_base(model, data, args, state, routing)
 
     whole, whole_curve = train(tmp_path / "whole.pt")
     train(tmp_path / "cut.pt", stop_after=4)  # saved at step 3; step 4 is lost
@@ -139,7 +182,9 @@ def test_an_interrupted_base_resumes_as_the_uninterrupted_run(tmp_path, tokenize
     assert (tmp_path / "cut.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("base", ["tiny256", "tiny256-broad", "tiny256-calibrated"])
+@pytest.mark.parametrize(
+    "base", ["tiny256", "tiny256-broad", "tiny256-calibrated", "tiny256-dropout"]
+)
 def test_each_shipped_256_expert_base_is_what_its_preset_trains(base, monkeypatch):
     from dmoe_train.locations import ASSETS
     from dmoe_train.studies import make_base
@@ -149,4 +194,8 @@ def test_each_shipped_256_expert_base_is_what_its_preset_trains(base, monkeypatc
     quality = json.loads((ASSETS / Path(args.out).name / "quality.json").read_text())
     assert quality["base"] == base and quality["train_steps"] == args.steps
     recipe = {k: getattr(args, k) for k in ("lr", "bias_rate", "router_noise", "suite")}
-    assert {k: quality["recipe"][k] for k in recipe} == recipe
+    recorded = make_base.RECIPE_DEFAULTS | quality["recipe"]  # a knob it predates: the default
+    assert {k: recorded[k] for k in (*recipe, "expert_dropout", "expert_dropout_per")} == recipe | {
+        "expert_dropout": args.expert_dropout,
+        "expert_dropout_per": args.expert_dropout_per,
+    }

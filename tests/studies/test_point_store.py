@@ -62,13 +62,14 @@ def test_the_broad_study_trains_its_sets_on_the_broad_suite(tmp_path, monkeypatc
     points = pareto_points.study(study.generated, broad=True)
     names = [(p.method, p.label) for p in points if p.training]
     assert names == [
+        *(("sets", f"p=0.6 {s.name}") for s in pareto_points.SETS),
+        ("sets", "p=0.3 router"),
         ("sets", "p=0.6 router+lora+shared 3000 steps"),
         ("sets", "p=0.5 router+lora+shared 3000 steps"),
-        *(("sets", f"p=0.6 {s.name}") for s in pareto_points.SETS),
         ("trained+experts", "p=0.6 union 0.1"),
     ]
-    assert points[0].method == "token" and len(points) == len(pareto_points.training_free()) + 8
-    study.train_point(points[1])
+    assert points[0].method == "token" and len(points) == len(pareto_points.training_free()) + 9
+    study.train_point(points[7])
     assert "data=broad_skills" in trained_with[0]
     assert "trainer.max_steps=3000" in trained_with[0]
 

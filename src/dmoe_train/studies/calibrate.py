@@ -32,10 +32,19 @@ from dmoe_train.evaluation.frontier import Point, bootstrap_intervals, share_kep
 from dmoe_train.files import write_json
 from dmoe_train.locations import PROJECT_ROOT
 from dmoe_train.reports import markdown_table, write_report
+from dmoe_train.studies.make_base import RECIPE_DEFAULTS
 from dmoe_train.studies.pareto_points import BASE, BLOCKS, StudyPoint, free
 from dmoe_train.studies.point_store import PointStore, point_file
 
-RECIPE = ("suite", "bias_rate", "router_noise", "hidden_size")  # make_base's knobs, as recorded
+# make_base's knobs, as recorded
+RECIPE = (
+    "suite",
+    "bias_rate",
+    "router_noise",
+    "expert_dropout",
+    "expert_dropout_per",
+    "hidden_size",
+)
 CLOSE = 0.03  # the goal: within 3 points of the published DES-Vote figures
 
 
@@ -86,8 +95,10 @@ class ProxyBase:
 
 
 def recipe_of(quality: dict) -> dict:
-    """What the table of recipe tries compares: make_base's knobs, as recorded."""
-    return {"steps": quality["train_steps"]} | {k: quality["recipe"][k] for k in RECIPE}
+    """What the table of recipe tries compares: make_base's knobs, as recorded (a knob a base's
+    record predates had make_base's default)."""
+    recipe = RECIPE_DEFAULTS | quality["recipe"]
+    return {"steps": quality["train_steps"]} | {k: recipe[k] for k in RECIPE}
 
 
 def rule_point(published: Published, token_experts: float) -> StudyPoint:
@@ -231,9 +242,11 @@ def markdown(rows: list[dict]) -> str:
     bases = "; ".join(f"{b}: token routing {e:.1f} experts per block, exact match {a:.1%} on "
                       f"{n} test prompts" for b, (e, a, n) in token.items())  # fmt: skip
     tries = markdown_table(
-        ["base", "suite", "steps", "bias rate", "router noise", "width", "token routing",
+        ["base", "suite", "steps", "bias rate", "router noise", "expert dropout", "width",
+         "token routing",
          *(f"{p.source.split(',')[0]} {p.share:.0%}: final answer kept" for p in PUBLISHED)],
-        [(label, r["suite"], r["steps"], r["bias_rate"], r["router_noise"], r["hidden_size"],
+        [(label, r["suite"], r["steps"], r["bias_rate"], r["router_noise"], dropout_cell(r),
+          r["hidden_size"],
           f"{r['token_experts']:.1f} experts, {r['token_accuracy']:.1%} exact match",
           *(f"{x['retained']:.1%}" for x in final if x["base"] == label))
          for label, r in {r["base"]: r for r in exact}.items()],
@@ -243,6 +256,12 @@ def markdown(rows: list[dict]) -> str:
         *same_problems_section([r for r in rows if r["measure"] == "same_problems"]),
         "## The recipes tried", "", tries,
     ])  # fmt: skip
+
+
+def dropout_cell(recipe: dict) -> str:
+    """A recipe's expert dropout, with what shares one draw where there is any."""
+    share = recipe["expert_dropout"]
+    return f"{share} per {recipe['expert_dropout_per']}" if share else f"{share}"
 
 
 def largest_gaps(rows: list[dict]) -> dict[str, float]:

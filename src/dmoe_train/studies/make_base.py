@@ -1,13 +1,17 @@
 """Train a shipped LLaDA2-MoE base from scratch on CPU: `--base tiny` (`assets/tiny-llada2`,
 32 experts, arithmetic, blocks of 8), `--base tiny256` (`assets/tiny256-llada2`, LLaDA2.0-mini's
 routing regime: 256 experts, top-8, 4 of 8 groups, the four skills, blocks of 32),
-`--base tiny256-broad` (the same regime on the broad suite of 12 skills) or `--base
+`--base tiny256-broad` (the same regime on the broad suite of 12 skills), `--base
 tiny256-calibrated` (the broad suite by the recipe `make calibrate` found closest to LLaDA2.0-mini's
-published training-free figures: 2000 steps, router noise 3.0, bias rate 1e-4).
+published training-free figures: 2000 steps, router noise 3.0, bias rate 1e-4) or `--base
+tiny256-dropout` (calibrated too, by expert dropout 0.75 per block instead of noise, and its
+token routing touches more experts per block: 15% of them stays above top-8).
 
 All parameters, the block-diffusion loss, per-token routing, and LLaDA2's auxiliary-loss-free load
 balancing: after every step each router's `expert_bias` moves by `--bias-rate` towards the mean
-load, so the base uses its experts evenly as the real one does. `--routing expert_choice` trains
+load, so the base uses its experts evenly as the real one does. `--router-noise` and
+`--expert-dropout` perturb the routing in training (how much a block's tokens come to agree on
+their experts, the knobs `make calibrate` compares). `--routing expert_choice` trains
 with expert choice instead (arXiv 2604.01622: each expert takes its top-c tokens of a routing
 group, `--ec-group`; capacity from the sample's mask ratio by `--schedule` between `--k-min` and
 `--k-max`; balanced by construction, so no bias balancing). Writes the model (bf16, published
@@ -58,26 +62,35 @@ def balance_experts(loads: torch.Tensor, model: torch.nn.Module, rate: float) ->
         moe.gate.expert_bias += rate * torch.sign(load.mean() - load)
 
 
-def add_router_noise(model: torch.nn.Module, std: float, seed: int) -> torch.Generator:
-    """In training, Gaussian noise of `std` on every router's logits before its scores (seeded):
-    a recipe knob for how much the tokens of a block agree on their experts. Returns the noise's
-    generator (its state resumes with the run)."""
+def perturb_routing(
+    model: torch.nn.Module, noise: float, dropout: float, span: int, seed: int
+) -> torch.Generator:
+    """In training only, two recipe knobs for how much the tokens of a block agree on their
+    experts (seeded): Gaussian noise of std `noise` on every router's logits before its scores,
+    and expert dropout, each `span` consecutive tokens of each sequence (a block, or 1: each
+    token) routing without a random `dropout` share of the experts (per MoE layer; dropped by
+    the selection bias alone, as a coreset drops them). Returns the generator (its state
+    resumes with the run)."""
     gen = torch.Generator().manual_seed(seed)
 
-    def noised(gate: torch.nn.Module, _: tuple, out: tuple) -> tuple | None:
+    def perturbed(gate: torch.nn.Module, _: tuple, out: tuple) -> tuple | None:
         if not gate.training:
             return None
-        logits, _, bias = out
-        logits = logits + std * torch.randn(logits.shape, generator=gen).to(logits.device)
-        return (
-            logits,
-            logits.sigmoid() if gate.score_function == "sigmoid" else logits.softmax(-1),
-            bias,
-        )
+        logits, scores, bias = out
+        if noise:
+            logits = logits + noise * torch.randn(logits.shape, generator=gen).to(logits.device)
+            scores = logits.sigmoid() if gate.score_function == "sigmoid" else logits.softmax(-1)
+        if dropout:
+            b, length, experts = logits.shape
+            spans = -(-length // span)
+            dropped = torch.rand(b, spans, experts, generator=gen) < dropout
+            dropped = dropped.repeat_interleave(span, 1)[:, :length].to(logits.device)
+            bias = (0.0 if bias is None else bias) - 1e4 * dropped.to(scores.dtype)
+        return logits, scores, bias
 
     for layer in model.model.layers:
         if hasattr(layer.mlp, "gate"):
-            layer.mlp.gate.register_forward_hook(noised)
+            layer.mlp.gate.register_forward_hook(perturbed)
     return gen
 
 
@@ -105,7 +118,14 @@ BASES: dict[str, dict] = {
 BASES["tiny256-calibrated"] = BASES["tiny256-broad"] | dict(
     out="assets/tiny256-calibrated-llada2", steps=2000, router_noise=3.0, bias_rate=1e-4
 )
-RECIPE_DEFAULTS = dict(bias_rate=1e-3, router_noise=0.0)  # where a base's recipe is silent
+# calibrated by expert dropout instead: its token routing touches more experts per block
+BASES["tiny256-dropout"] = BASES["tiny256-broad"] | dict(
+    out="assets/tiny256-dropout-llada2", steps=2000, expert_dropout=0.75, bias_rate=1e-4
+)
+# where a base's recipe is silent
+RECIPE_DEFAULTS = dict(
+    bias_rate=1e-3, router_noise=0.0, expert_dropout=0.0, expert_dropout_per="block"
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -132,6 +152,16 @@ def parse_args() -> argparse.Namespace:
         type=float,
         help="router logit noise std in training (default: the base's, else 0)",
     )
+    ap.add_argument(
+        "--expert-dropout",
+        type=float,
+        help="share of experts each block routes without in training (default: the base's, else 0)",
+    )
+    ap.add_argument(
+        "--expert-dropout-per",
+        choices=("block", "token"),
+        help="what shares one draw of dropped experts (default: the base's, else block)",
+    )
     ap.add_argument("--hidden-size", type=int, help="the width (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -142,6 +172,10 @@ def parse_args() -> argparse.Namespace:
     for key, value in (RECIPE_DEFAULTS | BASES[args.base]).items():  # where not given
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if not 0 <= args.expert_dropout < 1:
+        ap.error(f"--expert-dropout {args.expert_dropout}: a share in [0, 1)")
+    if args.router_noise < 0:
+        ap.error(f"--router-noise {args.router_noise}: a std, >= 0")
     return args
 
 
@@ -176,7 +210,7 @@ def train_base(
     data: DiffusionDataModule,
     args: argparse.Namespace,
     state: Path,
-    noise: torch.Generator | None = None,
+    perturbation: torch.Generator | None = None,
 ) -> list[dict]:
     """Block-diffusion pretraining from scratch, every parameter, with LLaDA2's bias balancing
     under token routing. Every `--checkpoint-every` steps and at the end the run is saved to
@@ -189,7 +223,7 @@ def train_base(
         opt, args.steps // 20, args.steps, min_lr_rate=0.0
     )
     gen = torch.Generator().manual_seed(args.seed)
-    streams = {"diffusion": gen} | ({"noise": noise} if noise is not None else {})
+    streams = {"diffusion": gen} | ({"routing": perturbation} if perturbation is not None else {})
     run = {"step": 0, "curve": [], "seconds": 0.0, "tokens": 0, "cvs": []}  # seconds: training
     if state.is_file():
         saved = torch.load(state, weights_only=False)
@@ -274,7 +308,12 @@ def main() -> None:
     tokenizer = char_tokenizer()
     width = {"hidden_size": args.hidden_size} if args.hidden_size else {}
     model = build_model(args.preset, seed=args.seed, **width)
-    noise = add_router_noise(model, args.router_noise, args.seed) if args.router_noise else None
+    perturbation = None
+    if args.router_noise or args.expert_dropout:
+        span = args.block_size if args.expert_dropout_per == "block" else 1
+        perturbation = perturb_routing(
+            model, args.router_noise, args.expert_dropout, span, args.seed
+        )
     if (policy := routing_of(args)) is not None:
         model.set_routing(policy)
     # the data module reads its tokenizer from a model directory: the base-to-be's
@@ -290,14 +329,14 @@ def main() -> None:
     data.setup()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    curve = train_base(model, data, args, out_dir / STATE, noise)
+    curve = train_base(model, data, args, out_dir / STATE, perturbation)
     model.eval()
     test = decode_split(model, data, decoding_of(args, args.test_size), "test")
     quality = {
         "base": args.base,
         "train_steps": args.steps,
         "batch_size": args.batch_size,
-        "recipe": {k: getattr(args, k) for k in ("lr", "bias_rate", "router_noise", "z_loss")}
+        "recipe": {k: getattr(args, k) for k in ("lr", "z_loss", *RECIPE_DEFAULTS)}
         | {"hidden_size": model.config.hidden_size, "suite": getattr(args, "suite", None)},
         "routing": model.config.routing.to_dict(),
         "train_seconds": curve[-1]["seconds"] if curve else None,
