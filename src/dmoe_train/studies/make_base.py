@@ -155,7 +155,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--expert-dropout",
         type=float,
-        help="share of experts each block routes without in training (default: the base's, else 0)",
+        help="share of experts dropped from routing in training (default: the base's, else 0)",
     )
     ap.add_argument(
         "--expert-dropout-per",
